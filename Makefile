@@ -1,0 +1,31 @@
+PYTHON ?= python3
+VENV := .venv
+VENV_PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: test pyz bench demo clean venv
+
+test: $(STAMP)
+	$(VENV_PY) -m pytest -q tests $(PYTEST_ARGS)
+
+venv: $(STAMP)
+
+# Re-install whenever requirements-dev.txt changes.
+$(STAMP): requirements-dev.txt
+	test -x $(VENV_PY) || $(PYTHON) -m venv $(VENV)
+	$(VENV_PY) -m pip install -q -r requirements-dev.txt
+	touch $(STAMP)
+
+pyz:
+	$(PYTHON) build_zipapp.py
+
+bench: $(STAMP)
+	$(VENV_PY) bench/bench_sync.py
+
+demo: $(STAMP)
+	$(VENV_PY) ccsync.py demo
+
+clean:
+	rm -rf dist $(VENV) .pytest_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

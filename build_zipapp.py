@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Build a reproducible zipapp, ``dist/ccsync.pyz``, from ``ccsync.py``.
+
+The archive is written by hand with :mod:`zipfile` instead of
+:func:`zipapp.create_archive`, because the latter stores file mtimes and so
+gives a different archive after every ``touch``.  Here every entry has a fixed
+timestamp, mode and compression, and entries are written in sorted order, so
+building twice from the same source gives byte-identical output.
+
+Standard library only.  Usage::
+
+    python3 build_zipapp.py [--source PATH] [--output PATH]
+"""
+
+import argparse
+import hashlib
+import os
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_SOURCE = HERE / "ccsync.py"
+DEFAULT_OUTPUT = HERE / "dist" / "ccsync.pyz"
+
+SHEBANG = b"#!/usr/bin/env python3\n"
+MAIN_PY = b"import sys, ccsync; sys.exit(ccsync.main())\n"
+FIXED_DATE = (1980, 1, 1, 0, 0, 0)
+FILE_MODE = 0o644
+ARCHIVE_MODE = 0o755
+
+
+def parse_args(argv):
+    """Parse command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE,
+                        help="path to ccsync.py (default: %(default)s)")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
+                        help="archive to write (default: %(default)s)")
+    return parser.parse_args(argv)
+
+
+def archive_entries(source):
+    """Return ``{name: bytes}`` for everything that goes into the archive."""
+    return {"__main__.py": MAIN_PY, "ccsync.py": source.read_bytes()}
+
+
+def fixed_info(name):
+    """Return a ZipInfo whose metadata does not depend on the build host."""
+    info = zipfile.ZipInfo(name, date_time=FIXED_DATE)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    info.external_attr = FILE_MODE << 16
+    info.create_system = 3  # Unix, so the mode bits mean the same everywhere
+    return info
+
+
+def write_archive(fileobj, entries):
+    """Write the shebang, then a zip of *entries* in sorted order."""
+    fileobj.write(SHEBANG)
+    with zipfile.ZipFile(fileobj, "w") as zf:
+        for name in sorted(entries):
+            zf.writestr(fixed_info(name), entries[name], compresslevel=9)
+
+
+def build(source, output):
+    """Build the archive at *output* atomically (temp file + os.replace)."""
+    entries = archive_entries(source)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".ccsync-", suffix=".pyz.tmp",
+                                    dir=output.parent)
+    try:
+        with os.fdopen(fd, "wb") as fileobj:
+            write_archive(fileobj, entries)
+        os.chmod(tmp_name, ARCHIVE_MODE)
+        os.replace(tmp_name, output)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def sha256_of(path):
+    """Return the hex sha256 digest of the file at *path*."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def main(argv=None):
+    """Build the zipapp; return a process exit code."""
+    args = parse_args(argv)
+    if not args.source.is_file():
+        print(f"build_zipapp: error: source not found: {args.source}",
+              file=sys.stderr)
+        return 1
+    build(args.source, args.output)
+    print(args.output)
+    print(f"sha256 {sha256_of(args.output)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1637 @@
+#!/usr/bin/env python3
+"""ccsync: keep cc's SQLite data the same on every machine.
+
+cc (an Odoo developer workflow CLI) keeps its versions, projects, environments,
+databases, settings, switch history, backups and code-index data in
+``~/.cc-cli/cc_cli.db``.  ccsync makes that data converge on every device
+through one central sync server that the user runs.
+
+How it works, in one paragraph: SQLite triggers that ccsync installs record
+which row and which column changed, with a hybrid logical clock taken at the
+moment of the edit.  A sync captures those changes as records (one per row,
+one clock per column), pushes them to the server's change store, then pulls
+what other devices sent since its cursor and merges it column by column:
+the later edit wins, deletes travel as tombstones, rows with a natural key
+(a version's name, a project's name, ...) are the same row everywhere, and
+references travel as the referenced row's ``sync_id``, never as integer ids.
+
+Usage sketch::
+
+    python ccsync.py stamp            # install capture, give every row a sync_id
+    python ccsync.py status --json    # pending changes per table
+
+Public API (for tests and for embedding): :func:`connect`, :func:`open_store`,
+:class:`Store`, :class:`ServerStore`, :class:`LocalTransport`,
+:func:`sync_once`, :func:`main`.
+
+Requires Python >= 3.10.  Only the network transport needs ``pycryptodomex``.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = [
+    "CcsyncError", "UsageError", "ConfigError", "StoreError", "RemoteError",
+    "SPEC", "TableSpec", "setting_policy", "natural_id",
+    "connect", "transaction", "open_store", "Store", "Batch", "ApplyResult",
+    "ServerStore", "LocalTransport", "SyncResult", "sync_once", "main",
+]
+
+import argparse
+import base64
+import contextlib
+import datetime as _dt
+import fnmatch
+import json
+import os
+import re
+import secrets
+import socket
+import sqlite3
+import sys
+import time
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+
+##### Constants and the sync spec ############################################
+# Facts about cc's data: which tables sync, in what order, how rows are
+# identified and referenced.  No I/O here.
+
+@dataclass(frozen=True, eq=False)
+class TableSpec:
+    """How one cc table syncs.
+
+    ``key``: natural-key columns (the row's identity across devices).
+    ``refs``: column -> parent table, an integer id that travels as the
+    parent's sync_id.  ``list_refs``: column -> table, a text list of ids.
+    ``name_refs``: column -> (unsynced table, its name column), matched by name.
+    ``local``: device-local columns (paths on this machine).
+    """
+
+    name: str
+    key: tuple[str, ...]
+    refs: dict[str, str] = field(default_factory=dict)
+    list_refs: dict[str, str] = field(default_factory=dict)
+    name_refs: dict[str, tuple[str, str]] = field(default_factory=dict)
+    local: tuple[str, ...] = ()
+
+
+# Dependency order: a table only references tables above it (list_refs and
+# project -> environment excepted; those are resolved after each page).
+SPEC: tuple[TableSpec, ...] = (
+    TableSpec("version", ("name",), local=("path",)),
+    TableSpec("setting", ("name",)),
+    TableSpec("database", ("name",), refs={"clone_db_id": "database"}),
+    TableSpec("project", ("name",), name_refs={"workspace_id": ("workspace", "name")},
+              list_refs={"environment_ids": "environment"}),
+    TableSpec("environment", ("project_id", "name"),
+              refs={"project_id": "project", "version_id": "version",
+                    "database_id": "database"},
+              local=("project_path",)),
+    TableSpec("switch_log", ("environment_id", "switched_at"),
+              refs={"environment_id": "environment"}),
+    TableSpec("backup", ("db_name", "name", "created_at"),
+              refs={"database_id": "database"}, local=("file_path",)),
+    TableSpec("repository", ("origin_url",), local=("path",),
+              list_refs={"skill_tag_ids": "skill_tag",
+                         "knowledge_index_ids": "knowledge_index"}),
+    TableSpec("skill_tag", ("repository_id", "commit_sha", "tag"),
+              refs={"repository_id": "repository"}),
+    TableSpec("knowledge_index", ("repository_id", "symbol", "symbol_kind"),
+              refs={"repository_id": "repository"}),
+)
+SPEC_BY_NAME = {spec.name: spec for spec in SPEC}
+TABLE_ORDER = {spec.name: i for i, spec in enumerate(SPEC)}
+
+SYNC_COLUMNS = ("sync_id", "synced_at")   # cc's own columns; never synced as data
+TOMBSTONE = "~"                           # pseudo-column carrying a delete's clock
+INSERTED = "*"                            # dirty marker: whole row inserted
+DELETED = "-"                             # dirty marker: row deleted
+
+# Natural-key ids are uuid5 in this namespace, so two devices that created
+# the same project independently give it the same sync_id.
+ID_NAMESPACE = uuid.UUID("6f0c5d1e-8a53-4c43-9a55-2f7c1c0ccc51")
+SYNC_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+# Settings that never leave a device and are refused on arrival.
+SECRET_SETTINGS = frozenset({"sync.api_key", "sync.server_url", "pg.connection", "github_pat"})
+SECRET_WORDS = ("secret", "token", "passw", "session", "cookie", "credential")
+SECRET_SUFFIXES = ("key", "pat")
+# Settings that describe this machine: never synced in either direction.
+LOCAL_SETTINGS = frozenset({"ide", "ssh_key_path", "odoo.internal_addons_dir",
+                            "multi_version_mode", "sync.clone_dir"})
+LOCAL_SETTING_SUFFIXES = ("_path", "_dir", ".path", ".dir")
+LOCAL_SETTING_PREFIX = "ccsync."          # ccsync's own settings stay local
+LOCAL_SETTINGS_SETTING = "ccsync.local_settings"
+
+ENV_DB = "CC_DB"
+ENV_LOCAL_SETTINGS = "CCSYNC_LOCAL_SETTINGS"
+DEFAULT_DB = os.path.join("~", ".cc-cli", "cc_cli.db")
+
+MAX_CLOCK_AHEAD_MS = 24 * 3600 * 1000     # incoming clocks further ahead are refused
+PUSH_BATCH = 500                          # rows per push request
+PULL_PAGE = 500                           # records per pull page (one transaction each)
+WRITE_CHUNK = 2000                        # rows per local write transaction
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+##### Errors ##################################################################
+# One base class; main() maps it to an exit code and a one-line message.
+
+class CcsyncError(Exception):
+    """A failure the user should see as one line (plus an optional hint)."""
+
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+
+class UsageError(CcsyncError):
+    """The command line was wrong."""
+
+    exit_code = EXIT_USAGE
+
+
+class ConfigError(CcsyncError):
+    """Sync is not configured, or configured wrongly."""
+
+
+class StoreError(CcsyncError):
+    """A local or server database could not be used."""
+
+
+class RemoteError(CcsyncError):
+    """The server could not be reached or answered with an error."""
+
+
+##### Pure helpers ############################################################
+# Clocks, ids, value encoding, setting rules, clock comparison.  No I/O.
+
+def now_ms(clock: Callable[[], float]) -> int:
+    """Milliseconds since the epoch from ``clock`` (a ``time.time``-like callable)."""
+    return int(clock() * 1000)
+
+
+def iso_utc(clock: Callable[[], float]) -> str:
+    """An ISO 8601 UTC timestamp (seconds) from ``clock``."""
+    moment = _dt.datetime.fromtimestamp(clock(), _dt.timezone.utc)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def natural_id(table: str, values: Iterable[Any]) -> str | None:
+    """The deterministic sync_id for a natural key, or None if the key is empty."""
+    values = list(values)
+    if all(v is None or v == "" for v in values):
+        return None
+    text = json.dumps([table, *values], separators=(",", ":"), ensure_ascii=False)
+    return str(uuid.uuid5(ID_NAMESPACE, text))
+
+
+def newer(a: tuple[int, str] | None, b: tuple[int, str] | None) -> bool:
+    """True when cell clock ``a`` beats ``b``: later HLC, ties by device id."""
+    if a is None:
+        return False
+    return b is None or tuple(a) > tuple(b)
+
+
+def setting_policy(name: Any, extra_local: Iterable[str] = ()) -> str | None:
+    """'secret', 'local' or None (syncs) for a setting name.
+
+    Secrets never leave a device; local settings name commands or paths on
+    this machine, so a device can never make another run something.
+    """
+    if not isinstance(name, str):
+        return None
+    low = name.lower()
+    if low in SECRET_SETTINGS or any(w in low for w in SECRET_WORDS) \
+            or low.endswith(SECRET_SUFFIXES):
+        return "secret"
+    if low in LOCAL_SETTINGS or low.endswith(LOCAL_SETTING_SUFFIXES) \
+            or low.startswith(LOCAL_SETTING_PREFIX):
+        return "local"
+    if any(fnmatch.fnmatchcase(low, pat.strip().lower()) for pat in extra_local if pat.strip()):
+        return "local"
+    return None
+
+
+def split_names(text: str | None) -> tuple[str, ...]:
+    """Names from a comma- or whitespace-separated list."""
+    return tuple(n for n in re.split(r"[,\s]+", text or "") if n)
+
+
+def encode_value(value: Any) -> Any:
+    """A SQLite value as JSON: blobs become ``{"$b64": ...}``."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"$b64": base64.b64encode(bytes(value)).decode("ascii")}
+    return value
+
+
+def decode_value(value: Any) -> Any:
+    """Inverse of :func:`encode_value`; raises ValueError for non-scalars."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        raise ValueError("boolean is not a SQLite value")
+    if isinstance(value, int):
+        if not -(2 ** 63) <= value < 2 ** 63:
+            raise ValueError("integer out of range")
+        return value
+    if isinstance(value, float):
+        return value
+    if isinstance(value, dict) and set(value) == {"$b64"} and isinstance(value["$b64"], str):
+        return base64.b64decode(value["$b64"], validate=True)
+    raise ValueError("not a SQLite scalar")
+
+
+def parse_id_list(text: Any) -> tuple[list[int], str] | None:
+    """Parse a text list of integer ids ('[1, 2]' or '1,2'); None if it is not one."""
+    if not isinstance(text, str):
+        return None
+    stripped = text.strip()
+    if stripped.startswith("["):
+        try:
+            items = json.loads(stripped)
+        except ValueError:
+            return None
+        if isinstance(items, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                           for i in items):
+            return items, "json"
+        return None
+    if stripped == "" or re.fullmatch(r"\d+(\s*,\s*\d+)*", stripped):
+        return [int(p) for p in stripped.split(",") if p.strip()], "csv"
+    return None
+
+
+def format_id_list(ids: list[int], fmt: str) -> str:
+    """Inverse of :func:`parse_id_list`."""
+    return json.dumps(ids) if fmt == "json" else ",".join(str(i) for i in ids)
+
+
+def _q(name: str) -> str:
+    """Quote an SQL identifier (names come from the local schema or SPEC only)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _lit(text: str) -> str:
+    """Quote an SQL string literal for generated trigger code."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+##### Local store #############################################################
+# The device side: schema inspection, capture triggers, stamping, capture of
+# outgoing records, acknowledgement, and merge of incoming records.  No
+# network here; every write goes through transaction().
+
+def connect(path: str, *, timeout: float = 5.0, must_exist: bool = True) -> sqlite3.Connection:
+    """Open a SQLite connection the way ccsync uses every connection.
+
+    ``isolation_level=None`` because ccsync owns its transactions; a busy
+    timeout like cc's own so concurrent writers wait instead of failing.
+    """
+    if must_exist and not os.path.isfile(path):
+        raise StoreError(f"no database at {path}",
+                         hint=f"pass --db PATH or set ${ENV_DB}")
+    try:
+        conn = sqlite3.connect(path, timeout=timeout, isolation_level=None,
+                               check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA busy_timeout = %d" % int(timeout * 1000))
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open {path}: {exc}") from None
+    return conn
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``; a savepoint when already inside one.
+
+    Any exception rolls the whole block back, so nothing is half-written.
+    """
+    if conn.in_transaction:
+        name = "sp_" + secrets.token_hex(4)
+        conn.execute(f"SAVEPOINT {name}")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute(f"ROLLBACK TO {name}")
+            conn.execute(f"RELEASE {name}")
+            raise
+        conn.execute(f"RELEASE {name}")
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
+    """Run ';'-separated DDL inside the caller's transaction (executescript commits)."""
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+_BOOKKEEPING_SQL = """
+CREATE TABLE IF NOT EXISTS _ccsync_meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS _ccsync_clock (
+    id INTEGER PRIMARY KEY CHECK (id = 1), hlc INTEGER NOT NULL, suppress INTEGER NOT NULL);
+INSERT OR IGNORE INTO _ccsync_clock (id, hlc, suppress) VALUES (1, 0, 0);
+CREATE TABLE IF NOT EXISTS _ccsync_dirty (
+    tbl TEXT NOT NULL, rid INTEGER NOT NULL, col TEXT NOT NULL, hlc INTEGER NOT NULL,
+    sid TEXT, PRIMARY KEY (tbl, rid, col)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS _ccsync_shadow (
+    tbl TEXT NOT NULL, sid TEXT NOT NULL, rid INTEGER, vals TEXT NOT NULL,
+    clocks TEXT NOT NULL, PRIMARY KEY (tbl, sid)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS _ccsync_alias (
+    tbl TEXT NOT NULL, alias TEXT NOT NULL, sid TEXT NOT NULL,
+    PRIMARY KEY (tbl, alias)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS _ccsync_pending (
+    tbl TEXT NOT NULL, sid TEXT NOT NULL, PRIMARY KEY (tbl, sid)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS _ccsync_refused (
+    tbl TEXT NOT NULL, sid TEXT NOT NULL, reason TEXT NOT NULL, at TEXT NOT NULL,
+    PRIMARY KEY (tbl, sid)) WITHOUT ROWID;
+"""
+BOOKKEEPING_TABLES = ("_ccsync_meta", "_ccsync_clock", "_ccsync_dirty", "_ccsync_shadow",
+                      "_ccsync_alias", "_ccsync_pending", "_ccsync_refused")
+
+_SQL_NOW_MS = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
+_SQL_TICK = f"UPDATE _ccsync_clock SET hlc = max(hlc + 1, {_SQL_NOW_MS});"
+_SQL_HLC = "(SELECT hlc FROM _ccsync_clock)"
+_SQL_LIVE = "(SELECT suppress FROM _ccsync_clock) = 0"
+
+
+def trigger_sql(table: str, tracked: Iterable[str]) -> dict[str, str]:
+    """The three capture triggers for ``table``, by trigger name.
+
+    Each edit ticks the hybrid logical clock (max(last + 1, wall clock ms))
+    and records the edited cells with it, so an offline edit keeps the time
+    it was made.  ccsync's own writes set ``suppress`` and are not recorded.
+    """
+    t, lit = _q(table), _lit(table)
+    ins = f"INSERT OR REPLACE INTO _ccsync_dirty (tbl, rid, col, hlc, sid)"
+    cols = list(tracked)
+    changed = " OR ".join(f"OLD.{_q(c)} IS NOT NEW.{_q(c)}" for c in cols) or "0"
+    per_col = " ".join(
+        f"{ins} SELECT {lit}, NEW.rowid, {_lit(c)}, {_SQL_HLC}, NULL "
+        f"WHERE OLD.{_q(c)} IS NOT NEW.{_q(c)};" for c in cols)
+    return {
+        f"_ccsync_ins_{table}":
+            f"CREATE TRIGGER {_q('_ccsync_ins_' + table)} AFTER INSERT ON {t} "
+            f"WHEN {_SQL_LIVE} BEGIN {_SQL_TICK} "
+            f"{ins} VALUES ({lit}, NEW.rowid, '{INSERTED}', {_SQL_HLC}, NULL); END",
+        f"_ccsync_upd_{table}":
+            f"CREATE TRIGGER {_q('_ccsync_upd_' + table)} AFTER UPDATE ON {t} "
+            f"WHEN {_SQL_LIVE} AND ({changed}) BEGIN {_SQL_TICK} {per_col} END",
+        f"_ccsync_del_{table}":
+            f"CREATE TRIGGER {_q('_ccsync_del_' + table)} AFTER DELETE ON {t} "
+            f"WHEN {_SQL_LIVE} BEGIN {_SQL_TICK} "
+            f"DELETE FROM _ccsync_dirty WHERE tbl = {lit} AND rid = OLD.rowid; "
+            f"{ins} VALUES ({lit}, OLD.rowid, '{DELETED}', {_SQL_HLC}, OLD.sync_id); END",
+    }
+
+
+@dataclass
+class TableInfo:
+    """A synced table as it exists in this device's database."""
+
+    spec: TableSpec
+    columns: tuple[str, ...]            # every column, schema order
+    notnull: frozenset[str]
+    types: dict[str, str]
+    pk: str | None                      # the INTEGER PRIMARY KEY column (rowid alias)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def tracked(self) -> tuple[str, ...]:
+        """Columns whose edits sync (not the id, sync columns or device-local ones)."""
+        skip = set(SYNC_COLUMNS) | set(self.spec.local) | {self.pk}
+        return tuple(c for c in self.columns if c not in skip)
+
+    @property
+    def local(self) -> tuple[str, ...]:
+        return tuple(c for c in self.spec.local if c in self.columns)
+
+
+@dataclass
+class Batch:
+    """Outgoing records plus what ack() needs to settle them."""
+
+    records: list[dict]
+    tokens: list[tuple[str, int, dict[str, int]]]    # (table, rid, dirty cells sent)
+    next_pos: tuple[int, int] | None                  # keyset position; None when done
+
+
+@dataclass
+class ApplyResult:
+    """What merging one or more pages of incoming records did."""
+
+    received: int = 0
+    applied: int = 0
+    unchanged: int = 0
+    refused: Counter = field(default_factory=Counter)
+
+    def add(self, other: "ApplyResult") -> None:
+        self.received += other.received
+        self.applied += other.applied
+        self.unchanged += other.unchanged
+        self.refused.update(other.refused)
+
+
+class RecordRefused(Exception):
+    """An incoming record that cannot be applied; the message is the reason."""
+
+
+class Store:
+    """A device's cc database, seen by ccsync.
+
+    Build one with :func:`open_store`.  ``clock`` returns epoch seconds;
+    ``local_settings`` adds setting names (or globs) that stay on this device.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, *, clock: Callable[[], float] = time.time,
+                 local_settings: Iterable[str] = ()):
+        self.conn = conn
+        self.clock = clock
+        self.extra_local = tuple(local_settings)
+        self._tables: dict[str, TableInfo] | None = None
+
+    # -- schema inspection ------------------------------------------------
+
+    def _columns(self, table: str) -> list[sqlite3.Row]:
+        return self.conn.execute(f"PRAGMA table_info({_q(table)})").fetchall()
+
+    def has_table(self, name: str) -> bool:
+        row = self.conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone()
+        return row is not None
+
+    def tables(self) -> dict[str, TableInfo]:
+        """The synced tables present here, in dependency order."""
+        if self._tables is None:
+            found = {}
+            for spec in SPEC:
+                cols = self._columns(spec.name)
+                if not cols:
+                    continue
+                pk = [c["name"] for c in cols if c["pk"] == 1 and c["type"].upper() == "INTEGER"]
+                found[spec.name] = TableInfo(
+                    spec, tuple(c["name"] for c in cols),
+                    frozenset(c["name"] for c in cols if c["notnull"]),
+                    {c["name"]: c["type"].upper() for c in cols},
+                    pk[0] if len(pk) == 1 and sum(c["pk"] > 0 for c in cols) == 1 else None)
+            self._tables = found
+        return self._tables
+
+    def installed(self) -> bool:
+        """True once ccsync's bookkeeping tables exist in this database."""
+        return self.has_table("_ccsync_meta")
+
+    # -- small bookkeeping accessors -------------------------------------
+
+    def meta(self, key: str, default: str | None = None) -> str | None:
+        row = self.conn.execute("SELECT value FROM _ccsync_meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        if value is None:
+            self.conn.execute("DELETE FROM _ccsync_meta WHERE key = ?", (key,))
+        else:
+            self.conn.execute("INSERT OR REPLACE INTO _ccsync_meta (key, value) VALUES (?, ?)",
+                              (key, str(value)))
+
+    @property
+    def device_id(self) -> str:
+        """This database's device id (a copy on another machine gets its own)."""
+        return self.meta("device_id") or ""
+
+    @property
+    def cursor(self) -> int:
+        """The server sequence number this device has merged up to."""
+        return int(self.meta("cursor", "0") or 0)
+
+    def _hlc_observe(self, hlc: int) -> None:
+        self.conn.execute("UPDATE _ccsync_clock SET hlc = max(hlc, ?)", (hlc,))
+
+    def _hlc_tick(self) -> int:
+        self.conn.execute("UPDATE _ccsync_clock SET hlc = max(hlc + 1, ?)", (now_ms(self.clock),))
+        return self.conn.execute("SELECT hlc FROM _ccsync_clock").fetchone()[0]
+
+    def _suppress(self, on: bool) -> None:
+        self.conn.execute("UPDATE _ccsync_clock SET suppress = ?", (1 if on else 0,))
+
+    # -- install, stamp, remove -----------------------------------------
+
+    def prepare(self) -> int:
+        """Install capture (idempotent), diff what happened without it, stamp rows.
+
+        Returns how many rows were given a sync_id.  Safe to run at every sync.
+        """
+        reinstalled = self._install()
+        stamped = self.stamp_rows()
+        for table in reinstalled:
+            self._full_diff(table)
+        return stamped
+
+    def _fingerprint(self) -> str:
+        path = self.conn.execute("PRAGMA database_list").fetchone()["file"] or ""
+        return f"{socket.gethostname()}:{os.path.realpath(path) if path else ''}"
+
+    def _install(self) -> list[str]:
+        """Create bookkeeping, add missing columns, (re)install triggers.
+
+        Returns the tables whose triggers were missing or outdated: edits made
+        while they were missing are found by a full diff against the shadow.
+        """
+        with transaction(self.conn):
+            _run_script(self.conn, _BOOKKEEPING_SQL)
+            self._check_device()
+            reinstalled = []
+            for spec in SPEC:
+                if self._columns(spec.name) and self._install_table(spec.name):
+                    reinstalled.append(spec.name)
+            self._tables = None
+        return reinstalled
+
+    def _check_device(self) -> None:
+        # A cc_cli.db copied onto another machine must not keep the source's
+        # device id; re-pulling from 0 is always safe (merges are idempotent).
+        fingerprint = self._fingerprint()
+        if self.meta("device_id") and self.meta("fingerprint") == fingerprint:
+            return
+        if self.meta("device_id"):
+            self.set_meta("cursor", "0")
+        self.set_meta("device_id", uuid.uuid4().hex)
+        self.set_meta("fingerprint", fingerprint)
+
+    def _install_table(self, table: str) -> bool:
+        present = {c["name"] for c in self._columns(table)}
+        for col in SYNC_COLUMNS:
+            if col not in present:
+                self.conn.execute(f"ALTER TABLE {_q(table)} ADD COLUMN {_q(col)} TEXT")
+        self.conn.execute(f"CREATE INDEX IF NOT EXISTS {_q('_ccsync_sid_' + table)} "
+                          f"ON {_q(table)} (sync_id)")
+        self._tables = None
+        info = self.tables()[table]
+        wanted = trigger_sql(table, info.tracked)
+        have = dict(self.conn.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ? "
+            "AND name LIKE '\\_ccsync\\_%' ESCAPE '\\'", (table,)).fetchall())
+        if have == wanted:
+            return False
+        for name in have:
+            self.conn.execute(f"DROP TRIGGER IF EXISTS {_q(name)}")
+        for sql in wanted.values():
+            self.conn.execute(sql)
+        # First install: existing rows predate any edit we could time (clock 0).
+        first = self.meta(f"installed:{table}") is None
+        self.set_meta(f"installed:{table}", "1")
+        self.set_meta(f"diff:{table}", "first" if first else "again")
+        return True
+
+    def _parent_sids(self, table: str, rids: Iterable[Any]) -> dict[int, str | None]:
+        rids = sorted({r for r in rids if isinstance(r, int)})
+        out: dict[int, str | None] = {}
+        if table not in self.tables():
+            return out
+        for chunk in _chunks(rids, 500):
+            marks = ",".join("?" * len(chunk))
+            for row in self.conn.execute(
+                    f"SELECT rowid, sync_id FROM {_q(table)} WHERE rowid IN ({marks})", chunk):
+                out[row[0]] = row[1]
+        return out
+
+    def _key_values(self, info: TableInfo, row: sqlite3.Row) -> list[Any]:
+        values = []
+        for col in info.spec.key:
+            value = row[col] if col in info.columns else None
+            parent = info.spec.refs.get(col)
+            if parent is not None:
+                value = self._parent_sids(parent, [value]).get(value)
+            values.append(value)
+        return values
+
+    def stamp_rows(self) -> int:
+        """Give every row without a sync_id one (natural-key uuid5, else random).
+
+        Parents are stamped before children, whose natural keys name them.
+        """
+        total = 0
+        for info in self.tables().values():
+            while True:
+                with transaction(self.conn):
+                    rows = self.conn.execute(
+                        f"SELECT rowid AS _rid, * FROM {_q(info.name)} WHERE sync_id IS NULL "
+                        f"LIMIT {WRITE_CHUNK}").fetchall()
+                    for row in rows:
+                        sid = self._fresh_sid(info, natural_id(info.name,
+                                                               self._key_values(info, row)))
+                        self.conn.execute(f"UPDATE {_q(info.name)} SET sync_id = ? "
+                                          f"WHERE rowid = ?", (sid, row["_rid"]))
+                total += len(rows)
+                if len(rows) < WRITE_CHUNK:
+                    break
+        return total
+
+    def _fresh_sid(self, info: TableInfo, wanted: str | None) -> str:
+        # A natural id can already be taken (a renamed row kept it): fall back.
+        if wanted is not None and self._rid_for_sid(info.name, wanted) is None \
+                and self._shadow(info.name, wanted) is None:
+            return wanted
+        return str(uuid.uuid4())
+
+    def _full_diff(self, table: str) -> None:
+        """Record as dirty what changed while capture triggers were missing."""
+        mode = self.meta(f"diff:{table}")
+        if mode is None:
+            return
+        info = self.tables()[table]
+        with transaction(self.conn):
+            hlc = 0 if mode == "first" else self._hlc_tick()
+        shadow = {r["sid"]: (r["rid"], json.loads(r["vals"]), json.loads(r["clocks"]))
+                  for r in self.conn.execute(
+                      "SELECT sid, rid, vals, clocks FROM _ccsync_shadow WHERE tbl = ?", (table,))}
+        rows = self.conn.execute(f"SELECT rowid AS _rid, * FROM {_q(table)}").fetchall()
+        wire = self._wire_rows(info, rows)
+        dirty: list[tuple] = []
+        seen = set()
+        for row, values in zip(rows, wire):
+            sid = row["sync_id"]
+            seen.add(sid)
+            old = shadow.get(sid)
+            if old is None:
+                dirty.append((table, row["_rid"], INSERTED, hlc, None))
+                continue
+            for col in info.tracked:
+                if values.get(col) != old[1].get(col):
+                    dirty.append((table, row["_rid"], col, hlc, None))
+        for sid, (rid, _vals, clocks) in shadow.items():
+            if sid not in seen and not self._shadow_deleted(clocks):
+                dirty.append((table, rid if rid is not None else -1, DELETED, hlc, sid))
+        for chunk in _chunks(dirty, WRITE_CHUNK):
+            with transaction(self.conn):
+                self.conn.executemany("INSERT OR IGNORE INTO _ccsync_dirty "
+                                      "(tbl, rid, col, hlc, sid) VALUES (?, ?, ?, ?, ?)", chunk)
+        with transaction(self.conn):
+            self.set_meta(f"diff:{table}", None)
+
+    def remove(self) -> None:
+        """Take out everything ccsync added except cc's sync_id/synced_at columns."""
+        with transaction(self.conn):
+            for name, kind in self.conn.execute(
+                    "SELECT name, type FROM sqlite_master WHERE type IN ('trigger', 'index') "
+                    "AND name LIKE '\\_ccsync\\_%' ESCAPE '\\'").fetchall():
+                self.conn.execute(f"DROP {kind.upper()} IF EXISTS {_q(name)}")
+            for name in BOOKKEEPING_TABLES:
+                self.conn.execute(f"DROP TABLE IF EXISTS {_q(name)}")
+        self._tables = None
+
+    # -- local values <-> wire values ------------------------------------
+
+    def _wire_rows(self, info: TableInfo, rows: list[sqlite3.Row]) -> list[dict[str, Any]]:
+        """Each row's tracked and local columns in wire form (refs as sync_ids)."""
+        spec = info.spec
+        parents = {col: self._parent_sids(parent, (r[col] for r in rows))
+                   for col, parent in spec.refs.items() if col in info.columns}
+        lists = {col: self._list_sids(info, col, rows) for col in spec.list_refs
+                 if col in info.columns}
+        names = {col: self._names_for(target, name_col, (r[col] for r in rows))
+                 for col, (target, name_col) in spec.name_refs.items() if col in info.columns}
+        out = []
+        for row in rows:
+            values = {}
+            for col in info.tracked + info.local:
+                value = row[col]
+                if col in parents:
+                    value = parents[col].get(value) if value is not None else None
+                elif col in lists:
+                    value = lists[col].get(row["_rid"], encode_value(value))
+                elif col in names:
+                    value = names[col].get(value) if value is not None else None
+                else:
+                    value = encode_value(value)
+                values[col] = value
+            out.append(values)
+        return out
+
+    def _list_sids(self, info: TableInfo, col: str, rows: list[sqlite3.Row]) -> dict[int, Any]:
+        parsed = {r["_rid"]: parse_id_list(r[col]) for r in rows}
+        all_ids = [i for p in parsed.values() if p for i in p[0]]
+        sids = self._parent_sids(info.spec.list_refs[col], all_ids)
+        return {rid: {"ids": [sids.get(i) for i in p[0] if sids.get(i)], "fmt": p[1]}
+                for rid, p in parsed.items() if p is not None}
+
+    def _names_for(self, table: str, name_col: str, ids: Iterable[Any]) -> dict[int, str]:
+        if not self.has_table(table):
+            return {}
+        ids = sorted({i for i in ids if isinstance(i, int)})
+        out = {}
+        for chunk in _chunks(ids, 500):
+            marks = ",".join("?" * len(chunk))
+            out.update(self.conn.execute(
+                f"SELECT rowid, {_q(name_col)} FROM {_q(table)} WHERE rowid IN ({marks})",
+                chunk).fetchall())
+        return out
+
+    def _rid_for_sid(self, table: str, sid: str | None) -> int | None:
+        if sid is None or table not in self.tables():
+            return None
+        row = self.conn.execute(f"SELECT rowid FROM {_q(table)} WHERE sync_id = ?",
+                                (sid,)).fetchone()
+        if row is None:
+            alias = self.conn.execute("SELECT sid FROM _ccsync_alias WHERE tbl = ? AND alias = ?",
+                                      (table, sid)).fetchone()
+            if alias is not None and alias[0] != sid:
+                return self._rid_for_sid(table, alias[0])
+            return None
+        return row[0]
+
+    _UNRESOLVED = object()   # a reference whose parent has not arrived yet
+    _KEEP = object()         # a name reference with no local match: keep local value
+
+    def _local_value(self, info: TableInfo, col: str, value: Any) -> Any:
+        """The value to write locally for a wire value."""
+        spec = info.spec
+        if col in spec.refs:
+            if value is None:
+                return None
+            rid = self._rid_for_sid(spec.refs[col], value)
+            return self._UNRESOLVED if rid is None else rid
+        if col in spec.list_refs and isinstance(value, dict):
+            rids = [self._rid_for_sid(spec.list_refs[col], s) for s in value["ids"]]
+            text = format_id_list([r for r in rids if r is not None], value["fmt"])
+            return (self._UNRESOLVED, text) if None in rids else text
+        if col in spec.name_refs:
+            target, name_col = spec.name_refs[col]
+            if value is None or not self.has_table(target):
+                return self._KEEP
+            row = self.conn.execute(f"SELECT rowid FROM {_q(target)} WHERE {_q(name_col)} = ?",
+                                    (value,)).fetchone()
+            return self._KEEP if row is None else row[0]
+        return decode_value(value)
+
+    # -- status ------------------------------------------------------------
+
+    def pending(self) -> dict[str, dict[str, int]]:
+        """Pending local changes per table: {"insert": n, "update": n, "delete": n}.
+
+        Read-only; before the first ``stamp`` every row counts as an insert.
+        """
+        counts = {}
+        installed = self.installed()
+        for info in self.tables().values():
+            counts[info.name] = c = {"insert": 0, "update": 0, "delete": 0}
+            if not installed:
+                for row in self.conn.execute(f"SELECT * FROM {_q(info.name)}"):
+                    c["insert"] += not self._skip_row(info, row)
+                continue
+            query = (f"SELECT d.rid, group_concat(d.col, char(31)) AS cols, max(d.sid) AS dsid, "
+                     f"t.rowid IS NOT NULL AS present, s.sid IS NOT NULL AS synced, t.* "
+                     f"FROM _ccsync_dirty d LEFT JOIN {_q(info.name)} t ON t.rowid = d.rid "
+                     f"LEFT JOIN _ccsync_shadow s ON s.tbl = d.tbl AND s.sid = t.sync_id "
+                     f"WHERE d.tbl = ? GROUP BY d.rid")
+            for row in self.conn.execute(query, (info.name,)):
+                cols = row["cols"].split("\x1f")
+                if DELETED in cols:
+                    c["delete"] += bool(row["dsid"]) and self._tombstone_wanted(info, row["dsid"])
+                elif row["present"] and not self._skip_row(info, row):
+                    c["update" if row["synced"] and INSERTED not in cols else "insert"] += 1
+        return counts
+
+    def refused(self) -> list[dict[str, str]]:
+        """Rows the server refused, with the reason (they stay pending)."""
+        if not self.installed():
+            return []
+        return [dict(r) for r in self.conn.execute(
+            'SELECT tbl AS "table", sid AS sync_id, reason, at FROM _ccsync_refused '
+            "ORDER BY tbl, sid")]
+
+    def _skip_row(self, info: TableInfo, row: Any) -> bool:
+        """True for rows that never leave this device (secret or local settings)."""
+        if info.name != "setting":
+            return False
+        return setting_policy(row["name"], self._local_setting_names()) is not None
+
+    def _local_setting_names(self) -> tuple[str, ...]:
+        names = self.extra_local
+        if "setting" in self.tables():
+            row = self.conn.execute("SELECT value FROM setting WHERE name = ?",
+                                    (LOCAL_SETTINGS_SETTING,)).fetchone()
+            if row is not None:
+                names += split_names(row[0])
+        return names
+
+    def _tombstone_wanted(self, info: TableInfo, sid: str) -> bool:
+        # A setting never synced may be a secret: do not even send its id.
+        return info.name != "setting" or self._shadow(info.name, sid) is not None
+
+    # -- capture (outgoing) ----------------------------------------------
+
+    def capture(self, after: tuple[int, int] | None = None, limit: int = PUSH_BATCH) -> Batch:
+        """Up to ``limit`` pending rows as outgoing records, after keyset ``after``.
+
+        Reads only; ack() settles what the server said about them.
+        """
+        tables = list(self.tables().values())
+        start_t, start_rid = after if after else (0, -(2 ** 63))
+        for index in range(start_t, len(tables)):
+            info = tables[index]
+            lower = start_rid if index == start_t else -(2 ** 63)
+            rids = [r[0] for r in self.conn.execute(
+                "SELECT DISTINCT rid FROM _ccsync_dirty WHERE tbl = ? AND rid > ? "
+                "ORDER BY rid LIMIT ?", (info.name, lower, limit))]
+            if not rids:
+                continue
+            records, tokens = self._records_for(info, rids)
+            return Batch(records, tokens, (index, rids[-1]))
+        return Batch([], [], None)
+
+    def _records_for(self, info: TableInfo, rids: list[int]) -> tuple[list[dict], list]:
+        dirty: dict[int, dict[str, tuple[int, str | None]]] = defaultdict(dict)
+        for row in self.conn.execute(
+                "SELECT rid, col, hlc, sid FROM _ccsync_dirty WHERE tbl = ? AND rid BETWEEN ? AND ?",
+                (info.name, rids[0], rids[-1])):
+            dirty[row["rid"]][row["col"]] = (row["hlc"], row["sid"])
+        rows = {}
+        for chunk in _chunks(rids, 500):
+            marks = ",".join("?" * len(chunk))
+            for row in self.conn.execute(
+                    f"SELECT rowid AS _rid, * FROM {_q(info.name)} WHERE rowid IN ({marks})", chunk):
+                rows[row["_rid"]] = row
+        present = [rows[r] for r in rids if r in rows]
+        wire = dict(zip((r["_rid"] for r in present), self._wire_rows(info, present)))
+        records, tokens = [], []
+        for rid in rids:
+            cells = dirty.get(rid, {})
+            sent = {col: hlc for col, (hlc, _sid) in cells.items()}
+            if DELETED in cells:
+                record = self._tombstone_record(info, cells[DELETED])
+            elif rid in rows and not self._skip_row(info, rows[rid]):
+                record = self._row_record(info, rows[rid], wire[rid], cells)
+            else:
+                record = None
+            tokens.append((info.name, rid, sent))
+            records.append(record)
+        return records, tokens
+
+    def _row_record(self, info: TableInfo, row: sqlite3.Row, values: dict, cells: dict) -> dict:
+        sid = row["sync_id"]
+        shadow = self._shadow(info.name, sid)
+        new_row = INSERTED in cells or shadow is None
+        base = cells.get(INSERTED, (0, None))[0]
+        if new_row:
+            clocks = {c: max(base, cells.get(c, (0, None))[0]) for c in info.tracked}
+        else:
+            clocks = {c: cells[c][0] for c in info.tracked if c in cells}
+        return {
+            "t": info.name, "id": sid, "dev": self.device_id, "c": clocks,
+            "p": {"v": {c: values[c] for c in clocks},
+                  "l": {c: values[c] for c in info.local},
+                  "k": self._key_wire(info, values, row)},
+        }
+
+    def _key_wire(self, info: TableInfo, values: dict, row: sqlite3.Row) -> dict:
+        return {c: values[c] if c in values else encode_value(row[c])
+                for c in info.spec.key if c in info.columns}
+
+    def _tombstone_record(self, info: TableInfo, cell: tuple[int, str | None]) -> dict | None:
+        hlc, sid = cell
+        if not sid or not self._tombstone_wanted(info, sid):
+            return None
+        shadow = self._shadow(info.name, sid)
+        key = {c: shadow[1].get(c) for c in info.spec.key} if shadow else {}
+        return {"t": info.name, "id": sid, "dev": self.device_id, "c": {TOMBSTONE: hlc},
+                "p": {"v": {}, "l": {}, "k": key}}
+
+    def _shadow(self, table: str, sid: str) -> tuple[int | None, dict, dict] | None:
+        row = self.conn.execute("SELECT rid, vals, clocks FROM _ccsync_shadow "
+                                "WHERE tbl = ? AND sid = ?", (table, sid)).fetchone()
+        return None if row is None else (row[0], json.loads(row[1]), json.loads(row[2]))
+
+    def _put_shadow(self, table: str, sid: str, rid: int | None, vals: dict, clocks: dict) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO _ccsync_shadow (tbl, sid, rid, vals, clocks) "
+                          "VALUES (?, ?, ?, ?, ?)",
+                          (table, sid, rid, json.dumps(vals, separators=(",", ":")),
+                           json.dumps(clocks, separators=(",", ":"))))
+
+    @staticmethod
+    def _shadow_deleted(clocks: dict) -> bool:
+        tomb = clocks.get(TOMBSTONE)
+        return tomb is not None and all(newer(tomb, v) for k, v in clocks.items()
+                                        if k != TOMBSTONE)
+
+    # -- acknowledgement -------------------------------------------------
+
+    def ack(self, batch: Batch, results: list[dict],
+            cursor: int | None = None) -> tuple[Counter, Counter]:
+        """Settle a pushed batch: clear what the server took, keep refusals pending.
+
+        ``results`` has one entry per non-None record, in order.  A row edited
+        again while the push was in flight stays dirty (its clock is newer).
+        Returns (counts by status, counts of refusal reasons).
+        """
+        sent = [(r, t) for r, t in zip(batch.records, batch.tokens) if r is not None]
+        if len(results) != len(sent):
+            raise RemoteError("server answered a push with the wrong number of results")
+        counts: Counter = Counter()
+        reasons: Counter = Counter()
+        with transaction(self.conn):
+            self._suppress(True)
+            for record, (table, rid, cells) in zip(batch.records, batch.tokens):
+                if record is None:      # nothing to send (a local-only row): settled
+                    self._clear_dirty(table, rid, cells)
+            stamp = iso_utc(self.clock)
+            for (record, (table, rid, cells)), result in zip(sent, results):
+                status = result.get("status")
+                counts[status] += 1
+                if status in ("accepted", "superseded"):
+                    self._clear_dirty(table, rid, cells)
+                    self._settle_shadow(record, rid)
+                    self.conn.execute("DELETE FROM _ccsync_refused WHERE tbl = ? AND sid = ?",
+                                      (table, record["id"]))
+                    if TOMBSTONE not in record["c"]:
+                        self.conn.execute(f"UPDATE {_q(table)} SET synced_at = ? WHERE rowid = ?",
+                                          (stamp, rid))
+                else:
+                    reason = str(result.get("reason") or "refused")[:200]
+                    reasons[reason] += 1
+                    self.conn.execute(
+                        "INSERT OR REPLACE INTO _ccsync_refused (tbl, sid, reason, at) "
+                        "VALUES (?, ?, ?, ?)", (table, record["id"], reason, stamp))
+            if cursor is not None:
+                self.set_meta("cursor", str(cursor))
+            self._suppress(False)
+        return counts, reasons
+
+    def _clear_dirty(self, table: str, rid: int, cells: dict[str, int]) -> None:
+        self.conn.executemany(
+            "DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ? AND col = ? AND hlc <= ?",
+            [(table, rid, col, hlc) for col, hlc in cells.items()])
+
+    def _settle_shadow(self, record: dict, rid: int) -> None:
+        old = self._shadow(record["t"], record["id"])
+        vals, clocks = (old[1], old[2]) if old else ({}, {})
+        for col, hlc in record["c"].items():
+            stamp = [hlc, record["dev"]]
+            if newer(stamp, clocks.get(col)):
+                clocks[col] = stamp
+                if col != TOMBSTONE:
+                    vals[col] = record["p"]["v"][col]
+        vals.update(record["p"]["l"])
+        self._put_shadow(record["t"], record["id"], rid, vals, clocks)
+
+    # -- merge (incoming) ------------------------------------------------
+
+    def apply_page(self, records: list[dict], cursor: int | None) -> ApplyResult:
+        """Merge one page of incoming records and advance the cursor, atomically.
+
+        One short transaction per page keeps cc's writes flowing during a
+        big pull.  A record that cannot apply is refused with a reason and
+        does not stop the page.
+        """
+        result = ApplyResult(received=len(records))
+        ordered = sorted(records, key=lambda r: TABLE_ORDER.get(
+            r.get("t") if isinstance(r, dict) else None, len(SPEC)))
+        with transaction(self.conn):
+            self._suppress(True)
+            for record in ordered:
+                try:
+                    with transaction(self.conn):
+                        changed = self._apply_record(record)
+                except RecordRefused as exc:
+                    result.refused[str(exc)] += 1
+                except sqlite3.IntegrityError as exc:
+                    result.refused[f"conflicts with a local row ({exc})"] += 1
+                else:
+                    result.applied += changed
+                    result.unchanged += not changed
+            self._resolve_pending()
+            if cursor is not None:
+                self.set_meta("cursor", str(cursor))
+            self._suppress(False)
+        return result
+
+    def _validate(self, record: Any) -> tuple[TableInfo, dict]:
+        if not isinstance(record, dict):
+            raise RecordRefused("malformed record")
+        info = self.tables().get(record.get("t"))
+        if info is None:
+            raise RecordRefused("table not synced here")
+        sid, clocks, dev = record.get("id"), record.get("c"), record.get("dev")
+        payload = record.get("p")
+        if not (isinstance(sid, str) and SYNC_ID_RE.match(sid) and isinstance(dev, str)
+                and isinstance(clocks, dict) and clocks and isinstance(payload, dict)):
+            raise RecordRefused("malformed record")
+        values, local, key = (payload.get(k, {}) for k in ("v", "l", "k"))
+        if not all(isinstance(x, dict) for x in (values, local, key)):
+            raise RecordRefused("malformed record")
+        limit = now_ms(self.clock) + MAX_CLOCK_AHEAD_MS
+        for col, hlc in clocks.items():
+            if not isinstance(hlc, int) or isinstance(hlc, bool) or not 0 <= hlc <= limit:
+                raise RecordRefused("bad clock")
+            if col != TOMBSTONE and col not in values:
+                raise RecordRefused("malformed record")
+        for col, value in values.items():
+            self._check_wire_value(info, col, value)
+        return info, {"v": values, "l": local, "k": key}
+
+    @staticmethod
+    def _check_wire_value(info: TableInfo, col: str, value: Any) -> None:
+        if col in SYNC_COLUMNS or col == info.pk or col in info.spec.local:
+            raise RecordRefused("column not synced")
+        if col in info.spec.list_refs and isinstance(value, dict):
+            ids, fmt = value.get("ids"), value.get("fmt")
+            if isinstance(ids, list) and all(isinstance(s, str) for s in ids) \
+                    and fmt in ("json", "csv") and set(value) == {"ids", "fmt"}:
+                return
+            raise RecordRefused("malformed id list")
+        if col in info.spec.refs and value is not None and not (
+                isinstance(value, str) and SYNC_ID_RE.match(value)):
+            raise RecordRefused("malformed reference")
+        try:
+            decode_value(value)
+        except (ValueError, TypeError):
+            raise RecordRefused("value is not a SQLite scalar") from None
+
+    def _apply_record(self, record: dict) -> bool:
+        """Merge one record into shadow and table; True if anything changed."""
+        info, payload = self._validate(record)
+        if info.name == "setting":
+            name = payload["v"].get("name", payload["k"].get("name"))
+            if name is None:
+                shadow = self._shadow("setting", record["id"])
+                name = shadow[1].get("name") if shadow else None
+            policy = setting_policy(name, self._local_setting_names())
+            if policy:
+                raise RecordRefused(f"{policy} setting")
+        known = [c for c in record["c"] if c == TOMBSTONE or c in info.columns]
+        if not known:
+            raise RecordRefused("no column known here")
+        sid = self._identify(info, record["id"], payload["k"])
+        rid = self._rid_for_sid(info.name, sid)
+        old = self._shadow(info.name, sid)
+        vals, clocks = (old[1], old[2]) if old else ({}, {})
+        local_cells = self._dirty_cells(info.name, rid)
+        won = []
+        for col in known:
+            stamp = [record["c"][col], record["dev"]]
+            self._hlc_observe(stamp[0])
+            mine = local_cells.get(col, clocks.get(col))
+            if col in local_cells and newer(clocks.get(col), mine):
+                mine = clocks.get(col)
+            if newer(stamp, mine):
+                won.append(col)
+                clocks[col] = stamp
+                if col != TOMBSTONE:
+                    vals[col] = payload["v"][col]
+        for col, value in payload["l"].items():
+            if col in info.local and col not in vals:
+                vals[col] = value       # a starting point for a row new here
+        if not won and old is not None:
+            return False
+        if rid is not None and won:
+            self._drop_dirty_cells(info.name, rid, won, info)
+        self._put_shadow(info.name, sid, rid, vals, clocks)
+        self._materialize(info, sid, [c for c in won if c != TOMBSTONE])
+        return True
+
+    def _dirty_cells(self, table: str, rid: int | None) -> dict[str, list]:
+        """This device's pending cells for a row, as cell clocks."""
+        if rid is None:
+            return {}
+        cells = {r[0]: [r[1], self.device_id] for r in self.conn.execute(
+            "SELECT col, hlc FROM _ccsync_dirty WHERE tbl = ? AND rid = ?", (table, rid))}
+        if INSERTED in cells:
+            inserted = cells.pop(INSERTED)
+            for col in self.tables()[table].tracked:
+                if col not in cells or newer(inserted, cells[col]):
+                    cells[col] = inserted
+        if DELETED in cells:
+            cells[TOMBSTONE] = cells.pop(DELETED)
+        return cells
+
+    def _drop_dirty_cells(self, table: str, rid: int, won: list[str], info: TableInfo) -> None:
+        # Expand a pending insert into per-column cells first, so only the
+        # columns the remote won stop being pending.
+        row = self.conn.execute("SELECT hlc FROM _ccsync_dirty WHERE tbl = ? AND rid = ? "
+                                "AND col = ?", (table, rid, INSERTED)).fetchone()
+        if row is not None:
+            self.conn.execute("DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ? AND col = ?",
+                              (table, rid, INSERTED))
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO _ccsync_dirty (tbl, rid, col, hlc, sid) "
+                "VALUES (?, ?, ?, ?, NULL)", [(table, rid, c, row[0]) for c in info.tracked])
+        names = [DELETED if c == TOMBSTONE else c for c in won]
+        self.conn.executemany("DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ? AND col = ?",
+                              [(table, rid, c) for c in names])
+
+    def _identify(self, info: TableInfo, sid: str, key: dict) -> str:
+        """The local sync_id for an incoming one: itself, an alias, or a natural-key twin.
+
+        Two rows with the same natural key but different ids merge into the
+        smaller id, the same choice on every device.
+        """
+        alias = self.conn.execute("SELECT sid FROM _ccsync_alias WHERE tbl = ? AND alias = ?",
+                                  (info.name, sid)).fetchone()
+        if alias is not None:
+            return alias[0]
+        if self._rid_for_sid(info.name, sid) is not None or self._shadow(info.name, sid):
+            return sid
+        twin = self._twin(info, key)
+        if twin is None or twin[1] == sid:
+            return sid
+        rid, other = twin
+        if other is None or sid < other:
+            self._rename_sid(info.name, rid, other, sid)
+            return sid
+        self._add_alias(info.name, sid, other)
+        return other
+
+    def _twin(self, info: TableInfo, key: dict) -> tuple[int, str | None] | None:
+        cols = [c for c in info.spec.key if c in info.columns]
+        if not cols or any(c not in key for c in cols):
+            return None
+        if all(key[c] is None for c in cols):
+            return None
+        values = []
+        for col in cols:
+            value = self._local_value(info, col, key[col])
+            if value is self._UNRESOLVED or value is self._KEEP:
+                return None
+            values.append(value)
+        where = " AND ".join(f"{_q(c)} IS ?" for c in cols)
+        row = self.conn.execute(f"SELECT rowid, sync_id FROM {_q(info.name)} WHERE {where}",
+                                values).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def _rename_sid(self, table: str, rid: int, old: str | None, new: str) -> None:
+        self.conn.execute(f"UPDATE {_q(table)} SET sync_id = ? WHERE rowid = ?", (new, rid))
+        if old is None:
+            return
+        self.conn.execute("UPDATE _ccsync_shadow SET sid = ? WHERE tbl = ? AND sid = ?",
+                          (new, table, old))
+        self.conn.execute("UPDATE _ccsync_refused SET sid = ? WHERE tbl = ? AND sid = ?",
+                          (new, table, old))
+        self.conn.execute("UPDATE _ccsync_pending SET sid = ? WHERE tbl = ? AND sid = ?",
+                          (new, table, old))
+        self._add_alias(table, old, new)
+
+    def _add_alias(self, table: str, alias: str, sid: str) -> None:
+        self.conn.execute("UPDATE _ccsync_alias SET sid = ? WHERE tbl = ? AND sid = ?",
+                          (sid, table, alias))
+        self.conn.execute("INSERT OR REPLACE INTO _ccsync_alias (tbl, alias, sid) VALUES (?, ?, ?)",
+                          (table, alias, sid))
+
+    def _materialize(self, info: TableInfo, sid: str, cols: list[str] | None) -> None:
+        """Make the table row match the shadow for ``cols`` (all, if None).
+
+        Deletes it if a tombstone is the latest edit, inserts it if new here,
+        and parks unresolved references in ``_ccsync_pending`` for later.
+        """
+        rid, vals, clocks = self._shadow(info.name, sid)
+        rid = self._rid_for_sid(info.name, sid)
+        local_cells = self._dirty_cells(info.name, rid)
+        alive = bool(local_cells) or not self._shadow_deleted(clocks)
+        if not alive:
+            if rid is not None:
+                self.conn.execute(f"DELETE FROM {_q(info.name)} WHERE rowid = ?", (rid,))
+                self.conn.execute("DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ?",
+                                  (info.name, rid))
+            self.conn.execute("DELETE FROM _ccsync_pending WHERE tbl = ? AND sid = ?",
+                              (info.name, sid))
+            return
+        if rid is None:
+            cols = [c for c in info.tracked if c in vals]
+        elif cols is None:
+            cols = [c for c in info.tracked if c in vals and c not in local_cells]
+        values, unresolved = {}, False
+        for col in cols:
+            value = self._local_value(info, col, vals[col])
+            if isinstance(value, tuple) and value and value[0] is self._UNRESOLVED:
+                unresolved, value = True, value[1]
+            if value is self._UNRESOLVED:
+                unresolved = True
+                if col in info.notnull and rid is None:
+                    self._mark_pending(info.name, sid)
+                    return            # a row needing its parent waits for it
+                value = None
+            if value is not self._KEEP:
+                values[col] = value
+        if rid is None:
+            rid = self._insert_row(info, sid, vals, values)
+            self._put_shadow(info.name, sid, rid, vals, clocks)
+        elif values:
+            sets = ", ".join(f"{_q(c)} = ?" for c in values)
+            self.conn.execute(f"UPDATE {_q(info.name)} SET {sets}, synced_at = ? WHERE rowid = ?",
+                              [*values.values(), iso_utc(self.clock), rid])
+        if unresolved:
+            self._mark_pending(info.name, sid)
+        else:
+            self.conn.execute("DELETE FROM _ccsync_pending WHERE tbl = ? AND sid = ?",
+                              (info.name, sid))
+
+    def _insert_row(self, info: TableInfo, sid: str, vals: dict, values: dict) -> int:
+        row = dict(values)
+        for col in info.local:
+            if vals.get(col) is not None:
+                row[col] = decode_value(vals[col])
+        for col in info.notnull:
+            if col != info.pk and row.get(col) is None:
+                numeric = any(t in info.types.get(col, "") for t in ("INT", "REAL", "BOOL", "NUM"))
+                row[col] = 0 if numeric else ""
+        row["sync_id"], row["synced_at"] = sid, iso_utc(self.clock)
+        cols = ", ".join(_q(c) for c in row)
+        marks = ", ".join("?" * len(row))
+        cur = self.conn.execute(f"INSERT INTO {_q(info.name)} ({cols}) VALUES ({marks})",
+                                list(row.values()))
+        return cur.lastrowid
+
+    def _mark_pending(self, table: str, sid: str) -> None:
+        self.conn.execute("INSERT OR IGNORE INTO _ccsync_pending (tbl, sid) VALUES (?, ?)",
+                          (table, sid))
+
+    def _resolve_pending(self) -> None:
+        """Retry rows whose references were waiting for a parent."""
+        pending = self.conn.execute("SELECT tbl, sid FROM _ccsync_pending").fetchall()
+        pending.sort(key=lambda r: TABLE_ORDER.get(r[0], len(SPEC)))
+        for table, sid in pending:
+            info = self.tables().get(table)
+            if info is None or self._shadow(table, sid) is None:
+                self.conn.execute("DELETE FROM _ccsync_pending WHERE tbl = ? AND sid = ?",
+                                  (table, sid))
+                continue
+            refs = [c for c in (*info.spec.refs, *info.spec.list_refs) if c in info.columns]
+            try:
+                with transaction(self.conn):
+                    rid = self._rid_for_sid(table, sid)
+                    self._materialize(info, sid, None if rid is None else
+                                      [c for c in refs if c not in self._dirty_cells(table, rid)])
+            except sqlite3.IntegrityError:
+                continue          # stays pending; retried after the next page
+
+    def pending_references(self) -> int:
+        """How many rows still wait for a parent that has not arrived."""
+        if not self.installed():
+            return 0
+        return self.conn.execute("SELECT count(*) FROM _ccsync_pending").fetchone()[0]
+
+
+def open_store(path: str, *, clock: Callable[[], float] = time.time,
+               local_settings: Iterable[str] = (), timeout: float = 5.0) -> Store:
+    """Open the cc database at ``path`` as a :class:`Store` (nothing is written yet)."""
+    return Store(connect(path, timeout=timeout), clock=clock, local_settings=local_settings)
+
+
+##### Server store ############################################################
+# The central change store: accepts records, keeps per row only the records
+# that still win some column, hands them out by sequence number.  It works
+# from metadata (table, sync_id, device, per-column clocks) only; the row
+# payload is opaque to it.
+
+_SERVER_SQL = """
+CREATE TABLE IF NOT EXISTS change (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, tbl TEXT NOT NULL, sid TEXT NOT NULL,
+    dev TEXT NOT NULL, clocks TEXT NOT NULL, payload TEXT NOT NULL,
+    received_at TEXT NOT NULL, device TEXT);
+CREATE INDEX IF NOT EXISTS change_row ON change (tbl, sid);
+CREATE INDEX IF NOT EXISTS change_received ON change (received_at);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+"""
+
+SERVER_MAX_SKEW_MS = 5 * 60 * 1000
+
+
+class ServerStore:
+    """The server's change store (SQLite, WAL).  Build one with :meth:`open`."""
+
+    def __init__(self, conn: sqlite3.Connection, *, clock: Callable[[], float] = time.time):
+        self.conn = conn
+        self.clock = clock
+
+    @classmethod
+    def open(cls, path: str, *, clock: Callable[[], float] = time.time) -> "ServerStore":
+        """Open (creating if needed) the store at ``path``."""
+        conn = connect(path, must_exist=False, timeout=30.0)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        with transaction(conn):
+            _run_script(conn, _SERVER_SQL)
+        return cls(conn, clock=clock)
+
+    def _refusal(self, record: Any) -> str | None:
+        if not isinstance(record, dict):
+            return "malformed record"
+        clocks = record.get("c")
+        if record.get("t") not in SPEC_BY_NAME:
+            return "unknown table"
+        if not (isinstance(record.get("id"), str) and SYNC_ID_RE.match(record["id"])
+                and isinstance(record.get("dev"), str) and 0 < len(record["dev"]) <= 64
+                and isinstance(clocks, dict) and clocks and "p" in record):
+            return "malformed record"
+        ahead = now_ms(self.clock) + SERVER_MAX_SKEW_MS
+        for col, hlc in clocks.items():
+            if not (isinstance(col, str) and 0 < len(col) <= 128):
+                return "malformed record"
+            if not isinstance(hlc, int) or isinstance(hlc, bool) or hlc < 0:
+                return "bad clock"
+            if hlc > ahead:
+                return "clock ahead of the server (check this device's time)"
+        return None
+
+    def push(self, records: list, *, device: str = "", cursor: int | None = None) -> dict:
+        """Store a batch in one transaction; one result per record.
+
+        Results are ``{"status": "accepted", "seq": n}``, ``{"status":
+        "superseded"}`` (the server already has newer values for every
+        column) or ``{"status": "refused", "reason": ...}``.  When the
+        device had seen everything before this batch, the answer carries a
+        ``cursor`` past the batch so it is not pulled back.
+        """
+        results = []
+        received = iso_utc(self.clock)
+        with transaction(self.conn):
+            before = self._max_seq()
+            for record in records:
+                reason = self._refusal(record)
+                if reason:
+                    results.append({"status": "refused", "reason": reason})
+                else:
+                    results.append(self._store_record(record, device, received))
+            after = self._max_seq()
+        answer = {"results": results}
+        if cursor is not None and cursor == before:
+            answer["cursor"] = after
+        return answer
+
+    def _max_seq(self) -> int:
+        return self.conn.execute("SELECT coalesce(max(seq), 0) FROM change").fetchone()[0]
+
+    def _store_record(self, record: dict, device: str, received: str) -> dict:
+        existing = [(seq, dev, json.loads(clocks)) for seq, dev, clocks in self.conn.execute(
+            "SELECT seq, dev, clocks FROM change WHERE tbl = ? AND sid = ?",
+            (record["t"], record["id"]))]
+        new = (None, record["dev"], record["c"])
+        winners = self._winners(existing + [new])
+        if None not in winners:
+            return {"status": "superseded"}
+        cur = self.conn.execute(
+            "INSERT INTO change (tbl, sid, dev, clocks, payload, received_at, device) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (record["t"], record["id"], record["dev"], json.dumps(record["c"]),
+             json.dumps(record["p"], separators=(",", ":")), received, device))
+        losers = [(seq,) for seq, _dev, _c in existing if seq not in winners]
+        self.conn.executemany("DELETE FROM change WHERE seq = ?", losers)
+        return {"status": "accepted", "seq": cur.lastrowid}
+
+    @staticmethod
+    def _winners(versions: list[tuple[int | None, str, dict]]) -> set:
+        """The seqs that hold the latest clock of at least one column."""
+        best: dict[str, tuple[tuple[int, str], int | None]] = {}
+        for seq, dev, clocks in versions:
+            for col, hlc in clocks.items():
+                if col not in best or (hlc, dev) > best[col][0]:
+                    best[col] = ((hlc, dev), seq)
+        return {seq for _stamp, seq in best.values()}
+
+    def pull(self, cursor: int = 0, limit: int = PULL_PAGE, since: str | None = None) -> dict:
+        """Records after ``cursor`` (and received after ``since``), oldest first.
+
+        Returns ``{"records": [...], "cursor": last seq, "more": bool}``.
+        """
+        query = "SELECT seq, tbl, sid, dev, clocks, payload FROM change WHERE seq > ?"
+        args: list[Any] = [int(cursor)]
+        if since is not None:
+            query += " AND received_at > ?"
+            args.append(since)
+        rows = self.conn.execute(query + " ORDER BY seq LIMIT ?", (*args, limit + 1)).fetchall()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        records = [{"t": r["tbl"], "id": r["sid"], "dev": r["dev"], "c": json.loads(r["clocks"]),
+                    "p": json.loads(r["payload"])} for r in rows]
+        return {"records": records, "cursor": rows[-1]["seq"] if rows else int(cursor),
+                "more": more}
+
+    def stats(self) -> dict:
+        """Counts for status output: records held and the newest sequence number."""
+        count, last = self.conn.execute("SELECT count(*), coalesce(max(seq), 0) FROM change"
+                                        ).fetchone()
+        return {"records": count, "seq": last}
+
+
+##### Sync ####################################################################
+# One sync: prepare, push in batches, pull in pages.  The transport is any
+# object with push(records, cursor) and pull(cursor, limit, since).
+
+class LocalTransport:
+    """An in-process transport to a :class:`ServerStore` (tests, benchmarks).
+
+    Records go through a JSON round trip, as they would on the wire.
+    """
+
+    def __init__(self, server: ServerStore, device: str = "local"):
+        self.server = server
+        self.device = device
+
+    def push(self, records: list[dict], cursor: int | None = None) -> dict:
+        wire = json.loads(json.dumps(records))
+        return json.loads(json.dumps(self.server.push(wire, device=self.device, cursor=cursor)))
+
+    def pull(self, cursor: int, limit: int = PULL_PAGE, since: str | None = None) -> dict:
+        return json.loads(json.dumps(self.server.pull(cursor, limit, since)))
+
+
+@dataclass
+class SyncResult:
+    """Counts from one sync, for humans and ``--json``."""
+
+    stamped: int = 0
+    sent: int = 0
+    accepted: int = 0
+    superseded: int = 0
+    refused: Counter = field(default_factory=Counter)
+    pulled: ApplyResult = field(default_factory=ApplyResult)
+
+    def as_dict(self) -> dict:
+        return {"stamped": self.stamped, "sent": self.sent, "accepted": self.accepted,
+                "superseded": self.superseded, "refused": dict(self.refused),
+                "received": self.pulled.received, "applied": self.pulled.applied,
+                "rejected": dict(self.pulled.refused)}
+
+
+def push_changes(store: Store, transport: Any, result: SyncResult,
+                 batch_size: int = PUSH_BATCH) -> None:
+    """Send every pending row in batches, settling each batch as it returns."""
+    position = None
+    while True:
+        batch = store.capture(position, batch_size)
+        if batch.next_pos is None:
+            return
+        records = [r for r in batch.records if r is not None]
+        answer = transport.push(records, store.cursor) if records else {"results": []}
+        counts, reasons = store.ack(batch, answer.get("results", []), answer.get("cursor"))
+        result.sent += len(records)
+        result.accepted += counts.get("accepted", 0)
+        result.superseded += counts.get("superseded", 0)
+        result.refused.update(reasons)
+        position = batch.next_pos
+
+
+def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: int = PULL_PAGE,
+                 since: str | None = None, max_pages: int = 10 ** 6) -> None:
+    """Fetch and merge pages until the server has nothing newer.
+
+    With ``since``, the pull starts from the beginning but only asks for
+    changes the server received after that time; the cursor is not moved.
+    """
+    cursor = 0 if since else store.cursor
+    for _ in range(max_pages):
+        page = transport.pull(cursor, page_size, since)
+        records, cursor = page.get("records", []), int(page.get("cursor", cursor))
+        result.pulled.add(store.apply_page(records, None if since else cursor))
+        if not page.get("more"):
+            return
+    raise RemoteError("server kept sending pages; stopped after %d" % max_pages)
+
+
+def sync_once(store: Store, transport: Any, *, push: bool = True, pull: bool = True,
+              since: str | None = None, batch_size: int = PUSH_BATCH,
+              page_size: int = PULL_PAGE) -> SyncResult:
+    """One sync: stamp and capture, push pending rows, pull and merge the rest."""
+    result = SyncResult(stamped=store.prepare())
+    if push:
+        push_changes(store, transport, result, batch_size)
+    if pull:
+        pull_changes(store, transport, result, page_size, since)
+    return result
+
+
+##### Command line ############################################################
+# argparse subcommands; one cmd_<name>(args) -> int each; main() maps errors.
+
+def resolve_db_path(arg: str | None, environ: dict) -> str:
+    """--db, else $CC_DB, else ~/.cc-cli/cc_cli.db."""
+    return os.path.expanduser(arg or environ.get(ENV_DB) or DEFAULT_DB)
+
+
+def _store_from_args(args: argparse.Namespace) -> Store:
+    return open_store(resolve_db_path(args.db, os.environ),
+                      local_settings=split_names(os.environ.get(ENV_LOCAL_SETTINGS)))
+
+
+def _emit(args: argparse.Namespace, data: dict, lines: Iterable[str]) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        for line in lines:
+            print(line)
+
+
+def cmd_stamp(args: argparse.Namespace) -> int:
+    """stamp [--remove]: install change capture and give rows a sync_id."""
+    store = _store_from_args(args)
+    if args.remove:
+        store.remove()
+        _emit(args, {"removed": True}, ["removed ccsync's triggers and bookkeeping tables"])
+        return EXIT_OK
+    stamped = store.prepare()
+    _emit(args, {"stamped": stamped}, [f"stamped {stamped} row(s)"])
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """status: pending local changes per table and rows the server refused."""
+    store = _store_from_args(args)
+    pending = store.pending()
+    refused = store.refused()
+    data = {"pending": pending, "refused": refused, "installed": store.installed(),
+            "waiting_for_parent": store.pending_references()}
+    lines = [] if store.installed() else ["ccsync is not set up in this database yet "
+                                          "(run `ccsync stamp`)"]
+    for table, c in pending.items():
+        if any(c.values()):
+            lines.append(f"{table:<16} {c['insert']:>6} insert {c['update']:>6} update "
+                         f"{c['delete']:>6} delete")
+    if not any(any(c.values()) for c in pending.values()):
+        lines.append("nothing pending")
+    lines += [f"refused: {r['table']} {r['sync_id']}: {r['reason']}" for r in refused]
+    _emit(args, data, lines)
+    return EXIT_OK
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of exiting."""
+
+    def error(self, message: str) -> None:       # type: ignore[override]
+        raise UsageError(message)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", metavar="PATH",
+                        help=f"cc database (default: ${ENV_DB} or {DEFAULT_DB})")
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ccsync command line."""
+    parser = _Parser(prog="ccsync", description="Keep cc's data the same on every machine.")
+    parser.add_argument("--version", action="version", version=f"ccsync {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    stamp = sub.add_parser("stamp", help="install change capture; give every row a sync_id")
+    stamp.add_argument("--remove", action="store_true",
+                       help="remove everything ccsync added (keeps cc's sync columns)")
+    _common(stamp)
+    stamp.set_defaults(func=cmd_stamp)
+    status = sub.add_parser("status", help="pending changes per table")
+    _common(status)
+    status.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 failure, 2 usage, 130 interrupted)."""
+    parser = build_parser()
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return EXIT_USAGE
+        return args.func(args)
+    except CcsyncError as exc:
+        if debug:
+            raise
+        print(f"ccsync: error: {exc}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("ccsync: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except sqlite3.Error as exc:
+        if debug:
+            raise
+        print(f"ccsync: error: database: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

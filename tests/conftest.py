@@ -1,0 +1,110 @@
+"""Shared fixtures: device databases built from cc 4.0's real schema, a server store.
+
+The schema is a copy of cc 4.0's (tests/cc-schema.sql); nothing here reads
+outside the repository.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import ccsync  # noqa: E402
+
+SCHEMA = (Path(__file__).resolve().parent / "cc-schema.sql").read_text()
+
+
+def make_cc_db(path: Path) -> sqlite3.Connection:
+    """A fresh cc 4.0 database at ``path``; returns cc's own (autocommit) connection."""
+    conn = sqlite3.connect(str(path), isolation_level=None, timeout=5)
+    conn.executescript(SCHEMA)
+    return conn
+
+
+class Device:
+    """One simulated machine: cc's connection to its database plus ccsync's Store."""
+
+    def __init__(self, path: Path, server: ccsync.ServerStore, name: str):
+        self.path = path
+        self.name = name
+        self.cc = make_cc_db(path) if not path.exists() else sqlite3.connect(
+            str(path), isolation_level=None, timeout=5)
+        self.store = ccsync.open_store(str(path))
+        self.transport = ccsync.LocalTransport(server, name)
+
+    def sql(self, query: str, *args):
+        """Run SQL as cc would (its own connection, autocommit)."""
+        return self.cc.execute(query, args).fetchall()
+
+    def sync(self, **kw) -> ccsync.SyncResult:
+        return ccsync.sync_once(self.store, self.transport, **kw)
+
+    def push(self) -> ccsync.SyncResult:
+        return self.sync(pull=False)
+
+    def pull(self) -> ccsync.SyncResult:
+        return self.sync(push=False)
+
+    def snapshot(self) -> dict:
+        return content(self.cc)
+
+
+def content(conn: sqlite3.Connection) -> dict:
+    """Synced content, comparable across devices.
+
+    Integer ids become the referenced row's sync_id; device-local columns,
+    ids and synced_at are left out; local-only settings are left out.
+    """
+    out = {}
+    sid_of = {}
+    for spec in ccsync.SPEC:
+        sid_of[spec.name] = dict(conn.execute(f'SELECT id, sync_id FROM "{spec.name}"'))
+    for spec in ccsync.SPEC:
+        cols = [r[1] for r in conn.execute(f'PRAGMA table_info("{spec.name}")')]
+        keep = [c for c in cols if c not in ("id", "synced_at", *spec.local)]
+        rows = {}
+        for row in conn.execute(f'SELECT {", ".join(keep)} FROM "{spec.name}"'):
+            rec = dict(zip(keep, row))
+            if spec.name == "setting" and ccsync.setting_policy(rec["name"]):
+                continue
+            for col, parent in spec.refs.items():
+                if rec.get(col) is not None:
+                    rec[col] = sid_of[parent].get(rec[col], f"dangling:{rec[col]}")
+            for col, target in spec.list_refs.items():
+                parsed = ccsync.parse_id_list(rec.get(col))
+                if parsed is not None:
+                    rec[col] = sorted(sid_of[target].get(i, f"dangling:{i}") for i in parsed[0])
+            if "workspace_id" in rec:
+                rec.pop("workspace_id")
+            rows[rec.pop("sync_id")] = rec
+        out[spec.name] = rows
+    return out
+
+
+@pytest.fixture
+def server(tmp_path):
+    store = ccsync.ServerStore.open(str(tmp_path / "server.db"))
+    yield store
+    store.conn.close()
+
+
+@pytest.fixture
+def devices(tmp_path, server):
+    """A factory: devices('a', 'b', 'c') -> list of Device on one server."""
+    made = []
+
+    def factory(*names):
+        new = [Device(tmp_path / f"{n}.db", server, n) for n in names]
+        made.extend(new)
+        return new if len(new) > 1 else new[0]
+
+    yield factory
+    for d in made:
+        d.store.conn.close()
+        d.cc.close()

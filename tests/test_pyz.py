@@ -1,0 +1,67 @@
+"""Tests for the zipapp packaging done by build_zipapp.py."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BUILD = REPO / "build_zipapp.py"
+
+
+def build(source, output):
+    """Run build_zipapp.py on *source*, writing *output*; return the result."""
+    result = subprocess.run(
+        [sys.executable, str(BUILD), "--source", str(source),
+         "--output", str(output)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def copy_source(tmp_path):
+    """Copy the real ccsync.py into *tmp_path*, so tests never touch the repo."""
+    source = tmp_path / "src" / "ccsync.py"
+    source.parent.mkdir()
+    shutil.copy2(REPO / "ccsync.py", source)
+    return source
+
+
+def test_build_is_reproducible(tmp_path):
+    source = copy_source(tmp_path)
+    first, second = tmp_path / "a" / "ccsync.pyz", tmp_path / "b" / "ccsync.pyz"
+    build(source, first)
+    stat = source.stat()
+    os.utime(source, (stat.st_atime + 3600, stat.st_mtime + 3600))
+    build(source, second)
+    assert first.read_bytes() == second.read_bytes()
+
+
+def test_pyz_has_shebang(tmp_path):
+    output = tmp_path / "ccsync.pyz"
+    build(copy_source(tmp_path), output)
+    assert output.read_bytes().startswith(b"#!/usr/bin/env python3\n")
+
+
+def test_pyz_help_runs_from_other_folder(tmp_path):
+    output = tmp_path / "dist" / "ccsync.pyz"
+    build(copy_source(tmp_path), output)
+    result = subprocess.run(
+        [sys.executable, str(output), "--help"],
+        cwd=tmp_path, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "usage" in result.stdout.lower()
+
+
+def test_missing_source_is_a_clear_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(BUILD), "--source", str(tmp_path / "nope.py"),
+         "--output", str(tmp_path / "out.pyz")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 1
+    assert "source not found" in result.stderr
+    assert not (tmp_path / "out.pyz").exists()
