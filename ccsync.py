@@ -42,15 +42,33 @@ import base64
 import contextlib
 import datetime as _dt
 import fnmatch
+import getpass
+import functools
+import hashlib
+import hmac
+import importlib
+import http.client
+import http.server
+import ipaddress
 import json
 import os
+import queue
 import re
 import secrets
+import signal
 import socket
 import sqlite3
+import ssl
+import subprocess
+import sysconfig
+import tempfile
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
+import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -167,7 +185,17 @@ class StoreError(CcsyncError):
 
 
 class RemoteError(CcsyncError):
-    """The server could not be reached or answered with an error."""
+    """The server could not be reached or answered with an error.
+
+    ``kind`` says which: unreachable, key_rejected, revoked, clock_skew,
+    too_large, cut, bad_response, http.
+    """
+
+    kind = "http"
+
+    def with_kind(self, kind: str) -> "RemoteError":
+        self.kind = kind
+        return self
 
 
 ##### Pure helpers ############################################################
@@ -178,10 +206,42 @@ def now_ms(clock: Callable[[], float]) -> int:
     return int(clock() * 1000)
 
 
-def iso_utc(clock: Callable[[], float]) -> str:
-    """An ISO 8601 UTC timestamp (seconds) from ``clock``."""
+def iso_utc(clock: Callable[[], float], timespec: str = "seconds") -> str:
+    """An ISO 8601 UTC timestamp from ``clock``, e.g. 2026-11-24T21:46:00Z."""
     moment = _dt.datetime.fromtimestamp(clock(), _dt.timezone.utc)
-    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+    return moment.isoformat(timespec=timespec).replace("+00:00", "Z")
+
+
+_ISO_RE = re.compile(
+    r"^(\d{4})-?(\d{2})-?(\d{2})(?:[T ](\d{2}):?(\d{2})(?::?(\d{2})(?:[.,](\d{1,9}))?)?)?"
+    r"\s*(Z|[+-]\d{2}(?::?\d{2})?)?$", re.IGNORECASE)
+
+
+def parse_iso(text: str) -> _dt.datetime:
+    """Parse any ISO 8601 date or date-time (basic or extended, with or without
+    offset; no offset means local time) to an aware UTC datetime."""
+    match = _ISO_RE.match((text or "").strip())
+    if not match:
+        raise ValueError(f"not an ISO 8601 timestamp: {text!r}")
+    year, month, day, hour, minute, second, frac, offset = match.groups()
+    micro = int((frac or "0")[:6].ljust(6, "0"))
+    moment = _dt.datetime(int(year), int(month), int(day), int(hour or 0), int(minute or 0),
+                          int(second or 0), micro)
+    if offset is None:
+        moment = moment.astimezone()              # local time
+    elif offset.upper() == "Z":
+        moment = moment.replace(tzinfo=_dt.timezone.utc)
+    else:
+        sign_ = -1 if offset[0] == "-" else 1
+        digits = offset[1:].replace(":", "")
+        delta = _dt.timedelta(hours=int(digits[:2]), minutes=int(digits[2:] or 0))
+        moment = moment.replace(tzinfo=_dt.timezone(sign_ * delta))
+    return moment.astimezone(_dt.timezone.utc)
+
+
+def since_key(text: str) -> str:
+    """The server-side comparison key for ``--since`` (UTC, microseconds)."""
+    return parse_iso(text).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def natural_id(table: str, values: Iterable[Any]) -> str | None:
@@ -286,6 +346,142 @@ def _lit(text: str) -> str:
 def _chunks(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+##### Crypto and wire format ##################################################
+# Key derivation (stdlib HKDF), request signing, sealed bodies.  The AES
+# implementation (pycryptodomex) is imported lazily so that --help, stamp
+# and local status work without it.  No network here.
+
+API_KEY_PREFIX = "ccs1_"
+WIRE_TYPE = "application/x-ccsync"
+H_KEY, H_TIME, H_NONCE, H_SIG = ("X-Ccsync-Key", "X-Ccsync-Time", "X-Ccsync-Nonce",
+                                 "X-Ccsync-Signature")
+MAX_SKEW_S = 300                        # signed requests older or newer are refused
+DEFAULT_MAX_BODY = 64 * 1024 * 1024
+
+
+class CryptoUnavailable(CcsyncError):
+    """pycryptodomex is missing (or cannot load from here)."""
+
+    def __init__(self, detail: str = ""):
+        super().__init__("encryption needs pycryptodomex, which is not installed"
+                         + (f" ({detail})" if detail else ""),
+                         hint="run `ccsync enable` (it pip-installs pycryptodomex)")
+
+
+class WireError(CcsyncError):
+    """A body that is not a valid sealed ccsync message."""
+
+
+class BodyTooLarge(WireError):
+    """A body (or its decompressed form) past the size cap."""
+
+
+@functools.lru_cache(maxsize=None)
+def _aes() -> Any:
+    # OSError too: a C extension inside a zip fails to load with OSError.
+    try:
+        from Cryptodome.Cipher import AES
+    except (ImportError, OSError) as exc:
+        raise CryptoUnavailable(type(exc).__name__) from None
+    return AES
+
+
+def crypto_available() -> bool:
+    """True when pycryptodomex can be imported."""
+    try:
+        _aes()
+    except CryptoUnavailable:
+        return False
+    return True
+
+
+def hkdf(ikm: bytes, info: bytes, length: int = 32, salt: bytes = b"ccsync/1") -> bytes:
+    """HKDF-SHA256 (RFC 5869)."""
+    prk = hmac.new(salt, ikm, hashlib.sha256).digest()
+    out, block, counter = b"", b"", 1
+    while len(out) < length:
+        block = hmac.new(prk, block + info + bytes([counter]), hashlib.sha256).digest()
+        out += block
+        counter += 1
+    return out[:length]
+
+
+@dataclass(frozen=True)
+class DeviceKeys:
+    """What a device's API key yields: a public key id, a MAC key, an AES key.
+
+    The API key itself never crosses the wire and the server stores only these.
+    """
+
+    key_id: str
+    mac: bytes
+    enc: bytes
+
+    @classmethod
+    def from_api_key(cls, api_key: str) -> "DeviceKeys":
+        raw = api_key.strip().encode("utf-8")
+        return cls(hkdf(raw, b"key-id", 16).hex(), hkdf(raw, b"mac"), hkdf(raw, b"enc"))
+
+
+def new_api_key() -> str:
+    """A fresh 256-bit API key."""
+    return API_KEY_PREFIX + base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
+
+
+def request_context(method: str, path: str, stamp: str, nonce: str, key_id: str) -> bytes:
+    """What a request's signature and its body's associated data bind to."""
+    return "\n".join(("ccsync-request", method, path, stamp, nonce, key_id)).encode()
+
+
+def response_context(nonce: str, status: int) -> bytes:
+    """A response is bound to the request nonce it answers."""
+    return f"ccsync-response\n{nonce}\n{status}".encode()
+
+
+def sign(mac_key: bytes, context: bytes, body: bytes) -> str:
+    """HMAC-SHA256 over a context and the body's digest."""
+    text = context + b"\n" + hashlib.sha256(body).hexdigest().encode()
+    return hmac.new(mac_key, text, hashlib.sha256).hexdigest()
+
+
+def seal(enc_key: bytes, data: dict, context: bytes) -> bytes:
+    """Compress then AES-256-GCM encrypt ``data`` with a fresh nonce."""
+    aes = _aes()
+    plain = zlib.compress(json.dumps(data, separators=(",", ":")).encode("utf-8"), 6)
+    nonce = secrets.token_bytes(12)
+    cipher = aes.new(enc_key, aes.MODE_GCM, nonce=nonce)
+    cipher.update(context)
+    sealed, tag = cipher.encrypt_and_digest(plain)
+    return nonce + sealed + tag
+
+
+def unseal(enc_key: bytes, blob: bytes, context: bytes, max_size: int) -> dict:
+    """Inverse of :func:`seal`; raises WireError (BodyTooLarge past ``max_size``)."""
+    aes = _aes()
+    if len(blob) < 12 + 16:
+        raise WireError("body too short")
+    cipher = aes.new(enc_key, aes.MODE_GCM, nonce=blob[:12])
+    cipher.update(context)
+    try:
+        plain = cipher.decrypt_and_verify(blob[12:-16], blob[-16:])
+    except ValueError:
+        raise WireError("body failed authentication") from None
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(plain, max_size)
+    except zlib.error:
+        raise WireError("body is not compressed JSON") from None
+    if inflater.unconsumed_tail:
+        raise BodyTooLarge("body too large once decompressed")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise WireError("body is not JSON") from None
+    if not isinstance(data, dict):
+        raise WireError("body is not a JSON object")
+    return data
 
 
 ##### Local store #############################################################
@@ -1314,7 +1510,13 @@ CREATE TABLE IF NOT EXISTS change (
 CREATE INDEX IF NOT EXISTS change_row ON change (tbl, sid);
 CREATE INDEX IF NOT EXISTS change_received ON change (received_at);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS device (
+    name TEXT PRIMARY KEY, key_id TEXT UNIQUE NOT NULL, mac_key BLOB NOT NULL,
+    enc_key BLOB NOT NULL, created_at TEXT NOT NULL, last_seen_at TEXT, revoked_at TEXT);
+CREATE TABLE IF NOT EXISTS nonce (value TEXT PRIMARY KEY, at INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS nonce_at ON nonce (at);
 """
+DEVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
 SERVER_MAX_SKEW_MS = 5 * 60 * 1000
 
@@ -1327,14 +1529,76 @@ class ServerStore:
         self.clock = clock
 
     @classmethod
-    def open(cls, path: str, *, clock: Callable[[], float] = time.time) -> "ServerStore":
-        """Open (creating if needed) the store at ``path``."""
+    def open(cls, path: str, *, clock: Callable[[], float] = time.time,
+             create: bool = True) -> "ServerStore":
+        """Open the store at ``path``, creating it (mode 600) unless ``create`` is False."""
+        if not os.path.exists(path):
+            if not create:
+                raise StoreError(f"no server data at {path}",
+                                 hint="start `ccsync server` once, or pass --data PATH")
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        with contextlib.suppress(OSError):
+            os.chmod(path, 0o600)
         conn = connect(path, must_exist=False, timeout=30.0)
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
-        with transaction(conn):
-            _run_script(conn, _SERVER_SQL)
+        if create:
+            with transaction(conn):
+                _run_script(conn, _SERVER_SQL)
         return cls(conn, clock=clock)
+
+    # -- device registry (server-side CLI only; never reachable over HTTP) --
+
+    def register(self, name: str, *, rotate: bool = False) -> str:
+        """Add a device (or, with ``rotate``, replace its key); returns the new API key."""
+        if not DEVICE_NAME_RE.match(name or ""):
+            raise UsageError(f"invalid device name {name!r} (letters, digits, . _ @ -)")
+        api_key = new_api_key()
+        keys = DeviceKeys.from_api_key(api_key)
+        with transaction(self.conn):
+            exists = self.conn.execute("SELECT 1 FROM device WHERE name = ?", (name,)).fetchone()
+            if exists and not rotate:
+                raise CcsyncError(f"device {name!r} is already registered",
+                                  hint="give each machine its own name, or pass --rotate "
+                                       "to issue a new key (the old one stops working)")
+            self.conn.execute(
+                "INSERT INTO device (name, key_id, mac_key, enc_key, created_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET key_id = excluded.key_id, "
+                "mac_key = excluded.mac_key, enc_key = excluded.enc_key, revoked_at = NULL",
+                (name, keys.key_id, keys.mac, keys.enc, iso_utc(self.clock)))
+        return api_key
+
+    def devices(self) -> list[dict]:
+        """Registered devices with created, last-seen and revoked times."""
+        return [dict(r) for r in self.conn.execute(
+            "SELECT name, created_at, last_seen_at, revoked_at FROM device ORDER BY name")]
+
+    def revoke(self, name: str) -> None:
+        """Disable a device's key."""
+        with transaction(self.conn):
+            cur = self.conn.execute("UPDATE device SET revoked_at = ? WHERE name = ?",
+                                    (iso_utc(self.clock), name))
+        if cur.rowcount == 0:
+            raise CcsyncError(f"no device named {name!r}", hint="`ccsync devices` lists them")
+
+    def device_by_key_id(self, key_id: str) -> sqlite3.Row | None:
+        """The device row for a request's key id, if any."""
+        return self.conn.execute("SELECT * FROM device WHERE key_id = ?", (key_id,)).fetchone()
+
+    def admit(self, name: str, nonce: str) -> bool:
+        """Record a request nonce (False if seen: a replay) and the device's last-seen time."""
+        cutoff = int(self.clock()) - 2 * MAX_SKEW_S
+        with transaction(self.conn):
+            try:
+                self.conn.execute("INSERT INTO nonce (value, at) VALUES (?, ?)",
+                                  (nonce, int(self.clock())))
+            except sqlite3.IntegrityError:
+                return False
+            self.conn.execute("DELETE FROM nonce WHERE at < ?", (cutoff,))
+            self.conn.execute("UPDATE device SET last_seen_at = ? WHERE name = ?",
+                              (iso_utc(self.clock), name))
+        return True
 
     def _refusal(self, record: Any) -> str | None:
         if not isinstance(record, dict):
@@ -1366,7 +1630,7 @@ class ServerStore:
         ``cursor`` past the batch so it is not pulled back.
         """
         results = []
-        received = iso_utc(self.clock)
+        received = iso_utc(self.clock, "microseconds")
         with transaction(self.conn):
             before = self._max_seq()
             for record in records:
@@ -1434,6 +1698,386 @@ class ServerStore:
         count, last = self.conn.execute("SELECT count(*), coalesce(max(seq), 0) FROM change"
                                         ).fetchone()
         return {"records": count, "seq": last}
+
+
+##### HTTP server #############################################################
+# A pure dispatch(server, method, path, headers, body) -> (status, headers,
+# body) and a thin BaseHTTPRequestHandler around it.  Only push, pull and
+# hello are callable over the network; registration is CLI-only.
+
+class HttpError(Exception):
+    """An error answer: status code, machine-readable code, message."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+def _json_body(data: dict) -> bytes:
+    return json.dumps(data, separators=(",", ":")).encode("utf-8")
+
+
+def _op_hello(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
+    return {"device": device["name"], "server_time": store.clock(), "version": __version__,
+            "seq": store.stats()["seq"]}
+
+
+def _op_push(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
+    records, cursor = payload.get("records"), payload.get("cursor")
+    if not isinstance(records, list) or not (cursor is None or isinstance(cursor, int)):
+        raise HttpError(400, "bad_request", "push needs a list of records")
+    if len(records) > MAX_PUSH_RECORDS:
+        raise HttpError(413, "too_large", f"at most {MAX_PUSH_RECORDS} records per push")
+    return store.push(records, device=device["name"], cursor=cursor)
+
+
+def _op_pull(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
+    cursor, limit, since = payload.get("cursor", 0), payload.get("limit", PULL_PAGE), \
+        payload.get("since")
+    if not (isinstance(cursor, int) and isinstance(limit, int) and limit > 0
+            and (since is None or isinstance(since, str))):
+        raise HttpError(400, "bad_request", "pull needs an integer cursor and limit")
+    return store.pull(cursor, min(limit, MAX_PULL_PAGE), since)
+
+
+OPERATIONS = {"/v1/hello": _op_hello, "/v1/push": _op_push, "/v1/pull": _op_pull}
+MAX_PUSH_RECORDS = 5000
+MAX_PULL_PAGE = 5000
+
+
+def _authenticate(store: "ServerStore", method: str, path: str,
+                  headers: dict[str, str], body: bytes) -> tuple[sqlite3.Row, bytes, str]:
+    """Check key id, timestamp, signature and nonce; returns (device, context, nonce)."""
+    key_id, stamp, nonce, signature = (headers.get(h.lower(), "") for h in
+                                       (H_KEY, H_TIME, H_NONCE, H_SIG))
+    if not (key_id and stamp and nonce and signature):
+        raise HttpError(401, "unauthenticated", "request is not signed")
+    if not re.fullmatch(r"[0-9a-f]{16,64}", nonce) or not re.fullmatch(r"-?\d{1,12}", stamp):
+        raise HttpError(401, "unauthenticated", "malformed signature headers")
+    device = store.device_by_key_id(key_id)
+    if device is None:
+        raise HttpError(401, "key_rejected", "API key not recognised by this server")
+    context = request_context(method, path, stamp, nonce, key_id)
+    if not hmac.compare_digest(sign(device["mac_key"], context, body), signature):
+        raise HttpError(401, "bad_signature", "request signature does not match")
+    if device["revoked_at"]:
+        raise HttpError(403, "revoked", "this device's key was revoked")
+    skew = int(stamp) - store.clock()
+    if abs(skew) > MAX_SKEW_S:
+        raise HttpError(401, "clock_skew",
+                        f"clock skew: this device's time is {skew:+.0f} s off the server's")
+    if not store.admit(device["name"], nonce):
+        raise HttpError(401, "replay", "request replayed (nonce already seen)")
+    return device, context, nonce
+
+
+def dispatch(server: "SyncServer", method: str, path: str, headers: dict[str, str],
+             body: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Answer one request: (status, headers, body).  Never raises, never leaks a traceback."""
+    headers = {k.lower(): v for k, v in headers.items()}
+    try:
+        if path == "/health":
+            if method != "GET":
+                raise HttpError(405, "method", "use GET")
+            return 200, {"Content-Type": "application/json"}, _json_body(
+                {"status": "ok", "version": __version__})
+        operation = OPERATIONS.get(path)
+        if operation is None:
+            raise HttpError(404, "not_found", "no such endpoint")
+        if method != "POST":
+            raise HttpError(405, "method", "use POST")
+        if headers.get("content-type", "").split(";")[0].strip() != WIRE_TYPE:
+            raise HttpError(415, "plaintext", "plaintext requests are refused")
+        with server.store() as store:
+            device, context, nonce = _authenticate(store, method, path, headers, body)
+            server.note_device(device["name"])
+            try:
+                payload = unseal(device["enc_key"], body, context, server.max_body)
+            except BodyTooLarge as exc:
+                raise HttpError(413, "too_large", str(exc)) from None
+            except WireError as exc:
+                raise HttpError(400, "bad_body", str(exc)) from None
+            answer = operation(store, device, payload)
+            sealed = seal(device["enc_key"], answer, response_context(nonce, 200))
+            return 200, {"Content-Type": WIRE_TYPE,
+                         H_SIG: sign(device["mac_key"], response_context(nonce, 200), sealed)}, \
+                sealed
+    except HttpError as exc:
+        return exc.status, {"Content-Type": "application/json"}, _json_body(
+            {"error": str(exc), "code": exc.code})
+    except (sqlite3.Error, CcsyncError) as exc:
+        server.log(f"error: {type(exc).__name__}: {exc}")
+        return 500, {"Content-Type": "application/json"}, _json_body(
+            {"error": "server error (see the server's log)", "code": "server_error"})
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Thin HTTP/1.1 adapter around :func:`dispatch`."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = f"ccsync/{__version__}"
+    sys_version = ""
+    disable_nagle_algorithm = True     # keep-alive without Nagle: no 40 ms stalls
+
+    def setup(self) -> None:
+        self.timeout = self.server.request_timeout
+        super().setup()
+
+    def _serve(self) -> None:
+        started = time.perf_counter()
+        self.server.note_device(None)
+        body, status = self._read_body()
+        if status is None:
+            path = self.path.split("?", 1)[0]
+            status, headers, answer = dispatch(self.server, self.command, path,
+                                               dict(self.headers.items()), body)
+        else:
+            headers, answer = {"Content-Type": "application/json"}, _json_body(
+                {"error": "request body too large or Content-Length missing/wrong",
+                 "code": "too_large"})
+            self.close_connection = True
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(answer)))
+        if status >= 400:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(answer)
+        self.server.log(f"{self.client_address[0]} {self.server.current_device() or '-'} "
+                        f"{self.command} {self.path[:80]} {status} {len(body)}B "
+                        f"{(time.perf_counter() - started) * 1000:.0f}ms")
+
+    def _read_body(self) -> tuple[bytes, int | None]:
+        """The request body, or (b"", 413) when its length is missing, wrong or too big."""
+        if self.command == "GET":
+            return b"", None
+        length = self.headers.get("Content-Length")
+        if length is None or not length.strip().isdigit():
+            return b"", 413
+        size = int(length)
+        if size > self.server.max_body:
+            return b"", 413
+        try:
+            body = self.rfile.read(size)
+        except (TimeoutError, OSError):
+            return b"", 413
+        return (body, None) if len(body) == size else (b"", 413)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _serve
+
+    def log_message(self, format: str, *args: Any) -> None:   # noqa: A002
+        pass                            # _serve logs one line per request itself
+
+
+class SyncServer(http.server.ThreadingHTTPServer):
+    """The sync endpoint: a ThreadingHTTPServer over a data file.
+
+    ``start()`` serves on a background thread (tests, demo); ``serve_forever``
+    in the foreground (the ``server`` command).  ``stop()`` from any other thread.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128           # the default of 5 stalls concurrent clients
+
+    def __init__(self, address: tuple[str, int], data_path: str, *,
+                 max_body: int = DEFAULT_MAX_BODY, request_timeout: float = 30.0,
+                 clock: Callable[[], float] = time.time, tls: ssl.SSLContext | None = None,
+                 log: Callable[[str], None] | None = None):
+        ServerStore.open(data_path, clock=clock).conn.close()     # create schema once
+        self.data_path, self.max_body, self.request_timeout = data_path, max_body, request_timeout
+        self.clock, self._log = clock, log
+        self._pool: queue.SimpleQueue = queue.SimpleQueue()
+        self._local = threading.local()
+        self._thread: threading.Thread | None = None
+        self._tls = tls
+        super().__init__(address, _Handler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        # The TLS handshake happens on the handler's thread (first read, with
+        # the request timeout), so a slow client never blocks accept().
+        sock, address = self.socket.accept()
+        if self._tls is not None:
+            sock = self._tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"{'https' if self._tls else 'http'}://{host}:{port}"
+
+    @contextlib.contextmanager
+    def store(self) -> Iterator[ServerStore]:
+        """A pooled ServerStore connection for one request."""
+        try:
+            store = self._pool.get_nowait()
+        except queue.Empty:
+            store = ServerStore.open(self.data_path, clock=self.clock, create=False)
+        try:
+            yield store
+        finally:
+            if store.conn.in_transaction:
+                store.conn.execute("ROLLBACK")
+            self._pool.put(store)
+
+    def note_device(self, name: str | None) -> None:
+        self._local.device = name
+
+    def current_device(self) -> str | None:
+        return getattr(self._local, "device", None)
+
+    def log(self, line: str) -> None:
+        if self._log is not None:
+            self._log(line)
+
+    def start(self) -> "SyncServer":
+        """Serve on a daemon thread; returns self."""
+        self._thread = threading.Thread(target=self.serve_forever, name="ccsync-server",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the socket and pooled connections."""
+        self.shutdown()
+        if self._thread is not None:
+            self._thread.join(5)
+        self.server_close()
+        while True:
+            try:
+                self._pool.get_nowait().conn.close()
+            except queue.Empty:
+                break
+
+
+def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """A server TLS context from --tls-cert/--tls-key (both or neither)."""
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load TLS certificate/key: {exc}") from None
+    return context
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+##### Client ##################################################################
+# One _request() that signs, seals, sends and maps every failure to one
+# RemoteError with a kind and an actionable message.
+
+class Client:
+    """Talks to a ccsync server as one device.  Same push/pull as LocalTransport."""
+
+    def __init__(self, url: str, api_key: str, *, timeout: float = 60.0,
+                 ca_file: str | None = None, clock: Callable[[], float] = time.time,
+                 max_response: int = 4 * DEFAULT_MAX_BODY):
+        if not re.match(r"^https?://[^/\s]+", url or ""):
+            raise ConfigError(f"server URL {url!r} is not http(s)://host[:port]",
+                              hint="run `ccsync setup`")
+        self.url = url.rstrip("/")
+        self.keys = DeviceKeys.from_api_key(api_key)
+        self.timeout, self.clock, self.max_response = timeout, clock, max_response
+        self._ssl = ssl.create_default_context(cafile=ca_file) \
+            if self.url.startswith("https") else None
+
+    def hello(self) -> dict:
+        """An authenticated no-op: who am I to the server, and its time."""
+        return self._request("/v1/hello", {"time": self.clock()})
+
+    def push(self, records: list[dict], cursor: int | None = None) -> dict:
+        return self._request("/v1/push", {"records": records, "cursor": cursor})
+
+    def pull(self, cursor: int, limit: int = PULL_PAGE, since: str | None = None) -> dict:
+        return self._request("/v1/pull", {"cursor": cursor, "limit": limit, "since": since})
+
+    def _request(self, path: str, payload: dict) -> dict:
+        stamp, nonce = str(int(self.clock())), secrets.token_hex(16)
+        context = request_context("POST", path, stamp, nonce, self.keys.key_id)
+        body = seal(self.keys.enc, payload, context)
+        request = urllib.request.Request(self.url + path, data=body, method="POST", headers={
+            "Content-Type": WIRE_TYPE, "User-Agent": f"ccsync/{__version__}",
+            H_KEY: self.keys.key_id, H_TIME: stamp, H_NONCE: nonce,
+            H_SIG: sign(self.keys.mac, context, body)})
+        status, headers, answer = self._send(request)
+        expected = response_context(nonce, status)
+        if not hmac.compare_digest(headers.get(H_SIG.lower(), ""),
+                                   sign(self.keys.mac, expected, answer)):
+            raise RemoteError(f"the answer from {self.url} failed authentication",
+                              hint="the server does not hold this device's key: is the URL "
+                                   "right?").with_kind("bad_response")
+        try:
+            return unseal(self.keys.enc, answer, expected, self.max_response)
+        except WireError as exc:
+            raise RemoteError(f"unreadable answer from {self.url}: {exc}").with_kind(
+                "bad_response") from None
+
+    def _send(self, request: urllib.request.Request) -> tuple[int, dict, bytes]:
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout,
+                                        context=self._ssl) as response:
+                answer = response.read(self.max_response + 1)
+                if len(answer) > self.max_response:
+                    raise RemoteError(f"answer from {self.url} is too large").with_kind(
+                        "too_large")
+                return response.status, {k.lower(): v for k, v in response.headers.items()}, \
+                    answer
+        except urllib.error.HTTPError as exc:
+            raise self._http_error(exc) from None
+        except (http.client.IncompleteRead, http.client.RemoteDisconnected,
+                ConnectionResetError, BrokenPipeError) as exc:
+            raise RemoteError(f"connection to {self.url} was cut mid-response "
+                              f"({type(exc).__name__})",
+                              hint="try again; nothing was half-applied").with_kind("cut") from None
+        except urllib.error.URLError as exc:
+            reason = getattr(exc, "reason", exc)
+            if isinstance(reason, ssl.SSLError):
+                raise RemoteError(f"TLS failure talking to {self.url}: {reason}",
+                                  hint="set CC_CA_FILE to the server's CA certificate"
+                                  ).with_kind("unreachable") from None
+            raise RemoteError(f"server unreachable at {self.url} ({reason})",
+                              hint="is `ccsync server` running there, and the URL right?"
+                              ).with_kind("unreachable") from None
+        except (TimeoutError, socket.timeout, OSError) as exc:
+            raise RemoteError(f"server unreachable at {self.url} ({exc})",
+                              hint="is `ccsync server` running there?"
+                              ).with_kind("unreachable") from None
+
+    def _http_error(self, exc: urllib.error.HTTPError) -> "RemoteError":
+        try:
+            info = json.loads(exc.read(65536) or b"{}")
+        except (ValueError, OSError):
+            info = {}
+        code = info.get("code", "") if isinstance(info, dict) else ""
+        message = (info.get("error") if isinstance(info, dict) else None) or exc.reason
+        hints = {
+            "key_rejected": ("the server rejected this device's API key",
+                             "run `ccsync register --name NAME` on the server, then "
+                             "`ccsync setup` here"),
+            "revoked": ("this device's key was revoked on the server",
+                        "run `ccsync register --name NAME --rotate` on the server, then "
+                        "`ccsync setup` here"),
+            "clock_skew": (message, "fix this machine's clock (enable NTP) and retry"),
+            "too_large": (f"body too large for the server: {message}",
+                          "raise the server's --max-body, or sync again (batches are smaller)"),
+        }
+        text, hint = hints.get(code, (f"server answered {exc.code}: {message}", None))
+        kind = code if code in hints else ("too_large" if exc.code == 413 else "http")
+        return RemoteError(f"{text} ({self.url})", hint=hint).with_kind(kind)
 
 
 ##### Sync ####################################################################
@@ -1523,25 +2167,156 @@ def sync_once(store: Store, transport: Any, *, push: bool = True, pull: bool = T
     return result
 
 
-##### Command line ############################################################
-# argparse subcommands; one cmd_<name>(args) -> int each; main() maps errors.
+##### Configuration ###########################################################
+# Where things live: the device's .env (server URL + API key) and the server's
+# data file.  Environment variables win over the file.
+
+ENV_SERVER, ENV_API_KEY, ENV_CA_FILE = "CC_SERVER", "CC_API_KEY", "CC_CA_FILE"
+CC_DIR = os.path.join("~", ".cc-cli")
+DEFAULT_SERVER_DATA = os.path.join(CC_DIR, "ccsync_server.db")
+
+
+@dataclass
+class Config:
+    """This device's sync settings and where each came from."""
+
+    server: str | None
+    api_key: str | None
+    ca_file: str | None
+    env_path: str
+    sources: dict[str, str]
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.server and self.api_key)
+
+
+def env_file_path() -> str:
+    """~/.cc-cli/.env."""
+    return os.path.expanduser(os.path.join(CC_DIR, ".env"))
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """KEY=VALUE lines of a .env file (comments, blanks and quotes handled)."""
+    values = {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except FileNotFoundError:
+        return values
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    for line in lines:
+        line = line.strip()
+        if line.startswith("export "):
+            line = line[7:].lstrip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+def write_env_file(path: str, updates: dict[str, str]) -> None:
+    """Set keys in a .env file, keeping its other lines; written atomically, mode 600."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except FileNotFoundError:
+        lines = []
+    pending = dict(updates)
+    out = []
+    for line in lines:
+        key = line.strip().removeprefix("export ").split("=", 1)[0].strip()
+        if "=" in line and key in pending:
+            out.append(f"{key}={pending.pop(key)}")
+        else:
+            out.append(line)
+    out += [f"{key}={value}" for key, value in pending.items()]
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(out) + "\n")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def load_config(environ: dict) -> Config:
+    """CC_SERVER / CC_API_KEY / CC_CA_FILE from the environment, else ~/.cc-cli/.env."""
+    path = env_file_path()
+    from_file = read_env_file(path)
+    values, sources = {}, {}
+    for name in (ENV_SERVER, ENV_API_KEY, ENV_CA_FILE):
+        if environ.get(name):
+            values[name], sources[name] = environ[name], "environment"
+        elif from_file.get(name):
+            values[name], sources[name] = from_file[name], path
+    return Config(values.get(ENV_SERVER), values.get(ENV_API_KEY), values.get(ENV_CA_FILE),
+                  path, sources)
+
+
+def client_for(config: Config, *, timeout: float = 60.0) -> Client:
+    """A Client from this device's configuration, or a ConfigError saying what to do."""
+    if not config.configured:
+        raise ConfigError("sync is not configured (no CC_SERVER / CC_API_KEY)",
+                          hint="run `ccsync setup`")
+    return Client(config.server, config.api_key, ca_file=config.ca_file, timeout=timeout)
+
 
 def resolve_db_path(arg: str | None, environ: dict) -> str:
     """--db, else $CC_DB, else ~/.cc-cli/cc_cli.db."""
     return os.path.expanduser(arg or environ.get(ENV_DB) or DEFAULT_DB)
 
 
+def resolve_server_data(arg: str | None) -> str:
+    """--data, else ~/.cc-cli/ccsync_server.db."""
+    return os.path.expanduser(arg or DEFAULT_SERVER_DATA)
+
+
+def mask_key(key: str | None) -> str:
+    """An API key shown as its last four characters."""
+    return f"...{key[-4:]}" if key else "none"
+
+
+##### Output ##################################################################
+# Human lines or one JSON object; errors always one line on stderr.
+
+def _emit(args: argparse.Namespace, data: dict, lines: Iterable[str]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, sort_keys=True, default=str))
+    elif not getattr(args, "quiet", False):
+        for line in lines:
+            print(line)
+
+
+def _log_line(line: str) -> None:
+    stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+    print(f"{stamp} {line}", file=sys.stderr, flush=True)
+
+
+def summary_lines(result: SyncResult, *, push: bool, pull: bool) -> list[str]:
+    """A sync result in a few readable lines."""
+    lines = []
+    if push:
+        lines.append(f"push: sent {result.sent}, accepted {result.accepted}, "
+                     f"superseded {result.superseded}, refused {sum(result.refused.values())}")
+        lines += [f"  refused: {reason} ({n})" for reason, n in result.refused.items()]
+    if pull:
+        lines.append(f"pull: received {result.pulled.received}, applied {result.pulled.applied}")
+        lines += [f"  rejected: {reason} ({n})" for reason, n in result.pulled.refused.items()]
+    return lines
+
+
+##### Command line ############################################################
+# argparse subcommands; one cmd_<name>(args) -> int each; main() maps errors.
+
 def _store_from_args(args: argparse.Namespace) -> Store:
     return open_store(resolve_db_path(args.db, os.environ),
                       local_settings=split_names(os.environ.get(ENV_LOCAL_SETTINGS)))
-
-
-def _emit(args: argparse.Namespace, data: dict, lines: Iterable[str]) -> None:
-    if args.json:
-        print(json.dumps(data, indent=2, sort_keys=True))
-    else:
-        for line in lines:
-            print(line)
 
 
 def cmd_stamp(args: argparse.Namespace) -> int:
@@ -1556,23 +2331,350 @@ def cmd_stamp(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    """status: pending local changes per table and rows the server refused."""
+def run_sync(store: Store, client: Any, *, push: bool, pull: bool,
+             since: str | None = None, clock: Callable[[], float] = time.time) -> SyncResult:
+    """sync_once plus bookkeeping for status: last success, last error."""
+    try:
+        result = sync_once(store, client, push=push, pull=pull, since=since)
+    except CcsyncError as exc:
+        _note_outcome(store, error=f"{iso_utc(clock)} {exc}")
+        raise
+    _note_outcome(store, ok=iso_utc(clock))
+    return result
+
+
+def _note_outcome(store: Store, *, ok: str | None = None, error: str | None = None) -> None:
+    with contextlib.suppress(sqlite3.Error, CcsyncError):
+        if store.installed():
+            with transaction(store.conn):
+                if ok:
+                    store.set_meta("last_sync", ok)
+                store.set_meta("last_error", error)
+
+
+def _cmd_sync(args: argparse.Namespace, *, push: bool, pull: bool) -> int:
+    since = None
+    if getattr(args, "since", None):
+        try:
+            since = since_key(args.since)
+        except ValueError as exc:
+            raise UsageError(f"--since: {exc}") from None
     store = _store_from_args(args)
-    pending = store.pending()
-    refused = store.refused()
-    data = {"pending": pending, "refused": refused, "installed": store.installed(),
-            "waiting_for_parent": store.pending_references()}
-    lines = [] if store.installed() else ["ccsync is not set up in this database yet "
-                                          "(run `ccsync stamp`)"]
-    for table, c in pending.items():
-        if any(c.values()):
-            lines.append(f"{table:<16} {c['insert']:>6} insert {c['update']:>6} update "
-                         f"{c['delete']:>6} delete")
-    if not any(any(c.values()) for c in pending.values()):
-        lines.append("nothing pending")
-    lines += [f"refused: {r['table']} {r['sync_id']}: {r['reason']}" for r in refused]
-    _emit(args, data, lines)
+    client = client_for(load_config(os.environ))
+    result = run_sync(store, client, push=push, pull=pull, since=since)
+    _emit(args, result.as_dict(), summary_lines(result, push=push, pull=pull))
+    refused = sum(result.refused.values())
+    if refused:
+        raise CcsyncError(f"the server refused {refused} row(s); they stay pending",
+                          hint="`ccsync status` shows each row and the reason")
+    return EXIT_OK
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """push: send local changes to the server."""
+    return _cmd_sync(args, push=True, pull=False)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    """pull [--since TIME]: merge changes from the server."""
+    return _cmd_sync(args, push=False, pull=True)
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    """sync: push, then pull."""
+    return _cmd_sync(args, push=True, pull=True)
+
+
+def server_state(config: Config, clock: Callable[[], float] = time.time) -> dict:
+    """The server as seen from here: connected, unreachable, key rejected, ..."""
+    if not config.configured:
+        return {"state": "not configured", "detail": "run `ccsync setup`"}
+    state = {"url": config.server}
+    try:
+        info = client_for(config, timeout=10).hello()
+    except CryptoUnavailable as exc:
+        return {**state, "state": "unavailable", "detail": str(exc)}
+    except RemoteError as exc:
+        names = {"key_rejected": "key rejected", "revoked": "key revoked",
+                 "clock_skew": "clock skewed"}
+        return {**state, "state": names.get(exc.kind, "unreachable"), "detail": str(exc)}
+    skew = float(info.get("server_time", clock())) - clock()
+    state.update(state="connected", device=info.get("device"), skew_seconds=round(skew, 1))
+    if abs(skew) > 60:
+        state.update(state="clock skewed", detail=f"this clock is {-skew:+.0f} s off the server's")
+    return state
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """status: pending changes, refused rows, last sync, and the server's state."""
+    store = _store_from_args(args)
+    installed = store.installed()
+    data = {"pending": store.pending(), "refused": store.refused(), "installed": installed,
+            "waiting_for_parent": store.pending_references(),
+            "last_sync": store.meta("last_sync") if installed else None,
+            "last_error": store.meta("last_error") if installed else None,
+            "server": server_state(load_config(os.environ))}
+    _emit(args, data, status_lines(data))
+    return EXIT_OK
+
+
+def status_lines(data: dict) -> list[str]:
+    """The status report for humans."""
+    lines = [] if data["installed"] else ["ccsync is not set up in this database yet "
+                                          "(`ccsync stamp` or a first sync does it)"]
+    busy = {t: c for t, c in data["pending"].items() if any(c.values())}
+    lines += [f"  {t:<16} {c['insert']:>6} insert {c['update']:>6} update {c['delete']:>6} delete"
+              for t, c in busy.items()]
+    lines.insert(0 if data["installed"] else 1, "pending:" if busy else "nothing pending")
+    lines += [f"refused by the server: {r['table']} {r['sync_id']}: {r['reason']}"
+              for r in data["refused"]]
+    if data["waiting_for_parent"]:
+        lines.append(f"{data['waiting_for_parent']} row(s) wait for a parent not yet pulled")
+    lines.append(f"last sync: {data['last_sync'] or 'never'}")
+    if data["last_error"]:
+        lines.append(f"last error: {data['last_error']}")
+    server = data["server"]
+    where = f" ({server['url']})" if server.get("url") else ""
+    detail = f": {server['detail']}" if server.get("detail") else ""
+    device = f" as '{server['device']}'" if server.get("device") else ""
+    lines.append(f"server: {server['state']}{device}{where}{detail}")
+    return lines
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    """server: run the sync endpoint until SIGINT/SIGTERM."""
+    data = resolve_server_data(args.data)
+    tls = tls_context(args.tls_cert, args.tls_key)
+    try:
+        server = SyncServer((args.host, args.port), data, max_body=args.max_body, tls=tls,
+                            request_timeout=args.timeout, log=_log_line)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
+                          ) from None
+    if tls is None and not is_loopback(args.host):
+        _log_line(f"warning: serving plain HTTP on {args.host}: bodies are encrypted and "
+                  "signed, but use --tls-cert/--tls-key (or a TLS proxy) on networks you "
+                  "do not trust")
+    _log_line(f"ccsync {__version__} server listening on {server.url} (data: {data})")
+    stopping = threading.Event()
+
+    def _stop(signum: int, _frame: Any) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            _log_line(f"stopping ({signal.Signals(signum).name})")
+            threading.Thread(target=server.shutdown, daemon=True).start()
+
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.serve_forever()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.server_close()
+    _log_line("stopped")
+    return EXIT_OK
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    """register --name NAME [--rotate]: add a device on the server; print its key once."""
+    store = ServerStore.open(resolve_server_data(args.data))
+    api_key = store.register(args.name, rotate=args.rotate)
+    _emit(args, {"name": args.name, "api_key": api_key}, [
+        f"{'new key for' if args.rotate else 'registered'} device '{args.name}'. "
+        "Its API key (shown only now):", api_key,
+        "On that device run: ccsync setup"])
+    return EXIT_OK
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    """devices: list registered devices with their last-seen time."""
+    devices = ServerStore.open(resolve_server_data(args.data), create=False).devices()
+    lines = [f"{d['name']:<20} last seen {d['last_seen_at'] or 'never':<22}"
+             f"{' REVOKED ' + d['revoked_at'] if d['revoked_at'] else ''}" for d in devices]
+    _emit(args, {"devices": devices}, lines or ["no devices registered"])
+    return EXIT_OK
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    """revoke --name NAME: disable a device's key."""
+    ServerStore.open(resolve_server_data(args.data), create=False).revoke(args.name)
+    _emit(args, {"revoked": args.name}, [f"revoked device '{args.name}'"])
+    return EXIT_OK
+
+
+def _ask_setup(config: Config, server: str | None, key: str | None) -> tuple[str, str]:
+    if server is None:
+        server = input(f"Server URL [{config.server or ''}]: ").strip() or config.server
+    if key is None:
+        key = getpass.getpass(f"API key [{mask_key(config.api_key)}]: ").strip() or config.api_key
+    return server or "", key or ""
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    """setup [--server URL] [--api-key KEY|-]: verify, then save to ~/.cc-cli/.env."""
+    config = load_config({})               # show what the file holds
+    server, key = args.server, args.api_key
+    if key == "-":
+        key = sys.stdin.readline().strip()
+    if (server is None or key is None) and not sys.stdin.isatty():
+        raise UsageError("setup needs --server URL and --api-key KEY (or -) "
+                         "when not run interactively")
+    server, key = _ask_setup(config, server, key)
+    if not server or not key:
+        raise UsageError("a server URL and an API key are both needed")
+    info = Client(server, key, ca_file=os.environ.get(ENV_CA_FILE)).hello()
+    write_env_file(config.env_path, {ENV_SERVER: server, ENV_API_KEY: key})
+    lines = [f"verified: {server} knows this device as '{info.get('device')}'",
+             f"saved to {config.env_path}"]
+    shadowed = [n for n in (ENV_SERVER, ENV_API_KEY) if os.environ.get(n)]
+    if shadowed:
+        lines.append(f"note: {' and '.join(shadowed)} set in the environment take precedence")
+    _emit(args, {"server": server, "device": info.get("device"), "saved": config.env_path},
+          lines)
+    return EXIT_OK
+
+
+def cmd_enable(args: argparse.Namespace) -> int:
+    """enable: install pycryptodomex into the interpreter running ccsync."""
+    if crypto_available():
+        _emit(args, {"installed": True, "changed": False},
+              ["pycryptodomex is already installed; sync is enabled"])
+        return EXIT_OK
+    command = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check",
+               "pycryptodomex"]
+    if sys.prefix == sys.base_prefix and not os.access(sysconfig.get_paths()["purelib"],
+                                                       os.W_OK):
+        command.append("--user")
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                              stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise CcsyncError(f"could not run pip: {exc}") from None
+    if done.returncode != 0:
+        if "No module named pip" in done.stderr:
+            raise CcsyncError(f"pip is not available for {sys.executable}",
+                              hint="install pip (e.g. python3 -m ensurepip) or install "
+                                   "pycryptodomex with your package manager")
+        last = (done.stderr.strip().splitlines() or ["unknown error"])[-1]
+        raise CcsyncError(f"pip could not install pycryptodomex: {last}",
+                          hint="are you offline? `pip download pycryptodomex` elsewhere and "
+                               "install the wheel")
+    importlib.invalidate_caches()
+    _aes.cache_clear()
+    if not crypto_available():
+        raise CcsyncError("pycryptodomex was installed but cannot be imported here",
+                          hint=f"check {sys.executable} -m pip show pycryptodomex")
+    _emit(args, {"installed": True, "changed": True},
+          ["installed pycryptodomex; sync is enabled"])
+    return EXIT_OK
+
+
+DEMO_SCHEMA = """
+CREATE TABLE version (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT UNIQUE NOT NULL,
+    path TEXT NOT NULL, port TEXT, pyenv_virtualenv TEXT, branch TEXT, last_fetched_at TEXT,
+    sync_id TEXT, synced_at TEXT);
+CREATE TABLE setting (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT UNIQUE NOT NULL,
+    value TEXT, sync_id TEXT, synced_at TEXT);
+CREATE TABLE project (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT UNIQUE NOT NULL,
+    is_virtual BOOLEAN, no_auto_archive BOOLEAN, home_repo TEXT, main_branch TEXT,
+    workspace_id INTEGER, environment_ids TEXT, sync_id TEXT, synced_at TEXT);
+CREATE TABLE environment (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL,
+    project_path TEXT, github_url TEXT, branch_name TEXT, project_id INTEGER NOT NULL,
+    version_id INTEGER, database_id INTEGER, module_ids TEXT, last_used_at TEXT, sh_url TEXT,
+    notes TEXT, ticket_ids TEXT, ssh_host TEXT, ssh_user TEXT, pinned BOOLEAN, status TEXT,
+    sync_id TEXT, synced_at TEXT);
+CREATE UNIQUE INDEX uq_environment_project_id_name ON environment (project_id, name);
+"""
+
+
+def _demo_devices(tmp: str, url: str, keys: dict[str, str]) -> dict[str, tuple]:
+    seed = {
+        "laptop": ["INSERT INTO version (name, path) VALUES ('17.0', '/home/me/odoo/17.0')",
+                   "INSERT INTO project (name) VALUES ('acme')",
+                   "INSERT INTO environment (name, project_id, version_id) VALUES ('dev', 1, 1)",
+                   "INSERT INTO setting (name, value) VALUES ('theme', 'dark')",
+                   "INSERT INTO setting (name, value) VALUES ('github_pat', 'ghp_demo_secret')"],
+        "desktop": ["INSERT INTO version (name, path) VALUES ('17.0', '/srv/odoo/17')",
+                    "INSERT INTO version (name, path) VALUES ('18.0', '/srv/odoo/18')",
+                    "INSERT INTO project (name) VALUES ('shop')"],
+    }
+    devices = {}
+    for name, key in keys.items():
+        path = os.path.join(tmp, f"{name}.db")
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.executescript(DEMO_SCHEMA)
+        for statement in seed[name]:
+            conn.execute(statement)
+        devices[name] = (conn, open_store(path), Client(url, key, timeout=10))
+    return devices
+
+
+def _demo_script(devices: dict[str, tuple], say: Callable[[str], None]) -> None:
+    def sync(name: str) -> SyncResult:
+        _conn, store, client = devices[name]
+        return sync_once(store, client)
+
+    def rows(name: str, query: str) -> list:
+        return devices[name][0].execute(query).fetchall()
+
+    laptop, desktop = devices["laptop"][0], devices["desktop"][0]
+    results = [(n, sync(n)) for n in ("laptop", "desktop", "laptop")]
+    say("first sync: " + "; ".join(f"{n} sent {r.sent}, received {r.pulled.received}"
+                                   for n, r in results))
+    for name in devices:
+        versions = [f"{n} at {p}" for n, p in rows(name, "SELECT name, path FROM version "
+                                                         "ORDER BY name")]
+        projects = [n for (n,) in rows(name, "SELECT name FROM project ORDER BY name")]
+        say(f"  {name}: versions {versions}; projects {projects}")
+    _demo_check(rows("laptop", "SELECT count(*) FROM version")[0][0] == 2,
+                "both versions should be on the laptop")
+    laptop.execute("UPDATE environment SET notes = 'client demo on Friday' WHERE name = 'dev'")
+    sync("laptop"), sync("desktop")
+    notes = rows("desktop", "SELECT notes FROM environment WHERE name = 'dev'")[0][0]
+    say(f"laptop edits env 'dev' notes, both sync: desktop reads {notes!r}")
+    _demo_check(notes == "client demo on Friday", "the edit should reach the desktop")
+    desktop.execute("UPDATE setting SET value = 'light' WHERE name = 'theme'")
+    time.sleep(0.05)
+    laptop.execute("UPDATE setting SET value = 'solarized' WHERE name = 'theme'")
+    sync("desktop"), sync("laptop"), sync("desktop")
+    themes = {n: rows(n, "SELECT value FROM setting WHERE name = 'theme'")[0][0] for n in devices}
+    say(f"conflict: desktop set theme 'light', then laptop set 'solarized': now {themes} "
+        "(the later edit wins)")
+    _demo_check(set(themes.values()) == {"solarized"}, "the later edit should win")
+    leaked = rows("desktop", "SELECT count(*) FROM setting WHERE name = 'github_pat'")[0][0]
+    say(f"the laptop's github_pat stayed on the laptop (desktop has {leaked})")
+    _demo_check(leaked == 0, "secrets must not sync")
+
+
+def _demo_check(ok: bool, what: str) -> None:
+    if not ok:
+        raise CcsyncError(f"demo failed: {what}")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """demo: a real server and two devices on this machine, synced and cleaned up."""
+    say = (lambda line: None) if args.json else print
+    with tempfile.TemporaryDirectory(prefix="ccsync-demo-") as tmp:
+        data = os.path.join(tmp, "server.db")
+        server = SyncServer(("127.0.0.1", 0), data).start()
+        devices = {}
+        try:
+            registry = ServerStore.open(data)
+            keys = {name: registry.register(name) for name in ("laptop", "desktop")}
+            registry.conn.close()
+            say(f"server listening on {server.url} (temporary data); "
+                "registered devices 'laptop' and 'desktop'")
+            devices = _demo_devices(tmp, server.url, keys)
+            say("laptop has version 17.0, project acme (env dev), settings theme and "
+                "github_pat; desktop has versions 17.0 and 18.0, project shop")
+            _demo_script(devices, say)
+        finally:
+            for conn, store, _client in devices.values():
+                conn.close()
+                store.conn.close()
+            server.stop()
+    _emit(args, {"demo": "ok"}, ["demo finished: both devices hold the same data; "
+                                 "temporary files removed"])
     return EXIT_OK
 
 
@@ -1583,37 +2685,99 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--db", metavar="PATH",
-                        help=f"cc database (default: ${ENV_DB} or {DEFAULT_DB})")
+def _flags(parser: argparse.ArgumentParser, *, db: bool = True, data: bool = False) -> None:
+    if db:
+        parser.add_argument("--db", metavar="PATH",
+                            help=f"cc database (default: ${ENV_DB} or {DEFAULT_DB})")
+    if data:
+        parser.add_argument("--data", metavar="PATH",
+                            help=f"server data file (default: {DEFAULT_SERVER_DATA})")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+
+def _add_server_parser(sub: Any) -> None:
+    p = sub.add_parser("server", help="run the sync server")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
+    p.add_argument("--port", type=int, default=9100, help="port (default: 9100)")
+    p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate")
+    p.add_argument("--tls-key", metavar="FILE", help="private key for --tls-cert")
+    p.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, metavar="BYTES",
+                   help="largest request body accepted (default: 64 MiB)")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="per-request socket timeout (default: 30)")
+    _flags(p, db=False, data=True)
+    p.set_defaults(func=cmd_server)
+
+
+def _add_registry_parsers(sub: Any) -> None:
+    p = sub.add_parser("register", help="register a device on the server; prints its API key")
+    p.add_argument("--name", required=True, help="device name")
+    p.add_argument("--rotate", action="store_true", help="issue a new key for an existing name")
+    _flags(p, db=False, data=True)
+    p.set_defaults(func=cmd_register)
+    p = sub.add_parser("devices", help="list registered devices (run on the server)")
+    _flags(p, db=False, data=True)
+    p.set_defaults(func=cmd_devices)
+    p = sub.add_parser("revoke", help="disable a device's key (run on the server)")
+    p.add_argument("--name", required=True, help="device name")
+    _flags(p, db=False, data=True)
+    p.set_defaults(func=cmd_revoke)
+
+
+def _add_device_parsers(sub: Any) -> None:
+    p = sub.add_parser("setup", help="configure and verify this device's server URL and key")
+    p.add_argument("--server", metavar="URL", help="server URL, e.g. http://pi.lan:9100")
+    p.add_argument("--api-key", metavar="KEY", help="API key from `register` (- reads stdin)")
+    _flags(p, db=False)
+    p.set_defaults(func=cmd_setup)
+    for name, func, text in (("push", cmd_push, "send local changes to the server"),
+                             ("pull", cmd_pull, "merge changes from the server"),
+                             ("sync", cmd_sync, "push, then pull")):
+        p = sub.add_parser(name, help=text)
+        if name == "pull":
+            p.add_argument("--since", metavar="ISO-TIMESTAMP",
+                           help="only changes the server received after this time")
+        p.add_argument("--quiet", action="store_true", help="print nothing on success")
+        _flags(p)
+        p.set_defaults(func=func)
+    p = sub.add_parser("status", help="pending changes and the server's state")
+    _flags(p)
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("stamp", help="install change capture; give every row a sync_id")
+    p.add_argument("--remove", action="store_true",
+                   help="remove everything ccsync added (keeps cc's sync columns)")
+    _flags(p)
+    p.set_defaults(func=cmd_stamp)
+    p = sub.add_parser("enable", help="install pycryptodomex (needed to sync)")
+    _flags(p, db=False)
+    p.set_defaults(func=cmd_enable)
+    p = sub.add_parser("demo", help="run a real server and two devices here, then clean up")
+    _flags(p, db=False)
+    p.set_defaults(func=cmd_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ccsync command line."""
-    parser = _Parser(prog="ccsync", description="Keep cc's data the same on every machine.")
+    parser = _Parser(prog="ccsync", description="Keep cc's data the same on every machine "
+                     "through a sync server you run.")
     parser.add_argument("--version", action="version", version=f"ccsync {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    stamp = sub.add_parser("stamp", help="install change capture; give every row a sync_id")
-    stamp.add_argument("--remove", action="store_true",
-                       help="remove everything ccsync added (keeps cc's sync columns)")
-    _common(stamp)
-    stamp.set_defaults(func=cmd_stamp)
-    status = sub.add_parser("status", help="pending changes per table")
-    _common(status)
-    status.set_defaults(func=cmd_status)
+    _add_server_parser(sub)
+    _add_registry_parsers(sub)
+    _add_device_parsers(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 failure, 2 usage, 130 interrupted)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    debug = "--debug" in argv
     try:
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
-            parser.print_help()
+            parser.print_help(sys.stderr)
             return EXIT_USAGE
         return args.func(args)
     except CcsyncError as exc:
@@ -1626,10 +2790,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ccsync: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, OSError) as exc:
         if debug:
             raise
-        print(f"ccsync: error: database: {exc}", file=sys.stderr)
+        print(f"ccsync: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
 
 
