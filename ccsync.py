@@ -51,10 +51,13 @@ import http.client
 import http.server
 import ipaddress
 import json
+import logging
 import os
 import queue
+import random
 import re
 import secrets
+import shutil
 import signal
 import socket
 import sqlite3
@@ -477,8 +480,8 @@ def unseal(enc_key: bytes, blob: bytes, context: bytes, max_size: int) -> dict:
         raise BodyTooLarge("body too large once decompressed")
     try:
         data = json.loads(text)
-    except ValueError:
-        raise WireError("body is not JSON") from None
+    except (ValueError, RecursionError):
+        raise WireError("body is not JSON (or nested too deeply)") from None
     if not isinstance(data, dict):
         raise WireError("body is not a JSON object")
     return data
@@ -559,12 +562,14 @@ CREATE TABLE IF NOT EXISTS _ccsync_alias (
     PRIMARY KEY (tbl, alias)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS _ccsync_pending (
     tbl TEXT NOT NULL, sid TEXT NOT NULL, PRIMARY KEY (tbl, sid)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS _ccsync_link (
+    project TEXT PRIMARY KEY, path TEXT NOT NULL, at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS _ccsync_refused (
     tbl TEXT NOT NULL, sid TEXT NOT NULL, reason TEXT NOT NULL, at TEXT NOT NULL,
     PRIMARY KEY (tbl, sid)) WITHOUT ROWID;
 """
 BOOKKEEPING_TABLES = ("_ccsync_meta", "_ccsync_clock", "_ccsync_dirty", "_ccsync_shadow",
-                      "_ccsync_alias", "_ccsync_pending", "_ccsync_refused")
+                      "_ccsync_alias", "_ccsync_pending", "_ccsync_refused", "_ccsync_link")
 
 _SQL_NOW_MS = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
 _SQL_TICK = f"UPDATE _ccsync_clock SET hlc = max(hlc + 1, {_SQL_NOW_MS});"
@@ -632,7 +637,7 @@ class Batch:
     """Outgoing records plus what ack() needs to settle them."""
 
     records: list[dict]
-    tokens: list[tuple[str, int, dict[str, int]]]    # (table, rid, dirty cells sent)
+    tokens: list[tuple[str, int, dict[str, int]] | None]  # (table, rid, cells); None: keep
     next_pos: tuple[int, int] | None                  # keyset position; None when done
 
 
@@ -715,6 +720,11 @@ class Store:
                               (key, str(value)))
 
     @property
+    def path(self) -> str:
+        """The database file's path."""
+        return self.conn.execute("PRAGMA database_list").fetchone()["file"] or ""
+
+    @property
     def device_id(self) -> str:
         """This database's device id (a copy on another machine gets its own)."""
         return self.meta("device_id") or ""
@@ -748,7 +758,7 @@ class Store:
         return stamped
 
     def _fingerprint(self) -> str:
-        path = self.conn.execute("PRAGMA database_list").fetchone()["file"] or ""
+        path = self.path
         return f"{socket.gethostname()}:{os.path.realpath(path) if path else ''}"
 
     def _install(self) -> list[str]:
@@ -815,20 +825,13 @@ class Store:
                 out[row[0]] = row[1]
         return out
 
-    def _key_values(self, info: TableInfo, row: sqlite3.Row) -> list[Any]:
-        values = []
-        for col in info.spec.key:
-            value = row[col] if col in info.columns else None
-            parent = info.spec.refs.get(col)
-            if parent is not None:
-                value = self._parent_sids(parent, [value]).get(value)
-            values.append(value)
-        return values
-
     def stamp_rows(self) -> int:
-        """Give every row without a sync_id one (natural-key uuid5, else random).
+        """Give every row without a sync_id one: a uuid5 of its natural key.
 
-        Parents are stamped before children, whose natural keys name them.
+        A row whose natural key is empty gets a uuid5 of its content, so a
+        database copied onto another machine stamps the same ids there; an id
+        already taken falls back to a random one.  Parents are stamped before
+        children, whose natural keys name them.
         """
         total = 0
         for info in self.tables().values():
@@ -837,9 +840,13 @@ class Store:
                     rows = self.conn.execute(
                         f"SELECT rowid AS _rid, * FROM {_q(info.name)} WHERE sync_id IS NULL "
                         f"LIMIT {WRITE_CHUNK}").fetchall()
-                    for row in rows:
-                        sid = self._fresh_sid(info, natural_id(info.name,
-                                                               self._key_values(info, row)))
+                    for row, values in zip(rows, self._wire_rows(info, rows)):
+                        wanted = natural_id(info.name, [values.get(c, encode_value(row[c]))
+                                                        for c in info.spec.key
+                                                        if c in info.columns]) \
+                            or natural_id(info.name + "#content",
+                                          [[c, values[c]] for c in info.tracked])
+                        sid = self._fresh_sid(info, wanted)
                         self.conn.execute(f"UPDATE {_q(info.name)} SET sync_id = ? "
                                           f"WHERE rowid = ?", (sid, row["_rid"]))
                 total += len(rows)
@@ -1077,14 +1084,16 @@ class Store:
         records, tokens = [], []
         for rid in rids:
             cells = dirty.get(rid, {})
-            sent = {col: hlc for col, (hlc, _sid) in cells.items()}
+            token = (info.name, rid, {col: hlc for col, (hlc, _sid) in cells.items()})
             if DELETED in cells:
                 record = self._tombstone_record(info, cells[DELETED])
+            elif rid in rows and rows[rid]["sync_id"] is None:
+                record, token = None, None     # inserted after stamping: next sync
             elif rid in rows and not self._skip_row(info, rows[rid]):
                 record = self._row_record(info, rows[rid], wire[rid], cells)
             else:
                 record = None
-            tokens.append((info.name, rid, sent))
+            tokens.append(token)
             records.append(record)
         return records, tokens
 
@@ -1145,15 +1154,15 @@ class Store:
         Returns (counts by status, counts of refusal reasons).
         """
         sent = [(r, t) for r, t in zip(batch.records, batch.tokens) if r is not None]
+        settled = [t for r, t in zip(batch.records, batch.tokens) if r is None and t is not None]
         if len(results) != len(sent):
             raise RemoteError("server answered a push with the wrong number of results")
         counts: Counter = Counter()
         reasons: Counter = Counter()
         with transaction(self.conn):
             self._suppress(True)
-            for record, (table, rid, cells) in zip(batch.records, batch.tokens):
-                if record is None:      # nothing to send (a local-only row): settled
-                    self._clear_dirty(table, rid, cells)
+            for table, rid, cells in settled:    # nothing to send (a local-only row)
+                self._clear_dirty(table, rid, cells)
             stamp = iso_utc(self.clock)
             for (record, (table, rid, cells)), result in zip(sent, results):
                 status = result.get("status")
@@ -1247,6 +1256,12 @@ class Store:
                 raise RecordRefused("malformed record")
         for col, value in values.items():
             self._check_wire_value(info, col, value)
+        for part in (local, key):
+            for col, value in part.items():
+                if not isinstance(col, str) or isinstance(value, (dict, list, bool)):
+                    raise RecordRefused("value is not a SQLite scalar")
+                if part is local and col not in info.spec.local:
+                    raise RecordRefused("column not device-local")
         return info, {"v": values, "l": local, "k": key}
 
     @staticmethod
@@ -1271,13 +1286,7 @@ class Store:
         """Merge one record into shadow and table; True if anything changed."""
         info, payload = self._validate(record)
         if info.name == "setting":
-            name = payload["v"].get("name", payload["k"].get("name"))
-            if name is None:
-                shadow = self._shadow("setting", record["id"])
-                name = shadow[1].get("name") if shadow else None
-            policy = setting_policy(name, self._local_setting_names())
-            if policy:
-                raise RecordRefused(f"{policy} setting")
+            self._check_setting(record["id"], payload)
         known = [c for c in record["c"] if c == TOMBSTONE or c in info.columns]
         if not known:
             raise RecordRefused("no column known here")
@@ -1285,11 +1294,11 @@ class Store:
         rid = self._rid_for_sid(info.name, sid)
         old = self._shadow(info.name, sid)
         vals, clocks = (old[1], old[2]) if old else ({}, {})
-        local_cells = self._dirty_cells(info.name, rid)
+        local_cells = self._dirty_cells(info.name, rid, sid)
+        self._hlc_observe(max(record["c"].values()))
         won = []
         for col in known:
             stamp = [record["c"][col], record["dev"]]
-            self._hlc_observe(stamp[0])
             mine = local_cells.get(col, clocks.get(col))
             if col in local_cells and newer(clocks.get(col), mine):
                 mine = clocks.get(col)
@@ -1303,18 +1312,50 @@ class Store:
                 vals[col] = value       # a starting point for a row new here
         if not won and old is not None:
             return False
-        if rid is not None and won:
+        if won and rid is None:
+            self._settle_local_delete(info.name, sid, local_cells.get(TOMBSTONE),
+                                      [clocks[c] for c in won])
+        elif won:
             self._drop_dirty_cells(info.name, rid, won, info)
         self._put_shadow(info.name, sid, rid, vals, clocks)
         self._materialize(info, sid, [c for c in won if c != TOMBSTONE])
         return True
 
-    def _dirty_cells(self, table: str, rid: int | None) -> dict[str, list]:
-        """This device's pending cells for a row, as cell clocks."""
-        if rid is None:
-            return {}
-        cells = {r[0]: [r[1], self.device_id] for r in self.conn.execute(
-            "SELECT col, hlc FROM _ccsync_dirty WHERE tbl = ? AND rid = ?", (table, rid))}
+    def _check_setting(self, sid: str, payload: dict) -> None:
+        """Refuse a record that names, or lands on, a secret or device-local setting.
+
+        Every name it could touch counts: the incoming one, and the local
+        row's (found by id, alias or name), since setting ids are predictable.
+        """
+        names = {payload["v"].get("name"), payload["k"].get("name")}
+        shadow = self._shadow("setting", sid)
+        if shadow:
+            names.add(shadow[1].get("name"))
+        rids = {self._rid_for_sid("setting", sid)}
+        rids |= {self._rid_for_sid("setting", natural_id("setting", [n])) for n in names if n}
+        for rid in rids - {None}:
+            row = self.conn.execute("SELECT name FROM setting WHERE rowid = ?", (rid,)).fetchone()
+            names.add(row[0] if row else None)
+        extra = self._local_setting_names()
+        for name in names - {None}:
+            policy = setting_policy(name, extra)
+            if policy:
+                raise RecordRefused(f"{policy} setting")
+
+    def _dirty_cells(self, table: str, rid: int | None, sid: str | None = None) -> dict[str, list]:
+        """This device's pending cells for a row, as cell clocks.
+
+        A row deleted here is found by its sync_id (its rowid is gone).
+        """
+        cells = {}
+        if rid is not None:
+            cells = {r[0]: [r[1], self.device_id] for r in self.conn.execute(
+                "SELECT col, hlc FROM _ccsync_dirty WHERE tbl = ? AND rid = ?", (table, rid))}
+        elif sid is not None:
+            row = self.conn.execute("SELECT max(hlc) FROM _ccsync_dirty WHERE tbl = ? AND col = ? "
+                                    "AND sid = ?", (table, DELETED, sid)).fetchone()
+            if row[0] is not None:
+                cells[DELETED] = [row[0], self.device_id]
         if INSERTED in cells:
             inserted = cells.pop(INSERTED)
             for col in self.tables()[table].tracked:
@@ -1323,6 +1364,13 @@ class Store:
         if DELETED in cells:
             cells[TOMBSTONE] = cells.pop(DELETED)
         return cells
+
+    def _settle_local_delete(self, table: str, sid: str, tomb: list | None,
+                             stamps: list[list]) -> None:
+        # A pending delete made here loses to any later remote edit or delete.
+        if tomb is not None and any(newer(stamp, tomb) for stamp in stamps):
+            self.conn.execute("DELETE FROM _ccsync_dirty WHERE tbl = ? AND col = ? AND sid = ?",
+                              (table, DELETED, sid))
 
     def _drop_dirty_cells(self, table: str, rid: int, won: list[str], info: TableInfo) -> None:
         # Expand a pending insert into per-column cells first, so only the
@@ -1402,11 +1450,14 @@ class Store:
         Deletes it if a tombstone is the latest edit, inserts it if new here,
         and parks unresolved references in ``_ccsync_pending`` for later.
         """
-        rid, vals, clocks = self._shadow(info.name, sid)
+        _rid, vals, clocks = self._shadow(info.name, sid)
         rid = self._rid_for_sid(info.name, sid)
-        local_cells = self._dirty_cells(info.name, rid)
-        alive = bool(local_cells) or not self._shadow_deleted(clocks)
-        if not alive:
+        local_cells = self._dirty_cells(info.name, rid, sid)
+        latest = dict(clocks)
+        for col, stamp in local_cells.items():
+            if newer(stamp, latest.get(col)):
+                latest[col] = stamp
+        if self._shadow_deleted(latest):
             if rid is not None:
                 self.conn.execute(f"DELETE FROM {_q(info.name)} WHERE rowid = ?", (rid,))
                 self.conn.execute("DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ?",
@@ -1454,9 +1505,24 @@ class Store:
                 numeric = any(t in info.types.get(col, "") for t in ("INT", "REAL", "BOOL", "NUM"))
                 row[col] = 0 if numeric else ""
         row["sync_id"], row["synced_at"] = sid, iso_utc(self.clock)
+        try:
+            with transaction(self.conn):
+                return self._insert(info.name, row)
+        except sqlite3.IntegrityError:
+            hinted = [c for c in info.local if vals.get(c) is not None]
+            if not hinted:
+                raise
+        # Another device's path collides with a UNIQUE path here: the hint was
+        # only a starting point, so mark it for `resolve` instead.
+        for col in hinted:
+            row[col] = f"{row[col]} (from another device, {sid[:8]})" \
+                if col in info.notnull else None
+        return self._insert(info.name, row)
+
+    def _insert(self, table: str, row: dict) -> int:
         cols = ", ".join(_q(c) for c in row)
         marks = ", ".join("?" * len(row))
-        cur = self.conn.execute(f"INSERT INTO {_q(info.name)} ({cols}) VALUES ({marks})",
+        cur = self.conn.execute(f"INSERT INTO {_q(table)} ({cols}) VALUES ({marks})",
                                 list(row.values()))
         return cur.lastrowid
 
@@ -1604,7 +1670,7 @@ class ServerStore:
         if not isinstance(record, dict):
             return "malformed record"
         clocks = record.get("c")
-        if record.get("t") not in SPEC_BY_NAME:
+        if not isinstance(record.get("t"), str) or record["t"] not in SPEC_BY_NAME:
             return "unknown table"
         if not (isinstance(record.get("id"), str) and SYNC_ID_RE.match(record["id"])
                 and isinstance(record.get("dev"), str) and 0 < len(record["dev"]) <= 64
@@ -1614,7 +1680,7 @@ class ServerStore:
         for col, hlc in clocks.items():
             if not (isinstance(col, str) and 0 < len(col) <= 128):
                 return "malformed record"
-            if not isinstance(hlc, int) or isinstance(hlc, bool) or hlc < 0:
+            if not isinstance(hlc, int) or isinstance(hlc, bool) or not 0 <= hlc < 2 ** 62:
                 return "bad clock"
             if hlc > ahead:
                 return "clock ahead of the server (check this device's time)"
@@ -1724,7 +1790,8 @@ def _op_hello(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
 
 def _op_push(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
     records, cursor = payload.get("records"), payload.get("cursor")
-    if not isinstance(records, list) or not (cursor is None or isinstance(cursor, int)):
+    if not isinstance(records, list) or not (cursor is None or (
+            isinstance(cursor, int) and 0 <= cursor < 2 ** 63)):
         raise HttpError(400, "bad_request", "push needs a list of records")
     if len(records) > MAX_PUSH_RECORDS:
         raise HttpError(413, "too_large", f"at most {MAX_PUSH_RECORDS} records per push")
@@ -1734,12 +1801,13 @@ def _op_push(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
 def _op_pull(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
     cursor, limit, since = payload.get("cursor", 0), payload.get("limit", PULL_PAGE), \
         payload.get("since")
-    if not (isinstance(cursor, int) and isinstance(limit, int) and limit > 0
-            and (since is None or isinstance(since, str))):
+    if not (isinstance(cursor, int) and isinstance(limit, int) and 0 <= cursor < 2 ** 63
+            and 0 < limit < 2 ** 31 and (since is None or isinstance(since, str))):
         raise HttpError(400, "bad_request", "pull needs an integer cursor and limit")
     return store.pull(cursor, min(limit, MAX_PULL_PAGE), since)
 
 
+DRAIN_LIMIT = 64 * 1024 * 1024         # oversized bodies read and dropped at most
 OPERATIONS = {"/v1/hello": _op_hello, "/v1/push": _op_push, "/v1/pull": _op_pull}
 MAX_PUSH_RECORDS = 5000
 MAX_PULL_PAGE = 5000
@@ -1805,7 +1873,7 @@ def dispatch(server: "SyncServer", method: str, path: str, headers: dict[str, st
     except HttpError as exc:
         return exc.status, {"Content-Type": "application/json"}, _json_body(
             {"error": str(exc), "code": exc.code})
-    except (sqlite3.Error, CcsyncError) as exc:
+    except Exception as exc:            # the answer is JSON, the traceback stays here
         server.log(f"error: {type(exc).__name__}: {exc}")
         return 500, {"Content-Type": "application/json"}, _json_body(
             {"error": "server error (see the server's log)", "code": "server_error"})
@@ -1858,12 +1926,25 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return b"", 413
         size = int(length)
         if size > self.server.max_body:
+            self._drain(size)
             return b"", 413
         try:
             body = self.rfile.read(size)
         except (TimeoutError, OSError):
             return b"", 413
         return (body, None) if len(body) == size else (b"", 413)
+
+    def _drain(self, size: int) -> None:
+        # Read (and drop) an oversized body, within limits, so the client gets
+        # to read the 413 instead of a broken pipe.
+        left = min(size, self.server.max_body + DRAIN_LIMIT)
+        deadline = time.monotonic() + self.server.request_timeout
+        with contextlib.suppress(OSError):
+            while left > 0 and time.monotonic() < deadline:
+                chunk = self.rfile.read1(min(left, 1 << 16))
+                if not chunk:
+                    break
+                left -= len(chunk)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _serve
 
@@ -2120,16 +2201,32 @@ class SyncResult:
                 "rejected": dict(self.pulled.refused)}
 
 
+class SyncCancelled(CcsyncError):
+    """A sync stopped between two batches because stop was asked for."""
+
+
+def _check_stop(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise SyncCancelled("sync stopped before it finished (nothing half-applied)")
+
+
 def push_changes(store: Store, transport: Any, result: SyncResult,
-                 batch_size: int = PUSH_BATCH) -> None:
+                 batch_size: int = PUSH_BATCH, stop: threading.Event | None = None) -> None:
     """Send every pending row in batches, settling each batch as it returns."""
     position = None
     while True:
+        _check_stop(stop)
         batch = store.capture(position, batch_size)
         if batch.next_pos is None:
             return
         records = [r for r in batch.records if r is not None]
-        answer = transport.push(records, store.cursor) if records else {"results": []}
+        try:
+            answer = transport.push(records, store.cursor) if records else {"results": []}
+        except RemoteError as exc:
+            if exc.kind != "too_large" or batch_size <= 1:
+                raise
+            batch_size //= 2            # same position, smaller batch
+            continue
         counts, reasons = store.ack(batch, answer.get("results", []), answer.get("cursor"))
         result.sent += len(records)
         result.accepted += counts.get("accepted", 0)
@@ -2139,7 +2236,8 @@ def push_changes(store: Store, transport: Any, result: SyncResult,
 
 
 def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: int = PULL_PAGE,
-                 since: str | None = None, max_pages: int = 10 ** 6) -> None:
+                 since: str | None = None, max_pages: int = 10 ** 6,
+                 stop: threading.Event | None = None) -> None:
     """Fetch and merge pages until the server has nothing newer.
 
     With ``since``, the pull starts from the beginning but only asks for
@@ -2147,6 +2245,7 @@ def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: in
     """
     cursor = 0 if since else store.cursor
     for _ in range(max_pages):
+        _check_stop(stop)
         page = transport.pull(cursor, page_size, since)
         records, cursor = page.get("records", []), int(page.get("cursor", cursor))
         result.pulled.add(store.apply_page(records, None if since else cursor))
@@ -2157,13 +2256,17 @@ def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: in
 
 def sync_once(store: Store, transport: Any, *, push: bool = True, pull: bool = True,
               since: str | None = None, batch_size: int = PUSH_BATCH,
-              page_size: int = PULL_PAGE) -> SyncResult:
-    """One sync: stamp and capture, push pending rows, pull and merge the rest."""
+              page_size: int = PULL_PAGE, stop: threading.Event | None = None) -> SyncResult:
+    """One sync: stamp and capture, push pending rows, pull and merge the rest.
+
+    ``stop`` (an Event) ends the sync between two batches or pages; every
+    batch and page is its own transaction, so stopping never leaves half.
+    """
     result = SyncResult(stamped=store.prepare())
     if push:
-        push_changes(store, transport, result, batch_size)
+        push_changes(store, transport, result, batch_size, stop)
     if pull:
-        pull_changes(store, transport, result, page_size, since)
+        pull_changes(store, transport, result, page_size, since, stop=stop)
     return result
 
 
@@ -2282,6 +2385,385 @@ def mask_key(key: str | None) -> str:
     return f"...{key[-4:]}" if key else "none"
 
 
+##### Auto-sync ###############################################################
+# A background loop for cc's daemon (and the `daemon` command): one sync per
+# interval, backoff with jitter after failures, one sync at a time per
+# database across processes.  Never raises into the host.
+
+MAX_BACKOFF = 3600.0
+LOG = logging.getLogger("ccsync")
+
+
+def next_delay(interval: float, failures: int, rand: Callable[[], float] = random.random) -> float:
+    """Seconds until the next sync: ``interval`` after a success, else an
+    exponential backoff (capped at an hour) with 50-100 % jitter."""
+    if failures <= 0:
+        return interval
+    cap = max(MAX_BACKOFF, interval)
+    return min(cap, interval * 2 ** failures) * (0.5 + 0.5 * rand())
+
+
+class SyncLock:
+    """An exclusive lock file next to the database, so two syncs (threads,
+    cron and the daemon) never interleave on it."""
+
+    def __init__(self, db_path: str):
+        self.path = db_path + ".ccsync-lock"
+        self._fh: Any = None
+
+    def acquire(self, timeout: float = 0.0) -> bool:
+        """Take the lock, waiting up to ``timeout`` seconds; False if still held."""
+        deadline = time.monotonic() + timeout
+        fh = open(self.path, "a+b")
+        waiter = threading.Event()
+        while True:
+            try:
+                _lock_file(fh)
+            except OSError:
+                if time.monotonic() >= deadline:
+                    fh.close()
+                    return False
+                waiter.wait(0.05)
+                continue
+            self._fh = fh
+            return True
+
+    def release(self) -> None:
+        """Let the next sync in."""
+        if self._fh is not None:
+            _unlock_file(self._fh)
+            self._fh.close()
+            self._fh = None
+
+
+def _lock_file(fh: Any) -> None:
+    if os.name == "nt":
+        import msvcrt
+        fh.seek(0)
+        msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+    else:
+        import fcntl
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _unlock_file(fh: Any) -> None:
+    if os.name == "nt":
+        import msvcrt
+        fh.seek(0)
+        msvcrt.locking(fh.fileno(), msvcrt.LK_UNLCK, 1)
+    else:
+        import fcntl
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+class SyncBusy(CcsyncError):
+    """Another sync holds this database's sync lock."""
+
+
+def run_sync(store: Store, client: Any, *, push: bool = True, pull: bool = True,
+             since: str | None = None, lock_timeout: float = 300.0,
+             stop: threading.Event | None = None,
+             clock: Callable[[], float] = time.time) -> SyncResult:
+    """sync_once under the database's sync lock, noting the outcome for status."""
+    lock = SyncLock(store.path)
+    if not lock.acquire(lock_timeout):
+        raise SyncBusy(f"another sync is running on {store.path}",
+                       hint="wait for it (cron and the daemon take turns)")
+    try:
+        result = sync_once(store, client, push=push, pull=pull, since=since, stop=stop)
+    except SyncCancelled:
+        raise
+    except CcsyncError as exc:
+        _note_outcome(store, error=f"{iso_utc(clock)} {exc}")
+        raise
+    finally:
+        lock.release()
+    _note_outcome(store, ok=iso_utc(clock))
+    return result
+
+
+def _note_outcome(store: Store, *, ok: str | None = None, error: str | None = None) -> None:
+    with contextlib.suppress(sqlite3.Error, CcsyncError):
+        if store.installed():
+            with transaction(store.conn):
+                if ok:
+                    store.set_meta("last_sync", ok)
+                store.set_meta("last_error", error)
+
+
+class AutoSync:
+    """Background push/pull every ``interval`` seconds, for cc's daemon.
+
+    ``db_path``, ``server`` and ``api_key`` default to --db/$CC_DB and
+    CC_SERVER/CC_API_KEY (environment, else ~/.cc-cli/.env), read at start().
+    ``start()`` returns False (and does nothing) when sync is not configured.
+    ``stop()`` returns within a second; a sync in flight ends at its next
+    batch boundary, never inside a transaction.  Nothing here raises into
+    the host: outcomes are in ``last_result`` / ``last_error`` and the
+    ``ccsync`` logger.
+    """
+
+    def __init__(self, db_path: str | None = None, server: str | None = None,
+                 api_key: str | None = None, interval: float = 300.0, *,
+                 environ: dict | None = None, clock: Callable[[], float] = time.time,
+                 rand: Callable[[], float] = random.random, lock_wait: float = 0.0):
+        self.interval = float(interval)
+        self.last_result: SyncResult | None = None
+        self.last_error: str | None = None
+        self.last_sync_at: float | None = None
+        self.failures = 0
+        self._db_path, self._server, self._api_key = db_path, server, api_key
+        self._environ, self._clock, self._rand, self._lock_wait = environ, clock, rand, lock_wait
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _settings(self) -> tuple[str, str | None, str | None, str | None]:
+        environ = os.environ if self._environ is None else self._environ
+        config = load_config(environ)
+        return (resolve_db_path(self._db_path, environ), self._server or config.server,
+                self._api_key or config.api_key, config.ca_file)
+
+    @property
+    def configured(self) -> bool:
+        """True when a server URL and an API key are known."""
+        try:
+            _db, server, key, _ca = self._settings()
+        except CcsyncError:
+            return False
+        return bool(server and key)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> bool:
+        """Start the loop on a daemon thread; False (a no-op) when not configured."""
+        if self.running:
+            return True
+        if not self.configured:
+            LOG.info("auto-sync not started: sync is not configured (run `ccsync setup`)")
+            return False
+        self._stop.clear()
+        self._thread = threading.Thread(target=self.run, name="ccsync-autosync", daemon=True)
+        self._thread.start()
+        return True
+
+    def stop(self, timeout: float = 1.0) -> bool:
+        """Ask the loop to end and wait up to ``timeout``; True if it has ended."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        return not self.running
+
+    def request_stop(self) -> None:
+        """Ask the loop to end without waiting (safe from a signal handler)."""
+        self._stop.set()
+
+    def run(self) -> None:
+        """The loop itself, on the calling thread: sync now, then every interval."""
+        delay = 0.0
+        while not self._stop.wait(delay):
+            self.sync_now()
+            delay = next_delay(self.interval, self.failures, self._rand)
+            if self.failures:
+                LOG.warning("next sync attempt in %.0f s", delay)
+
+    def sync_now(self) -> SyncResult | None:
+        """One sync on the calling thread; the result, or None (see last_error)."""
+        try:
+            result = self._sync()
+        except SyncCancelled:
+            LOG.info("sync stopped")
+            return None
+        except SyncBusy as exc:
+            LOG.info("%s; skipped this round", exc)
+            return None
+        except Exception as exc:       # never raise into the host program
+            self.failures += 1
+            self.last_error = f"{iso_utc(self._clock)} {exc}"
+            if isinstance(exc, CcsyncError):
+                LOG.warning("sync failed: %s", exc)
+            else:
+                LOG.exception("sync failed unexpectedly")
+            return None
+        self.failures, self.last_error = 0, None
+        self.last_result, self.last_sync_at = result, self._clock()
+        LOG.info("synced: %s", "; ".join(summary_lines(result, push=True, pull=True)))
+        return result
+
+    def _sync(self) -> SyncResult:
+        db_path, server, api_key, ca_file = self._settings()
+        if not (server and api_key):
+            raise ConfigError("sync is not configured", hint="run `ccsync setup`")
+        store = open_store(db_path, local_settings=split_names(
+            (self._environ or os.environ).get(ENV_LOCAL_SETTINGS)))
+        try:
+            client = Client(server, api_key, ca_file=ca_file)
+            return run_sync(store, client, lock_timeout=self._lock_wait, stop=self._stop)
+        finally:
+            store.conn.close()
+
+
+##### Resolve #################################################################
+# After pulling onto a new device: point environments at versions and
+# project folders that exist here.  Device-local: nothing here syncs.
+
+def version_digits(name: Any) -> tuple[int, ...]:
+    """'v17', '17.0' and 'odoo-17' all give (17,): the numbers, trailing zeros dropped."""
+    numbers = [int(n) for n in re.findall(r"\d+", str(name or ""))]
+    while len(numbers) > 1 and numbers[-1] == 0:
+        numbers.pop()
+    return tuple(numbers)
+
+
+@dataclass
+class Resolver:
+    """Finds and applies the fixes `resolve` makes; I/O passed in for tests."""
+
+    store: Store
+    clone: bool = False
+    exists: Callable[[str], bool] = os.path.isdir
+    git_timeout: float = 300.0
+    home: str = field(default_factory=lambda: os.path.expanduser(CC_DIR))
+
+    def plan(self) -> list[dict]:
+        """Every change resolve would make (cloning happens here, with --clone)."""
+        tables = self.store.tables()
+        if "environment" not in tables or "version" not in tables:
+            return []
+        conn = self.store.conn
+        versions = conn.execute("SELECT id, name, path FROM version ORDER BY id").fetchall()
+        projects = dict(conn.execute("SELECT id, name FROM project")) \
+            if "project" in tables else {}
+        links = dict(conn.execute("SELECT project, path FROM _ccsync_link"))
+        changes = []
+        for env in conn.execute("SELECT * FROM environment ORDER BY id").fetchall():
+            label = f"{projects.get(env['project_id'], '?')}/{env['name']}"
+            version = self._pick_version(env, versions, changes, label)
+            changes += self._fix_project_path(env, version, projects.get(env["project_id"]),
+                                              links, label)
+        return changes
+
+    def _pick_version(self, env: sqlite3.Row, versions: list, changes: list, label: str) -> Any:
+        current = next((v for v in versions if v["id"] == env["version_id"]), None)
+        if current is None or (current["path"] and self.exists(current["path"])):
+            return current
+        wanted = version_digits(current["name"])
+        for candidate in versions:
+            if candidate["id"] != current["id"] and candidate["path"] \
+                    and self.exists(candidate["path"]) and wanted \
+                    and version_digits(candidate["name"]) == wanted:
+                changes.append({"environment": label, "id": env["id"], "field": "version_id",
+                                "old": current["name"], "new": candidate["name"],
+                                "value": candidate["id"], "how": "same version digits"})
+                return candidate
+        return current
+
+    def _fix_project_path(self, env: sqlite3.Row, version: Any, project: str | None,
+                          links: dict, label: str) -> list[dict]:
+        path = env["project_path"]
+        if path and self.exists(path):
+            return []
+        change = {"environment": label, "id": env["id"], "field": "project_path", "old": path}
+        linked = links.get(project)
+        if linked and self.exists(linked):
+            return [{**change, "new": linked, "value": linked, "how": "linked path"}]
+        if not path and not linked:
+            return []
+        base = version["path"] if version is not None else None
+        if base and self.exists(base):
+            for name in dict.fromkeys(filter(None, (os.path.basename(path or ""), project,
+                                                    env["name"]))):
+                candidate = os.path.join(base, name)
+                if self.exists(candidate):
+                    return [{**change, "new": candidate, "value": candidate,
+                             "how": "found under the version's path"}]
+        if self.clone and env["github_url"]:
+            cloned, why = self._clone(env, path, base)
+            if cloned:
+                return [{**change, "new": cloned, "value": cloned, "how": "cloned"}]
+            change["note"] = why
+        if not path:
+            return []
+        return [{**change, "new": None, "value": None, "how": "cleared"}]
+
+    def _clone_dir(self, base: str | None) -> str:
+        row = self.store.conn.execute("SELECT value FROM setting WHERE name = 'sync.clone_dir'"
+                                      ).fetchone() if "setting" in self.store.tables() else None
+        if row and row[0]:
+            return os.path.expanduser(row[0])
+        return base if base and self.exists(base) else os.path.join(self.home, "clones")
+
+    def _clone(self, env: sqlite3.Row, path: str | None, base: str | None) -> tuple[str | None, str]:
+        url = env["github_url"]
+        name = os.path.basename(path or "") or re.sub(r"\.git$", "", url.rstrip("/").split("/")[-1])
+        target = os.path.join(self._clone_dir(base), name or env["name"])
+        if self.exists(os.path.join(target, ".git")):
+            return target, "already cloned"
+        if os.path.exists(target):
+            return None, f"{target} exists and is not a git checkout"
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        command = ["git", "clone", "--quiet"]
+        if env["branch_name"]:
+            command += ["--branch", env["branch_name"]]
+        environ = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true",
+                   "GIT_SSH_COMMAND": "ssh -o BatchMode=yes -o ConnectTimeout=15"}
+        try:
+            done = subprocess.run([*command, "--", url, target], capture_output=True, text=True,
+                                  timeout=self.git_timeout, env=environ, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            shutil.rmtree(target, ignore_errors=True)
+            return None, f"git clone failed: {exc}"
+        if done.returncode != 0:
+            shutil.rmtree(target, ignore_errors=True)
+            return None, "git clone failed: " + (done.stderr.strip().splitlines() or ["?"])[-1]
+        return target, "cloned"
+
+    def apply(self, changes: list[dict]) -> None:
+        """Write the changes as device-local edits (not captured, not synced)."""
+        info = self.store.tables()["environment"]
+        with transaction(self.store.conn):
+            self.store._suppress(True)
+            for change in changes:
+                self.store.conn.execute(
+                    f"UPDATE environment SET {_q(change['field'])} = ? WHERE id = ?",
+                    (change["value"], change["id"]))
+                if change["field"] == "version_id":
+                    self._remember_in_shadow(info, change)
+            self.store._suppress(False)
+
+    def _remember_in_shadow(self, info: TableInfo, change: dict) -> None:
+        # The shadow takes the re-pointed reference, so a later full diff does
+        # not mistake this device-local fix for an edit to send.
+        sid = self.store.conn.execute("SELECT sync_id FROM environment WHERE id = ?",
+                                      (change["id"],)).fetchone()[0]
+        shadow = self.store._shadow("environment", sid) if sid else None
+        if shadow is None:
+            return
+        rid, vals, clocks = shadow
+        vals["version_id"] = self.store._parent_sids("version", [change["value"]]).get(
+            change["value"])
+        self.store._put_shadow("environment", sid, rid, vals, clocks)
+
+
+def link_project(store: Store, project: str, path: str,
+                 clock: Callable[[], float] = time.time) -> str:
+    """Record this device's folder for a project (never synced); returns the absolute path."""
+    path = os.path.abspath(os.path.expanduser(path))
+    with transaction(store.conn):
+        store.conn.execute("INSERT OR REPLACE INTO _ccsync_link (project, path, at) "
+                           "VALUES (?, ?, ?)", (project, path, iso_utc(clock)))
+    return path
+
+
+def links(store: Store) -> list[dict]:
+    """Linked project folders on this device."""
+    if not store.installed():
+        return []
+    return [dict(r) for r in store.conn.execute(
+        "SELECT project, path, at FROM _ccsync_link ORDER BY project")]
+
+
 ##### Output ##################################################################
 # Human lines or one JSON object; errors always one line on stderr.
 
@@ -2331,27 +2813,6 @@ def cmd_stamp(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def run_sync(store: Store, client: Any, *, push: bool, pull: bool,
-             since: str | None = None, clock: Callable[[], float] = time.time) -> SyncResult:
-    """sync_once plus bookkeeping for status: last success, last error."""
-    try:
-        result = sync_once(store, client, push=push, pull=pull, since=since)
-    except CcsyncError as exc:
-        _note_outcome(store, error=f"{iso_utc(clock)} {exc}")
-        raise
-    _note_outcome(store, ok=iso_utc(clock))
-    return result
-
-
-def _note_outcome(store: Store, *, ok: str | None = None, error: str | None = None) -> None:
-    with contextlib.suppress(sqlite3.Error, CcsyncError):
-        if store.installed():
-            with transaction(store.conn):
-                if ok:
-                    store.set_meta("last_sync", ok)
-                store.set_meta("last_error", error)
-
-
 def _cmd_sync(args: argparse.Namespace, *, push: bool, pull: bool) -> int:
     since = None
     if getattr(args, "since", None):
@@ -2394,6 +2855,8 @@ def server_state(config: Config, clock: Callable[[], float] = time.time) -> dict
         info = client_for(config, timeout=10).hello()
     except CryptoUnavailable as exc:
         return {**state, "state": "unavailable", "detail": str(exc)}
+    except ConfigError as exc:
+        return {**state, "state": "not configured", "detail": str(exc)}
     except RemoteError as exc:
         names = {"key_rejected": "key rejected", "revoked": "key revoked",
                  "clock_skew": "clock skewed"}
@@ -2566,6 +3029,65 @@ def cmd_enable(args: argparse.Namespace) -> int:
                           hint=f"check {sys.executable} -m pip show pycryptodomex")
     _emit(args, {"installed": True, "changed": True},
           ["installed pycryptodomex; sync is enabled"])
+    return EXIT_OK
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    """daemon [--interval S]: the auto-sync loop in the foreground until SIGINT/SIGTERM."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s ccsync: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    LOG.addHandler(handler)
+    LOG.setLevel(logging.INFO)
+    auto = AutoSync(db_path=args.db, interval=args.interval)
+    if not auto.configured:
+        raise ConfigError("sync is not configured (no CC_SERVER / CC_API_KEY)",
+                          hint="run `ccsync setup`")
+    previous = {sig: signal.signal(sig, lambda *_: auto.request_stop())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    LOG.info("auto-sync every %.0f s on %s", auto.interval,
+             resolve_db_path(args.db, os.environ))
+    try:
+        auto.run()
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        LOG.removeHandler(handler)
+    LOG.info("stopped")
+    return EXIT_OK
+
+
+def cmd_resolve(args: argparse.Namespace) -> int:
+    """resolve [--dry-run] [--clone]: fix versions and project paths on this device."""
+    store = _store_from_args(args)
+    store.prepare()
+    resolver = Resolver(store, clone=args.clone and not args.dry_run)
+    changes = resolver.plan()
+    if not args.dry_run:
+        resolver.apply(changes)
+    verb = "would change" if args.dry_run else "changed"
+    lines = [f"{verb} {c['environment']}: {c['field']} {c['old']!r} -> {c['new']!r} ({c['how']})"
+             + (f"; {c['note']}" if c.get("note") else "") for c in changes]
+    public = [{k: v for k, v in c.items() if k != "value"} for c in changes]
+    _emit(args, {"changes": public, "dry_run": args.dry_run},
+          lines or ["nothing to resolve: every environment points at paths that exist here"])
+    return EXIT_OK
+
+
+def cmd_link(args: argparse.Namespace) -> int:
+    """link [--project NAME --path PATH]: record or list this device's project folders."""
+    store = _store_from_args(args)
+    if args.project is None and args.path is None:
+        found = links(store)
+        _emit(args, {"links": found}, [f"{l['project']}: {l['path']}" for l in found]
+              or ["no links on this device"])
+        return EXIT_OK
+    if not (args.project and args.path):
+        raise UsageError("link needs both --project NAME and --path PATH (or neither, to list)")
+    store.prepare()
+    path = link_project(store, args.project, args.path)
+    note = "" if os.path.isdir(path) else " (it does not exist yet)"
+    _emit(args, {"project": args.project, "path": path},
+          [f"linked project '{args.project}' to {path}{note}"])
     return EXIT_OK
 
 
@@ -2748,6 +3270,22 @@ def _add_device_parsers(sub: Any) -> None:
                    help="remove everything ccsync added (keeps cc's sync columns)")
     _flags(p)
     p.set_defaults(func=cmd_stamp)
+    p = sub.add_parser("daemon", help="auto-sync in the foreground (every 5 minutes)")
+    p.add_argument("--interval", type=float, default=300.0, metavar="SECONDS",
+                   help="seconds between syncs (default: 300)")
+    _flags(p)
+    p.set_defaults(func=cmd_daemon)
+    p = sub.add_parser("resolve", help="fix versions and paths after pulling to a new device")
+    p.add_argument("--dry-run", action="store_true", help="show what would change")
+    p.add_argument("--clone", action="store_true",
+                   help="clone missing projects from their github_url (non-interactive git)")
+    _flags(p)
+    p.set_defaults(func=cmd_resolve)
+    p = sub.add_parser("link", help="record this device's folder for a project (not synced)")
+    p.add_argument("--project", "--name", dest="project", metavar="NAME", help="project name")
+    p.add_argument("--path", metavar="PATH", help="folder on this device")
+    _flags(p)
+    p.set_defaults(func=cmd_link)
     p = sub.add_parser("enable", help="install pycryptodomex (needed to sync)")
     _flags(p, db=False)
     p.set_defaults(func=cmd_enable)
