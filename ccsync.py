@@ -785,7 +785,7 @@ class Store:
             return
         if self.meta("device_id"):
             self.set_meta("cursor", "0")
-        self.set_meta("device_id", uuid.uuid4().hex)
+        self.set_meta("device_id", uuid.uuid4().hex[:16])   # 64 bits: short clocks
         self.set_meta("fingerprint", fingerprint)
 
     def _install_table(self, table: str) -> bool:
@@ -1228,7 +1228,6 @@ class Store:
                 else:
                     result.applied += changed
                     result.unchanged += not changed
-            self._resolve_pending()
             if cursor is not None:
                 self.set_meta("cursor", str(cursor))
             self._suppress(False)
@@ -1530,24 +1529,38 @@ class Store:
         self.conn.execute("INSERT OR IGNORE INTO _ccsync_pending (tbl, sid) VALUES (?, ?)",
                           (table, sid))
 
-    def _resolve_pending(self) -> None:
-        """Retry rows whose references were waiting for a parent."""
+    def resolve_pending(self, chunk: int = 200) -> int:
+        """Retry rows whose references waited for a parent; returns how many remain.
+
+        Run once after the last page of a pull (retrying after every page
+        would cost pages x pending rows), in short transactions.
+        """
+        if not self.installed():
+            return 0
         pending = self.conn.execute("SELECT tbl, sid FROM _ccsync_pending").fetchall()
         pending.sort(key=lambda r: TABLE_ORDER.get(r[0], len(SPEC)))
-        for table, sid in pending:
-            info = self.tables().get(table)
-            if info is None or self._shadow(table, sid) is None:
-                self.conn.execute("DELETE FROM _ccsync_pending WHERE tbl = ? AND sid = ?",
-                                  (table, sid))
-                continue
-            refs = [c for c in (*info.spec.refs, *info.spec.list_refs) if c in info.columns]
-            try:
-                with transaction(self.conn):
-                    rid = self._rid_for_sid(table, sid)
-                    self._materialize(info, sid, None if rid is None else
-                                      [c for c in refs if c not in self._dirty_cells(table, rid)])
-            except sqlite3.IntegrityError:
-                continue          # stays pending; retried after the next page
+        for part in _chunks(pending, chunk):
+            with transaction(self.conn):
+                self._suppress(True)
+                for table, sid in part:
+                    self._retry_pending(table, sid)
+                self._suppress(False)
+        return self.pending_references()
+
+    def _retry_pending(self, table: str, sid: str) -> None:
+        info = self.tables().get(table)
+        if info is None or self._shadow(table, sid) is None:
+            self.conn.execute("DELETE FROM _ccsync_pending WHERE tbl = ? AND sid = ?",
+                              (table, sid))
+            return
+        refs = [c for c in (*info.spec.refs, *info.spec.list_refs) if c in info.columns]
+        try:
+            with transaction(self.conn):
+                rid = self._rid_for_sid(table, sid)
+                self._materialize(info, sid, None if rid is None else
+                                  [c for c in refs if c not in self._dirty_cells(table, rid)])
+        except sqlite3.IntegrityError:
+            pass                  # stays pending; retried after the next pull
 
     def pending_references(self) -> int:
         """How many rows still wait for a parent that has not arrived."""
@@ -2193,12 +2206,13 @@ class SyncResult:
     superseded: int = 0
     refused: Counter = field(default_factory=Counter)
     pulled: ApplyResult = field(default_factory=ApplyResult)
+    waiting: int = 0                # rows still waiting for a parent after the pull
 
     def as_dict(self) -> dict:
         return {"stamped": self.stamped, "sent": self.sent, "accepted": self.accepted,
                 "superseded": self.superseded, "refused": dict(self.refused),
                 "received": self.pulled.received, "applied": self.pulled.applied,
-                "rejected": dict(self.pulled.refused)}
+                "rejected": dict(self.pulled.refused), "waiting_for_parent": self.waiting}
 
 
 class SyncCancelled(CcsyncError):
@@ -2250,6 +2264,7 @@ def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: in
         records, cursor = page.get("records", []), int(page.get("cursor", cursor))
         result.pulled.add(store.apply_page(records, None if since else cursor))
         if not page.get("more"):
+            result.waiting = store.resolve_pending()
             return
     raise RemoteError("server kept sending pages; stopped after %d" % max_pages)
 
