@@ -2637,6 +2637,7 @@ class Resolver:
 
     store: Store
     clone: bool = False
+    dry_run: bool = False             # plan clones without running git
     exists: Callable[[str], bool] = os.path.isdir
     git_timeout: float = 300.0
     home: str = field(default_factory=lambda: os.path.expanduser(CC_DIR))
@@ -2696,7 +2697,8 @@ class Resolver:
         if self.clone and env["github_url"]:
             cloned, why = self._clone(env, path, base)
             if cloned:
-                return [{**change, "new": cloned, "value": cloned, "how": "cloned"}]
+                return [{**change, "new": cloned, "value": cloned,
+                         "how": "would clone" if self.dry_run else "cloned"}]
             change["note"] = why
         if not path:
             return []
@@ -2717,6 +2719,8 @@ class Resolver:
             return target, "already cloned"
         if os.path.exists(target):
             return None, f"{target} exists and is not a git checkout"
+        if self.dry_run:
+            return target, f"would clone {url}"
         os.makedirs(os.path.dirname(target), exist_ok=True)
         command = ["git", "clone", "--quiet"]
         if env["branch_name"]:
@@ -3075,7 +3079,7 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     """resolve [--dry-run] [--clone]: fix versions and project paths on this device."""
     store = _store_from_args(args)
     store.prepare()
-    resolver = Resolver(store, clone=args.clone and not args.dry_run)
+    resolver = Resolver(store, clone=args.clone, dry_run=args.dry_run)
     changes = resolver.plan()
     if not args.dry_run:
         resolver.apply(changes)
