@@ -2415,7 +2415,7 @@ def next_delay(interval: float, failures: int, rand: Callable[[], float] = rando
     if failures <= 0:
         return interval
     cap = max(MAX_BACKOFF, interval)
-    return min(cap, interval * 2 ** failures) * (0.5 + 0.5 * rand())
+    return min(cap, interval * 2.0 ** min(failures, 64)) * (0.5 + 0.5 * rand())
 
 
 class SyncLock:
@@ -2532,8 +2532,13 @@ class AutoSync:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    @property
+    def environ(self) -> dict:
+        """The environment this loop reads (the process's unless one was given)."""
+        return os.environ if self._environ is None else self._environ
+
     def _settings(self) -> tuple[str, str | None, str | None, str | None]:
-        environ = os.environ if self._environ is None else self._environ
+        environ = self.environ
         config = load_config(environ)
         return (resolve_db_path(self._db_path, environ), self._server or config.server,
                 self._api_key or config.api_key, config.ca_file)
@@ -2611,7 +2616,7 @@ class AutoSync:
         if not (server and api_key):
             raise ConfigError("sync is not configured", hint="run `ccsync setup`")
         store = open_store(db_path, local_settings=split_names(
-            (self._environ or os.environ).get(ENV_LOCAL_SETTINGS)))
+            self.environ.get(ENV_LOCAL_SETTINGS)))
         try:
             client = Client(server, api_key, ca_file=ca_file)
             return run_sync(store, client, lock_timeout=self._lock_wait, stop=self._stop)
@@ -2933,11 +2938,6 @@ def cmd_server(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
                           ) from None
-    if tls is None and not is_loopback(args.host):
-        _log_line(f"warning: serving plain HTTP on {args.host}: bodies are encrypted and "
-                  "signed, but use --tls-cert/--tls-key (or a TLS proxy) on networks you "
-                  "do not trust")
-    _log_line(f"ccsync {__version__} server listening on {server.url} (data: {data})")
     stopping = threading.Event()
 
     def _stop(signum: int, _frame: Any) -> None:
@@ -2947,6 +2947,11 @@ def cmd_server(args: argparse.Namespace) -> int:
             threading.Thread(target=server.shutdown, daemon=True).start()
 
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if tls is None and not is_loopback(args.host):
+        _log_line(f"warning: serving plain HTTP on {args.host}: bodies are encrypted and "
+                  "signed, but use --tls-cert/--tls-key (or a TLS proxy) on networks you "
+                  "do not trust")
+    _log_line(f"ccsync {__version__} server listening on {server.url} (data: {data})")
     try:
         server.serve_forever()
     finally:
@@ -3063,15 +3068,15 @@ def cmd_daemon(args: argparse.Namespace) -> int:
                           hint="run `ccsync setup`")
     previous = {sig: signal.signal(sig, lambda *_: auto.request_stop())
                 for sig in (signal.SIGINT, signal.SIGTERM)}
-    LOG.info("auto-sync every %.0f s on %s", auto.interval,
+    LOG.info("auto-sync every %g s on %s", auto.interval,
              resolve_db_path(args.db, os.environ))
     try:
         auto.run()
+        LOG.info("stopped")
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
         LOG.removeHandler(handler)
-    LOG.info("stopped")
     return EXIT_OK
 
 
@@ -3236,10 +3241,20 @@ def _flags(parser: argparse.ArgumentParser, *, db: bool = True, data: bool = Fal
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535, not {text!r}")
+    return port
+
+
 def _add_server_parser(sub: Any) -> None:
     p = sub.add_parser("server", help="run the sync server")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
-    p.add_argument("--port", type=int, default=9100, help="port (default: 9100)")
+    p.add_argument("--port", type=_port, default=9100, help="port (default: 9100)")
     p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate")
     p.add_argument("--tls-key", metavar="FILE", help="private key for --tls-cert")
     p.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, metavar="BYTES",
