@@ -158,6 +158,7 @@ PULL_PAGE = 500                           # records per pull page (one transacti
 WRITE_CHUNK = 2000                        # rows per local write transaction
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+LOG = logging.getLogger("ccsync")          # no handlers here: the host decides
 
 
 ##### Errors ##################################################################
@@ -1143,6 +1144,57 @@ class Store:
         return tomb is not None and all(newer(tomb, v) for k, v in clocks.items()
                                         if k != TOMBSTONE)
 
+    def reseed_records(self, after: tuple[str, str] | None = None,
+                       limit: int = PUSH_BATCH) -> tuple[list[dict], tuple[str, str] | None]:
+        """The synced state (shadow) as records with their original clocks.
+
+        Used when the server's store is new (rebuilt, or another server): every
+        device hands back what it knows, and per-column clocks merge it as before.
+        Returns (records, next position or None when done).
+        """
+        lower = after or ("", "")
+        rows = self.conn.execute(
+            "SELECT tbl, sid, vals, clocks FROM _ccsync_shadow WHERE (tbl, sid) > (?, ?) "
+            "ORDER BY tbl, sid LIMIT ?", (*lower, limit)).fetchall()
+        records = []
+        for table, sid, vals, clocks in rows:
+            info, vals = self.tables().get(table), json.loads(vals)
+            if info is not None and not self._skip_row(info, vals):
+                records += self._shadow_records(info, sid, vals, json.loads(clocks))
+        return records, ((rows[-1][0], rows[-1][1]) if len(rows) == limit else None)
+
+    def _shadow_records(self, info: TableInfo, sid: str, vals: dict, clocks: dict) -> list[dict]:
+        by_device: dict[str, dict[str, int]] = defaultdict(dict)
+        for col, (hlc, dev) in clocks.items():
+            if col == TOMBSTONE or col in vals:
+                by_device[dev][col] = hlc
+        payload_l = {c: vals[c] for c in info.local if c in vals}
+        payload_k = {c: vals[c] for c in info.spec.key if c in vals}
+        return [{"t": info.name, "id": sid, "dev": dev, "c": cells,
+                 "p": {"v": {c: vals[c] for c in cells if c != TOMBSTONE},
+                       "l": payload_l, "k": payload_k}}
+                for dev, cells in by_device.items()]
+
+    def server_changed(self, store_id: Any) -> bool:
+        """True when the server's store differs from the one this device synced with.
+
+        The first store seen is remembered; later ones count as a change.
+        """
+        if not isinstance(store_id, str) or not store_id:
+            return False
+        known = self.meta("server_store")
+        if known is None:
+            with transaction(self.conn):
+                self.set_meta("server_store", store_id)
+            return False
+        return known != store_id
+
+    def adopt_server(self, store_id: str) -> None:
+        """Start over with a new server store: cursor 0, remember its id."""
+        with transaction(self.conn):
+            self.set_meta("server_store", store_id)
+            self.set_meta("cursor", "0")
+
     # -- acknowledgement -------------------------------------------------
 
     def ack(self, batch: Batch, results: list[dict],
@@ -1625,7 +1677,15 @@ class ServerStore:
         if create:
             with transaction(conn):
                 _run_script(conn, _SERVER_SQL)
+                conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)",
+                             (uuid.uuid4().hex,))
         return cls(conn, clock=clock)
+
+    @functools.cached_property
+    def store_id(self) -> str:
+        """This change store's identity: a device that sees it change re-seeds it."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+        return row[0] if row else ""
 
     # -- device registry (server-side CLI only; never reachable over HTTP) --
 
@@ -1719,7 +1779,7 @@ class ServerStore:
                 else:
                     results.append(self._store_record(record, device, received))
             after = self._max_seq()
-        answer = {"results": results}
+        answer = {"results": results, "store": self.store_id}
         if cursor is not None and cursor == before:
             answer["cursor"] = after
         return answer
@@ -1770,7 +1830,7 @@ class ServerStore:
         records = [{"t": r["tbl"], "id": r["sid"], "dev": r["dev"], "c": json.loads(r["clocks"]),
                     "p": json.loads(r["payload"])} for r in rows]
         return {"records": records, "cursor": rows[-1]["seq"] if rows else int(cursor),
-                "more": more}
+                "more": more, "store": self.store_id}
 
     def stats(self) -> dict:
         """Counts for status output: records held and the newest sequence number."""
@@ -1798,7 +1858,7 @@ def _json_body(data: dict) -> bytes:
 
 def _op_hello(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
     return {"device": device["name"], "server_time": store.clock(), "version": __version__,
-            "seq": store.stats()["seq"]}
+            "seq": store.stats()["seq"], "store": store.store_id}
 
 
 def _op_push(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
@@ -2207,12 +2267,14 @@ class SyncResult:
     refused: Counter = field(default_factory=Counter)
     pulled: ApplyResult = field(default_factory=ApplyResult)
     waiting: int = 0                # rows still waiting for a parent after the pull
+    reseeded: int = 0               # records re-sent to a new server store
 
     def as_dict(self) -> dict:
         return {"stamped": self.stamped, "sent": self.sent, "accepted": self.accepted,
                 "superseded": self.superseded, "refused": dict(self.refused),
                 "received": self.pulled.received, "applied": self.pulled.applied,
-                "rejected": dict(self.pulled.refused), "waiting_for_parent": self.waiting}
+                "rejected": dict(self.pulled.refused), "waiting_for_parent": self.waiting,
+                "reseeded": self.reseeded}
 
 
 class SyncCancelled(CcsyncError):
@@ -2241,7 +2303,10 @@ def push_changes(store: Store, transport: Any, result: SyncResult,
                 raise
             batch_size //= 2            # same position, smaller batch
             continue
-        counts, reasons = store.ack(batch, answer.get("results", []), answer.get("cursor"))
+        # A fast-forward cursor from a store this device does not know is not ours.
+        trusted = not answer.get("store") or answer.get("store") == store.meta("server_store")
+        counts, reasons = store.ack(batch, answer.get("results", []),
+                                    answer.get("cursor") if trusted else None)
         result.sent += len(records)
         result.accepted += counts.get("accepted", 0)
         result.superseded += counts.get("superseded", 0)
@@ -2261,12 +2326,32 @@ def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: in
     for _ in range(max_pages):
         _check_stop(stop)
         page = transport.pull(cursor, page_size, since)
+        if store.server_changed(page.get("store")):
+            reseed_server(store, transport, result, page["store"], stop)
+            cursor = 0
+            continue
         records, cursor = page.get("records", []), int(page.get("cursor", cursor))
         result.pulled.add(store.apply_page(records, None if since else cursor))
         if not page.get("more"):
             result.waiting = store.resolve_pending()
             return
     raise RemoteError("server kept sending pages; stopped after %d" % max_pages)
+
+
+def reseed_server(store: Store, transport: Any, result: SyncResult, store_id: str,
+                  stop: threading.Event | None = None) -> None:
+    """Hand this device's synced state to a new (or rebuilt) server store."""
+    LOG.warning("the server's change store is new: sending this device's synced state again")
+    position = None
+    while True:
+        _check_stop(stop)
+        records, position = store.reseed_records(position)
+        if records:
+            transport.push(records, None)
+            result.reseeded += len(records)
+        if position is None:
+            break
+    store.adopt_server(store_id)
 
 
 def sync_once(store: Store, transport: Any, *, push: bool = True, pull: bool = True,
@@ -2406,7 +2491,6 @@ def mask_key(key: str | None) -> str:
 # database across processes.  Never raises into the host.
 
 MAX_BACKOFF = 3600.0
-LOG = logging.getLogger("ccsync")
 
 
 def next_delay(interval: float, failures: int, rand: Callable[[], float] = random.random) -> float:
