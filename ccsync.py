@@ -562,7 +562,8 @@ CREATE TABLE IF NOT EXISTS _ccsync_alias (
     tbl TEXT NOT NULL, alias TEXT NOT NULL, sid TEXT NOT NULL,
     PRIMARY KEY (tbl, alias)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS _ccsync_pending (
-    tbl TEXT NOT NULL, sid TEXT NOT NULL, PRIMARY KEY (tbl, sid)) WITHOUT ROWID;
+    tbl TEXT NOT NULL, sid TEXT NOT NULL, kind TEXT NOT NULL DEFAULT 'ref',
+    PRIMARY KEY (tbl, sid)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS _ccsync_link (
     project TEXT PRIMARY KEY, path TEXT NOT NULL, at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS _ccsync_refused (
@@ -968,16 +969,31 @@ class Store:
             return None
         return row[0]
 
+    def _canonical_sid(self, table: str, sid: str) -> str:
+        row = self.conn.execute("SELECT sid FROM _ccsync_alias WHERE tbl = ? AND alias = ?",
+                                (table, sid)).fetchone()
+        return row[0] if row else sid
+
     _UNRESOLVED = object()   # a reference whose parent has not arrived yet
     _KEEP = object()         # a name reference with no local match: keep local value
 
-    def _local_value(self, info: TableInfo, col: str, value: Any) -> Any:
-        """The value to write locally for a wire value."""
+    def _local_value(self, info: TableInfo, col: str, value: Any, revive: bool = True) -> Any:
+        """The value to write locally for a wire value.
+
+        A reference to a row known as deleted reads as NULL, or, in a NOT NULL
+        column, brings that row back (with ``revive``).
+        """
         spec = info.spec
         if col in spec.refs:
             if value is None:
                 return None
-            rid = self._rid_for_sid(spec.refs[col], value)
+            parent = spec.refs[col]
+            rid = self._rid_for_sid(parent, value)
+            if rid is None and self._is_dead(parent, self._canonical_sid(parent, value)):
+                if col not in info.notnull:
+                    return None
+                if revive:
+                    rid = self._revive(parent, self._canonical_sid(parent, value))
             return self._UNRESOLVED if rid is None else rid
         if col in spec.list_refs and isinstance(value, dict):
             rids = [self._rid_for_sid(spec.list_refs[col], s) for s in value["ids"]]
@@ -1227,6 +1243,8 @@ class Store:
                     if TOMBSTONE not in record["c"]:
                         self.conn.execute(f"UPDATE {_q(table)} SET synced_at = ? WHERE rowid = ?",
                                           (stamp, rid))
+                    elif status == "accepted":
+                        self._after_local_delete(table, record["id"], rid)
                 else:
                     reason = str(result.get("reason") or "refused")[:200]
                     reasons[reason] += 1
@@ -1237,6 +1255,16 @@ class Store:
                 self.set_meta("cursor", str(cursor))
             self._suppress(False)
         return counts, reasons
+
+    def _after_local_delete(self, table: str, sid: str, rid: int) -> None:
+        # The same rules other devices apply to this delete: a row that live
+        # rows still need comes back (same rowid); nullable references read NULL.
+        if self._rid_for_sid(table, sid) is not None:
+            return
+        if self._needed_by_children(table, rid):
+            self._materialize(self.tables()[table], sid, None, keep=True, rowid=rid)
+        else:
+            self._null_references_to(table, rid)
 
     def _clear_dirty(self, table: str, rid: int, cells: dict[str, int]) -> None:
         self.conn.executemany(
@@ -1468,7 +1496,7 @@ class Store:
             return None
         values = []
         for col in cols:
-            value = self._local_value(info, col, key[col])
+            value = self._local_value(info, col, key[col], revive=False)
             if value is self._UNRESOLVED or value is self._KEEP:
                 return None
             values.append(value)
@@ -1495,11 +1523,14 @@ class Store:
         self.conn.execute("INSERT OR REPLACE INTO _ccsync_alias (tbl, alias, sid) VALUES (?, ?, ?)",
                           (table, alias, sid))
 
-    def _materialize(self, info: TableInfo, sid: str, cols: list[str] | None) -> None:
-        """Make the table row match the shadow for ``cols`` (all, if None).
+    def _materialize(self, info: TableInfo, sid: str, cols: list[str] | None,
+                     keep: bool = False, rowid: int | None = None) -> int | None:
+        """Make the table row match the shadow for ``cols`` (all, if None); its rowid.
 
-        Deletes it if a tombstone is the latest edit, inserts it if new here,
-        and parks unresolved references in ``_ccsync_pending`` for later.
+        Deletes it if a tombstone is the latest edit -- unless a live row needs
+        it as its parent (or ``keep``): then it stays, so every device keeps
+        the same rows.  Inserts it if new here, and parks unresolved references
+        in ``_ccsync_pending`` for later.
         """
         _rid, vals, clocks = self._shadow(info.name, sid)
         rid = self._rid_for_sid(info.name, sid)
@@ -1508,14 +1539,16 @@ class Store:
         for col, stamp in local_cells.items():
             if newer(stamp, latest.get(col)):
                 latest[col] = stamp
-        if self._shadow_deleted(latest):
+        deleted = self._shadow_deleted(latest)
+        if deleted and not keep and not self._needed_by_children(info.name, rid):
             if rid is not None:
+                self._null_references_to(info.name, rid)
                 self.conn.execute(f"DELETE FROM {_q(info.name)} WHERE rowid = ?", (rid,))
                 self.conn.execute("DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ?",
                                   (info.name, rid))
             self.conn.execute("DELETE FROM _ccsync_pending WHERE tbl = ? AND sid = ?",
                               (info.name, sid))
-            return
+            return None
         if rid is None:
             cols = [c for c in info.tracked if c in vals]
         elif cols is None:
@@ -1529,25 +1562,82 @@ class Store:
                 unresolved = True
                 if col in info.notnull and rid is None:
                     self._mark_pending(info.name, sid)
-                    return            # a row needing its parent waits for it
+                    return None       # a row needing its parent waits for it
                 value = None
             if value is not self._KEEP:
                 values[col] = value
         if rid is None:
-            rid = self._insert_row(info, sid, vals, values)
+            rid = self._insert_row(info, sid, vals, values, rowid)
             self._put_shadow(info.name, sid, rid, vals, clocks)
+            if TOMBSTONE in clocks:
+                self._relink_children(info.name, sid)
         elif values:
             sets = ", ".join(f"{_q(c)} = ?" for c in values)
             self.conn.execute(f"UPDATE {_q(info.name)} SET {sets}, synced_at = ? WHERE rowid = ?",
                               [*values.values(), iso_utc(self.clock), rid])
         if unresolved:
             self._mark_pending(info.name, sid)
+        elif deleted:                 # kept for its children: re-checked after each pull
+            self._mark_pending(info.name, sid, "keep")
         else:
             self.conn.execute("DELETE FROM _ccsync_pending WHERE tbl = ? AND sid = ?",
                               (info.name, sid))
+        return rid
 
-    def _insert_row(self, info: TableInfo, sid: str, vals: dict, values: dict) -> int:
+    @staticmethod
+    def _child_refs(table: str) -> Iterator[tuple[TableSpec, str]]:
+        """(child spec, column) for every single-id reference to ``table``."""
+        for spec in SPEC:
+            for col, parent in spec.refs.items():
+                if parent == table:
+                    yield spec, col
+
+    def _needed_by_children(self, table: str, rid: int | None) -> bool:
+        """True when a live row holds ``rid`` in a NOT NULL reference column."""
+        if rid is None:
+            return False
+        for spec, col in self._child_refs(table):
+            child = self.tables().get(spec.name)
+            if child is not None and col in child.notnull and self.conn.execute(
+                    f"SELECT 1 FROM {_q(spec.name)} WHERE {_q(col)} = ? LIMIT 1",
+                    (rid,)).fetchone():
+                return True
+        return False
+
+    def _null_references_to(self, table: str, rid: int) -> None:
+        # A nullable reference to a deleted row reads as NULL on every device.
+        for spec, col in self._child_refs(table):
+            child = self.tables().get(spec.name)
+            if child is not None and col in child.columns and col not in child.notnull:
+                self.conn.execute(f"UPDATE {_q(spec.name)} SET {_q(col)} = NULL "
+                                  f"WHERE {_q(col)} = ?", (rid,))
+
+    def _relink_children(self, table: str, sid: str) -> None:
+        # A row back from the dead: children whose reference read as NULL retry.
+        for spec, col in self._child_refs(table):
+            if spec.name in self.tables():
+                self.conn.execute(
+                    "INSERT OR IGNORE INTO _ccsync_pending (tbl, sid) SELECT tbl, sid "
+                    "FROM _ccsync_shadow WHERE tbl = ? AND json_extract(vals, ?) = ?",
+                    (spec.name, f'$."{col}"', sid))
+
+    def _revive(self, table: str, sid: str) -> int | None:
+        """Bring back a deleted row that a live row needs as its parent."""
+        info = self.tables().get(table)
+        if info is None or self._shadow(table, sid) is None:
+            return None
+        return self._materialize(info, sid, None, keep=True)
+
+    def _is_dead(self, table: str, sid: str) -> bool:
+        """True when ``sid`` is known here as a deleted row."""
+        shadow = self._shadow(table, sid)
+        return shadow is not None and self._shadow_deleted(shadow[2])
+
+    def _insert_row(self, info: TableInfo, sid: str, vals: dict, values: dict,
+                    rowid: int | None = None) -> int:
         row = dict(values)
+        if rowid is not None and info.pk:
+            row[info.pk] = rowid
         for col in info.local:
             if vals.get(col) is not None:
                 row[col] = decode_value(vals[col])
@@ -1577,9 +1667,11 @@ class Store:
                                 list(row.values()))
         return cur.lastrowid
 
-    def _mark_pending(self, table: str, sid: str) -> None:
-        self.conn.execute("INSERT OR IGNORE INTO _ccsync_pending (tbl, sid) VALUES (?, ?)",
-                          (table, sid))
+    def _mark_pending(self, table: str, sid: str, kind: str = "ref") -> None:
+        """Retry this row after the pull: 'ref' waits for a parent, 'keep' is a
+        deleted row kept because a live row needs it."""
+        self.conn.execute("INSERT OR REPLACE INTO _ccsync_pending (tbl, sid, kind) "
+                          "VALUES (?, ?, ?)", (table, sid, kind))
 
     def resolve_pending(self, chunk: int = 200) -> int:
         """Retry rows whose references waited for a parent; returns how many remain.
@@ -1618,7 +1710,8 @@ class Store:
         """How many rows still wait for a parent that has not arrived."""
         if not self.installed():
             return 0
-        return self.conn.execute("SELECT count(*) FROM _ccsync_pending").fetchone()[0]
+        return self.conn.execute("SELECT count(*) FROM _ccsync_pending WHERE kind = 'ref'"
+                                 ).fetchone()[0]
 
 
 def open_store(path: str, *, clock: Callable[[], float] = time.time,

@@ -911,3 +911,52 @@ def test_big_pull_commits_page_by_page(devices, monkeypatch):
     assert cursors == sorted(set(cursors))               # moves forward every page
     assert all(c == committed and not open_tx for _, c, committed, open_tx in pages)
     assert count(b, "setting") == 3000
+
+
+##### 15. deletes and references ##############################################
+
+def test_deleted_parent_stays_while_a_live_row_needs_it(devices):
+    """A project deleted on one device while an environment still points at it
+    stays on every device (the same everywhere), with the environment attached."""
+    a, b, c = devices("a", "b", "c")
+    a.sql("INSERT INTO project (name) VALUES ('acme')")
+    a.sql("INSERT INTO environment (name, project_id) VALUES ('main', 1)")
+    converge(a, b)
+    b.sql("DELETE FROM project WHERE name = 'acme'")        # only the project
+    converge(a, b, c)
+
+    for device in (a, b, c):
+        assert device.sql("SELECT p.name FROM environment e JOIN project p "
+                          "ON p.id = e.project_id") == [("acme",)], device.name
+    assert a.snapshot() == b.snapshot() == c.snapshot()
+    assert all(d.store.pending_references() == 0 for d in (a, b, c))
+
+
+def test_deleting_the_last_child_lets_the_parent_delete_take_effect(devices):
+    a, b = devices("a", "b")
+    a.sql("INSERT INTO project (name) VALUES ('acme')")
+    a.sql("INSERT INTO environment (name, project_id) VALUES ('main', 1)")
+    converge(a, b)
+    b.sql("DELETE FROM project WHERE name = 'acme'")
+    converge(a, b)
+    a.sql("DELETE FROM environment WHERE name = 'main'")
+    converge(a, b)
+    converge(a, b)
+
+    for device in (a, b):
+        assert device.sql("SELECT count(*) FROM project") == [(0,)], device.name
+        assert device.sql("SELECT count(*) FROM environment") == [(0,)], device.name
+
+
+def test_nullable_reference_to_a_deleted_row_reads_as_null_everywhere(devices):
+    a, b, c = devices("a", "b", "c")
+    a.sql("INSERT INTO version (name, path) VALUES ('17.0', '/a/17')")
+    a.sql("INSERT INTO project (name) VALUES ('acme')")
+    a.sql("INSERT INTO environment (name, project_id, version_id) VALUES ('main', 1, 1)")
+    converge(a, b)
+    b.sql("DELETE FROM version WHERE name = '17.0'")
+    converge(a, b, c)
+
+    for device in (a, b, c):
+        assert device.sql("SELECT version_id FROM environment") == [(None,)], device.name
+    assert a.snapshot() == b.snapshot() == c.snapshot()
