@@ -152,6 +152,9 @@ ENV_DB = "CC_DB"
 ENV_LOCAL_SETTINGS = "CCSYNC_LOCAL_SETTINGS"
 DEFAULT_DB = os.path.join("~", ".cc-cli", "cc_cli.db")
 
+# Hybrid logical clock values are wall-clock milliseconds x HLC_PER_MS plus a
+# counter, so a burst of a million edits a second runs ~1 s ahead, not minutes.
+HLC_PER_MS = 1000
 MAX_CLOCK_AHEAD_MS = 24 * 3600 * 1000     # incoming clocks further ahead are refused
 PUSH_BATCH = 500                          # rows per push request
 PULL_PAGE = 500                           # records per pull page (one transaction each)
@@ -208,6 +211,11 @@ class RemoteError(CcsyncError):
 def now_ms(clock: Callable[[], float]) -> int:
     """Milliseconds since the epoch from ``clock`` (a ``time.time``-like callable)."""
     return int(clock() * 1000)
+
+
+def hlc_at(ms: int) -> int:
+    """The hybrid logical clock value of a wall-clock time in milliseconds."""
+    return ms * HLC_PER_MS
 
 
 def iso_utc(clock: Callable[[], float], timespec: str = "seconds") -> str:
@@ -573,8 +581,8 @@ CREATE TABLE IF NOT EXISTS _ccsync_refused (
 BOOKKEEPING_TABLES = ("_ccsync_meta", "_ccsync_clock", "_ccsync_dirty", "_ccsync_shadow",
                       "_ccsync_alias", "_ccsync_pending", "_ccsync_refused", "_ccsync_link")
 
-_SQL_NOW_MS = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
-_SQL_TICK = f"UPDATE _ccsync_clock SET hlc = max(hlc + 1, {_SQL_NOW_MS});"
+_SQL_NOW_HLC = f"(CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER) * {HLC_PER_MS})"
+_SQL_TICK = f"UPDATE _ccsync_clock SET hlc = max(hlc + 1, {_SQL_NOW_HLC});"
 _SQL_HLC = "(SELECT hlc FROM _ccsync_clock)"
 _SQL_LIVE = "(SELECT suppress FROM _ccsync_clock) = 0"
 
@@ -740,7 +748,8 @@ class Store:
         self.conn.execute("UPDATE _ccsync_clock SET hlc = max(hlc, ?)", (hlc,))
 
     def _hlc_tick(self) -> int:
-        self.conn.execute("UPDATE _ccsync_clock SET hlc = max(hlc + 1, ?)", (now_ms(self.clock),))
+        self.conn.execute("UPDATE _ccsync_clock SET hlc = max(hlc + 1, ?)",
+                          (hlc_at(now_ms(self.clock)),))
         return self.conn.execute("SELECT hlc FROM _ccsync_clock").fetchone()[0]
 
     def _suppress(self, on: bool) -> None:
@@ -1327,7 +1336,7 @@ class Store:
         values, local, key = (payload.get(k, {}) for k in ("v", "l", "k"))
         if not all(isinstance(x, dict) for x in (values, local, key)):
             raise RecordRefused("malformed record")
-        limit = now_ms(self.clock) + MAX_CLOCK_AHEAD_MS
+        limit = hlc_at(now_ms(self.clock) + MAX_CLOCK_AHEAD_MS)
         for col, hlc in clocks.items():
             if not isinstance(hlc, int) or isinstance(hlc, bool) or not 0 <= hlc <= limit:
                 raise RecordRefused("bad clock")
@@ -1742,7 +1751,7 @@ CREATE INDEX IF NOT EXISTS nonce_at ON nonce (at);
 """
 DEVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
-SERVER_MAX_SKEW_MS = 5 * 60 * 1000
+SERVER_MAX_SKEW_MS = MAX_SKEW_S * 1000
 
 
 class ServerStore:
@@ -1842,7 +1851,7 @@ class ServerStore:
                 and isinstance(record.get("dev"), str) and 0 < len(record["dev"]) <= 64
                 and isinstance(clocks, dict) and clocks and "p" in record):
             return "malformed record"
-        ahead = now_ms(self.clock) + SERVER_MAX_SKEW_MS
+        ahead = hlc_at(now_ms(self.clock) + SERVER_MAX_SKEW_MS)
         for col, hlc in clocks.items():
             if not (isinstance(col, str) and 0 < len(col) <= 128):
                 return "malformed record"

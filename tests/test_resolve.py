@@ -670,3 +670,37 @@ def test_enable_from_the_zipapp(tmp_path):
 
     assert done.returncode == 0, done.stderr
     assert "already installed" in done.stdout
+
+
+##### enable without the package #############################################
+
+def _bare_python(tmp_path, with_pip):
+    """A fresh venv (no pycryptodomex), with or without pip."""
+    venv = tmp_path / ("venv_pip" if with_pip else "venv_nopip")
+    args = [sys.executable, "-m", "venv", str(venv)]
+    if not with_pip:
+        args.append("--without-pip")
+    subprocess.run(args, check=True, capture_output=True, timeout=120)
+    return venv / "bin" / "python"
+
+
+def test_enable_without_pip_says_so(tmp_path):
+    python = _bare_python(tmp_path, with_pip=False)
+    done = subprocess.run([str(python), str(REPO / "ccsync.py"), "enable"], capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.startswith("ccsync: error: pip is not available")
+    assert "Traceback" not in done.stderr
+
+
+def test_enable_offline_says_so(tmp_path):
+    python = _bare_python(tmp_path, with_pip=True)
+    env = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_NO_CACHE_DIR": "1",
+           "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_RETRIES": "0",
+           "PIP_TIMEOUT": "2"}
+    env.pop("PIP_FIND_LINKS", None)
+    done = subprocess.run([str(python), str(REPO / "ccsync.py"), "enable"], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path, env=env)
+    assert done.returncode == 1
+    assert done.stderr.startswith("ccsync: error: pip could not install pycryptodomex")
+    assert "offline" in done.stderr and "Traceback" not in done.stderr
