@@ -2405,8 +2405,9 @@ def push_changes(store: Store, transport: Any, result: SyncResult,
                 raise
             batch_size //= 2            # same position, smaller batch
             continue
-        # A fast-forward cursor from a store this device does not know is not ours.
-        trusted = not answer.get("store") or answer.get("store") == store.meta("server_store")
+        # A fast-forward cursor from a store this device does not know is not
+        # ours; the pull that follows notices the new store and re-seeds it.
+        trusted = not store.server_changed(answer.get("store"))
         counts, reasons = store.ack(batch, answer.get("results", []),
                                     answer.get("cursor") if trusted else None)
         result.sent += len(records)

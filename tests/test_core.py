@@ -982,3 +982,11 @@ def test_bulk_insert_keeps_clocks_near_wall_time_and_is_accepted(devices, server
     newest = a.store.capture(after=(last, 100_000 - 1), limit=5).records[-1]
     assert newest["c"]["symbol"] == hlc
     assert server.push([newest])["results"] == [{"status": "accepted", "seq": 1}]
+
+
+def test_first_sync_does_not_pull_its_own_rows_back(devices):
+    a = devices("a")
+    for i in range(50):
+        a.sql("INSERT INTO project (name) VALUES (?)", f"p{i}")
+    first = a.sync()
+    assert first.accepted == 50 and first.pulled.received == 0
