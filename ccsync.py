@@ -866,9 +866,10 @@ class Store:
         return total
 
     def _fresh_sid(self, info: TableInfo, wanted: str | None) -> str:
-        # A natural id can already be taken (a renamed row kept it): fall back.
-        if wanted is not None and self._rid_for_sid(info.name, wanted) is None \
-                and self._shadow(info.name, wanted) is None:
+        # A natural id that no row here holds is used, even if a deleted row had
+        # it: re-creating 17.0 brings that row back.  One held by a live row
+        # (a rename kept it) cannot be: fall back to a random id.
+        if wanted is not None and self._rid_for_sid(info.name, wanted) is None:
             return wanted
         return str(uuid.uuid4())
 
@@ -1575,6 +1576,10 @@ class Store:
                 value = None
             if value is not self._KEEP:
                 values[col] = value
+        twin = self._key_twin(info, rid, values)
+        if twin is not None:          # this write would give the row another's key
+            survivor = self._merge_twins(info, sid, rid, *twin)
+            return self._materialize(info, survivor, None)
         if rid is None:
             rid = self._insert_row(info, sid, vals, values, rowid)
             self._put_shadow(info.name, sid, rid, vals, clocks)
@@ -1592,6 +1597,93 @@ class Store:
             self.conn.execute("DELETE FROM _ccsync_pending WHERE tbl = ? AND sid = ?",
                               (info.name, sid))
         return rid
+
+    def _key_twin(self, info: TableInfo, rid: int | None,
+                  values: dict) -> tuple[int, str | None] | None:
+        """Another local row that has the natural key this row is about to get."""
+        cols = [c for c in info.spec.key if c in info.columns]
+        if not cols or not any(c in values for c in cols):
+            return None
+        current = self.conn.execute(f"SELECT * FROM {_q(info.name)} WHERE rowid = ?",
+                                    (rid,)).fetchone() if rid is not None else None
+        key = [values[c] if c in values else (current[c] if current else None) for c in cols]
+        if all(v is None for v in key):
+            return None
+        where = " AND ".join(f"{_q(c)} IS ?" for c in cols)
+        row = self.conn.execute(f"SELECT rowid, sync_id FROM {_q(info.name)} WHERE {where} "
+                                f"AND rowid IS NOT ?", (*key, rid)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def _merge_twins(self, info: TableInfo, sid: str, rid: int | None,
+                     twin_rid: int, twin_sid: str | None) -> str:
+        """Merge two rows that share a natural key into the smaller sync_id.
+
+        Every device makes the same choice.  Synced cells merge by latest
+        clock; this device's pending edits on either row stay pending on the
+        survivor; children of the other row move to the survivor; the other id
+        becomes an alias.  Returns the survivor's sync_id.
+        """
+        if twin_sid is None:                       # not stamped yet: it simply is this row
+            self.conn.execute(f"UPDATE {_q(info.name)} SET sync_id = ? WHERE rowid = ?",
+                              (sid, twin_rid))
+            return sid
+        survivor, loser = sorted((sid, twin_sid))
+        keep_rid, drop_rid = (rid, twin_rid) if survivor == sid else (twin_rid, rid)
+        if keep_rid is None:                       # only the loser has a local row
+            keep_rid, drop_rid = drop_rid, None
+            self.conn.execute(f"UPDATE {_q(info.name)} SET sync_id = ? WHERE rowid = ?",
+                              (survivor, keep_rid))
+        self._merge_shadows(info.name, survivor, loser, keep_rid)
+        if drop_rid is not None:
+            self._fold_row(info, drop_rid, keep_rid)
+        self._add_alias(info.name, loser, survivor)
+        for table in ("_ccsync_refused", "_ccsync_pending"):
+            self.conn.execute(f"DELETE FROM {table} WHERE tbl = ? AND sid = ?",
+                              (info.name, loser))
+        return survivor
+
+    def _merge_shadows(self, table: str, survivor: str, loser: str, rid: int | None) -> None:
+        merged_vals, merged_clocks = {}, {}
+        for sid in (loser, survivor):              # survivor last: it wins exact ties
+            shadow = self._shadow(table, sid)
+            if shadow is None:
+                continue
+            _rid, vals, clocks = shadow
+            for col, value in vals.items():
+                if col not in clocks and col not in merged_clocks:
+                    merged_vals[col] = value       # device-local hints
+            for col, stamp in clocks.items():
+                if not newer(merged_clocks.get(col), stamp):
+                    merged_clocks[col] = stamp
+                    if col in vals:
+                        merged_vals[col] = vals[col]
+        self.conn.execute("DELETE FROM _ccsync_shadow WHERE tbl = ? AND sid = ?", (table, loser))
+        if merged_clocks or merged_vals:
+            self._put_shadow(table, survivor, rid, merged_vals, merged_clocks)
+
+    def _fold_row(self, info: TableInfo, drop_rid: int, keep_rid: int) -> None:
+        """Move the dropped row's pending edits and children onto the kept row."""
+        mine = self._dirty_cells(info.name, keep_rid)
+        theirs = self._dirty_cells(info.name, drop_rid)
+        row = self.conn.execute(f"SELECT * FROM {_q(info.name)} WHERE rowid = ?",
+                                (drop_rid,)).fetchone()
+        moved = [c for c, stamp in theirs.items()
+                 if c in info.tracked and newer(stamp, mine.get(c))]
+        for spec, col in self._child_refs(info.name):
+            if spec.name in self.tables():
+                self.conn.execute(f"UPDATE {_q(spec.name)} SET {_q(col)} = ? "
+                                  f"WHERE {_q(col)} = ?", (keep_rid, drop_rid))
+        self.conn.execute("DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ?",
+                          (info.name, drop_rid))
+        self.conn.execute(f"DELETE FROM {_q(info.name)} WHERE rowid = ?", (drop_rid,))
+        if moved:
+            sets = ", ".join(f"{_q(c)} = ?" for c in moved)
+            self.conn.execute(f"UPDATE {_q(info.name)} SET {sets} WHERE rowid = ?",
+                              [*(row[c] for c in moved), keep_rid])
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO _ccsync_dirty (tbl, rid, col, hlc, sid) "
+                "VALUES (?, ?, ?, ?, NULL)", [(info.name, keep_rid, c, theirs[c][0])
+                                              for c in moved])
 
     @staticmethod
     def _child_refs(table: str) -> Iterator[tuple[TableSpec, str]]:

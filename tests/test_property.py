@@ -1,19 +1,27 @@
 """Property tests: random edits on several devices always converge.
 
 Each example builds its own server store and device databases (cc's real
-schema) in a fresh temporary directory, runs a random program of cc edits and
-syncs, then syncs every device a couple of times and checks that:
+schema) in a fresh temporary directory, runs a random program of cc edits
+(inserts with natural keys drawn from small pools, updates, cascading deletes,
+environments and switch logs referencing existing rows) and syncs (push, pull
+or both, on a random device), then syncs every device twice and checks that:
 
-* every device holds the same synced content (``conftest.content``),
+* every device holds the same synced content (``Device.snapshot``),
 * no row references a row that does not exist,
 * nothing is left pending (dirty cells or rows waiting for a parent),
 * neither the server nor any device refused a record at any point,
 * secret settings never reached the server.
 
+``test_sync_order_does_not_matter`` takes a fixed set of conflicting offline
+edits and checks that any order of pushes and pulls gives the same state, and
+the one the merge rules promise.  The ``test_regression_*`` tests at the end
+are minimized examples the properties found.
+
 Determinism: the hybrid logical clock that ccsync's triggers read
 (``julianday('now')``) is replaced on cc's connection by a fake clock the test
 advances, device ids are fixed ('dev-a', 'dev-b', ...) and ccsync's random
 sync_ids come from a seeded generator, so a failing example replays exactly.
+Set CCSYNC_PROPERTY_EXAMPLES (default 200) for a longer run.
 """
 
 from __future__ import annotations
@@ -30,11 +38,11 @@ import uuid
 from pathlib import Path
 from unittest import mock
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ccsync
-from conftest import Device, content, make_cc_db
+from conftest import Device, make_cc_db
 
 NAMES = "abcd"
 JD_EPOCH = 2440587.5            # julianday of 1970-01-01T00:00:00Z
@@ -56,7 +64,6 @@ UPDATABLE = {
     "environment": ["notes", "branch_name", "version_id"],
     "switch_log": ["note", "ended_at"],
 }
-DELETABLE = ["version", "project", "setting", "environment", "switch_log"]
 
 
 ##### Simulation harness ######################################################
@@ -91,9 +98,17 @@ class Sim:
             UUID=uuid.UUID, uuid5=uuid.uuid5,
             uuid4=lambda: uuid.UUID(int=self._uuid_rng.getrandbits(128), version=4)))
         self._patch.start()
-        self.server = ccsync.ServerStore.open(str(root / "server.db"))
+        self.server = None
         self.devices: list[Device] = []
         self.results: list[tuple[str, str, ccsync.SyncResult]] = []
+        try:
+            self._setup(root, n, skews)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, root: Path, n: int, skews: list[int] | None) -> None:
+        self.server = ccsync.ServerStore.open(str(root / "server.db"))
         for i in range(n):
             name = NAMES[i]
             skew = (skews or [0] * n)[i]
@@ -118,7 +133,8 @@ class Sim:
         for dev in self.devices:
             dev.store.conn.close()
             dev.cc.close()
-        self.server.conn.close()
+        if self.server is not None:
+            self.server.conn.close()
         self._patch.stop()
         self.tmp.cleanup()
 
@@ -210,6 +226,11 @@ def run_step(sim: Sim, step: tuple) -> None:
             return
         if col == "version_id":
             value = None if value is None else pick(cc, "version", value)
+        elif col == "name":                 # a rename, onto a name from the pool
+            pool = {"version": VERSIONS, "project": PROJECTS}[table]
+            value = pool[value % len(pool)]
+            if cc.execute(f'SELECT 1 FROM "{table}" WHERE name = ?', (value,)).fetchone():
+                return                      # cc refuses a rename onto a taken name
         cc.execute(f'UPDATE "{table}" SET "{col}" = ? WHERE id = ?', (value, rid))
     elif kind == "delete":
         _, table, index = args
@@ -229,6 +250,9 @@ def dangling(snapshot: dict) -> list:
                 values = value if isinstance(value, list) else [value]
                 if any(isinstance(v, str) and v.startswith("dangling:") for v in values):
                     bad.append((table, sid, col, value))
+            # NOT NULL: a merge must never leave it empty.  (A nullable reference
+            # to a deleted row reading as NULL, e.g. switch_log.environment_id,
+            # is ccsync's documented rule, not a dangling reference.)
             if table == "environment" and rec.get("project_id") is None:
                 bad.append((table, sid, "project_id", None))
     return bad
@@ -251,34 +275,66 @@ def check_converged(sim: Sim) -> dict:
     return snaps[0]
 
 
+def test_harness_controls_the_clock():
+    """The fake clock reaches ccsync's triggers, so failing examples replay exactly."""
+    per_ms = getattr(ccsync, "HLC_PER_MS", 1)
+    with simulation(3, [0, 0, 2000]) as sim:
+        start = sim.now_ms
+        sim.devices[2].sql("INSERT INTO setting (name, value) VALUES ('theme', 'x')")
+        hlc = sim.devices[2].store.conn.execute("SELECT max(hlc) FROM _ccsync_dirty").fetchone()[0]
+        assert hlc // per_ms == start + 2000
+        assert sim.devices[2].store.device_id == "dev-c"
+
+
 ##### Strategies ##############################################################
 
-def steps(n: int):
+# Rows every device shares before the random program starts (drawn for most
+# examples): edits, deletes and new children then meet rows other devices
+# know too, which is where merges get interesting.
+BASE = [
+    ("version", 0, "17.0", "8069"), ("project", 0, "acme", "master"),
+    ("environment", 0, "main", 0, 0, "x"), ("switch_log", 0, 0, SWITCH_TIMES[0]),
+    ("setting", 0, "theme", "light"),
+    ("sync", 0, "sync"), ("sync", 1, "sync"), ("sync", 2, "sync"),
+]
+
+
+def steps(n: int, renames: bool = False):
     dev = st.integers(0, n - 1)
     index = st.integers(0, 5)
     value = st.sampled_from(VALUES)
-    update = st.sampled_from([(t, c) for t, cols in UPDATABLE.items() for c in cols]).flatmap(
+    columns = [(t, c) for t, cols in UPDATABLE.items() for c in cols]
+    if renames:
+        columns += [("version", "name"), ("project", "name")]
+    update = st.sampled_from(columns).flatmap(
         lambda tc: st.tuples(st.just("update"), dev, st.just(tc[0]), st.just(tc[1]), index,
-                             index if tc[1] == "version_id" else value))
+                             index if tc[1] in ("version_id", "name") else value))
+    environment = st.tuples(st.just("environment"), dev, st.sampled_from(ENV_NAMES), index,
+                            st.none() | index, value)
+    switch_log = st.tuples(st.just("switch_log"), dev, index, st.sampled_from(SWITCH_TIMES))
+    # Parents are deleted more often than leaves: that is where references break.
+    delete = st.tuples(st.just("delete"), dev, st.sampled_from(
+        ["version", "project", "project", "environment", "environment", "setting",
+         "switch_log"]), index)
+    sync = st.tuples(st.just("sync"), dev, st.sampled_from(["sync", "sync", "push", "pull"]))
     return st.one_of(
         st.tuples(st.just("version"), dev, st.sampled_from(VERSIONS), value),
         st.tuples(st.just("project"), dev, st.sampled_from(PROJECTS), value),
         st.tuples(st.just("setting"), dev, st.sampled_from(SETTINGS), value),
-        st.tuples(st.just("environment"), dev, st.sampled_from(ENV_NAMES), index,
-                  st.none() | index, value),
-        st.tuples(st.just("switch_log"), dev, index, st.sampled_from(SWITCH_TIMES)),
-        update,
-        st.tuples(st.just("delete"), dev, st.sampled_from(DELETABLE), index),
-        st.tuples(st.just("sync"), dev, st.sampled_from(["sync", "push", "pull"])),
+        environment, environment, switch_log, switch_log,
+        update, update, delete, delete, sync, sync, sync,
         st.tuples(st.just("tick"), st.sampled_from([1, 1000, 60000])),
     )
 
 
 @st.composite
-def programs(draw):
+def programs(draw, renames: bool = False):
+    """(device count, per-device clock skew in ms, steps): up to 25 random steps."""
     n = draw(st.sampled_from([3, 3, 4]))
     skews = draw(st.lists(st.sampled_from([0, 0, 0, 2, -2, 2000]), min_size=n, max_size=n))
-    program = draw(st.lists(steps(n), max_size=25))
+    program = draw(st.lists(steps(n, renames), max_size=25))
+    if draw(st.integers(0, 3)):             # 3 in 4; shrinks towards no base
+        program = BASE + program
     return n, skews, program
 
 
@@ -287,15 +343,27 @@ def programs(draw):
 # CCSYNC_PROPERTY_EXAMPLES=5000 for a longer hunt; CI runs the default.
 EXAMPLES = int(os.environ.get("CCSYNC_PROPERTY_EXAMPLES", "200"))
 
-@settings(max_examples=EXAMPLES, deadline=None)
-@given(programs())
-def test_random_programs_converge(case):
+
+def run_program(case) -> None:
     n, skews, program = case
     with simulation(n, skews) as sim:
         for step in program:
             run_step(sim, step)
         sim.settle(2)
         check_converged(sim)
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(programs())
+def test_random_programs_converge(case):
+    run_program(case)
+
+
+@settings(max_examples=max(50, EXAMPLES // 4), deadline=None)
+@given(programs(renames=True))
+def test_random_programs_with_renames_converge(case):
+    """The same, where cc may also rename a version or project (natural key edits)."""
+    run_program(case)
 
 
 # A fixed scenario of conflicting offline edits: three devices share a base,
@@ -368,3 +436,96 @@ def test_sync_order_does_not_matter(edit_order, sync_order, step_ms):
     themes = by_name("setting")
     assert themes.get("theme", {}).get("value") == (None if later(9, 8) else "dark")
     assert ("theme" in themes) == later(8, 9)
+
+
+##### Regressions found by the properties #####################################
+# Plain tests, each a minimized example the properties found: on conftest's
+# ``devices`` (real clocks) where the outcome does not depend on clocks or
+# random ids, else on ``simulation`` (fake clock, seeded ids).
+
+def settle_and_check(*devices) -> None:
+    """Sync every device twice; nothing refused, same content, nothing dangling."""
+    for _ in range(2):
+        for dev in devices:
+            result = dev.sync()
+            assert not result.refused, (dev.name, result.as_dict())
+            assert not result.pulled.refused, (dev.name, result.as_dict())
+    snaps = [dev.snapshot() for dev in devices]
+    for dev, snap in zip(devices, snaps):
+        assert dangling(snap) == [], (dev.name, dangling(snap))
+        assert dev.store.pending_references() == 0, dev.name
+        assert snap == snaps[0], f"{dev.name} differs from {devices[0].name}"
+
+
+def test_regression_delete_project_while_environment_created_elsewhere(devices):
+    """b deletes a project while a adds an environment to it (found on an earlier
+    ccsync: a kept the environment with a dangling project_id, b and c never got it)."""
+    a, b, c = devices("a", "b", "c")
+    a.sql("INSERT INTO project (name) VALUES ('acme')")
+    a.sync()
+    a.sql("INSERT INTO environment (name, project_id, project_path) VALUES ('main', 1, '/a')")
+    b.sync()
+    b.sql("DELETE FROM project WHERE name = 'acme'")
+    settle_and_check(a, b, c)
+
+
+def test_regression_delete_version_while_environment_created_elsewhere(devices):
+    """The same with a nullable reference (environment.version_id)."""
+    a, b, c = devices("a", "b", "c")
+    a.sql("INSERT INTO version (name, path) VALUES ('17.0', '/a/17.0')")
+    a.sql("INSERT INTO project (name) VALUES ('acme')")
+    a.sync()
+    b.sync()
+    a.sql("INSERT INTO environment (name, project_id, version_id) VALUES ('main', 1, 1)")
+    b.sql("DELETE FROM version WHERE name = '17.0'")
+    settle_and_check(a, b, c)
+
+
+def test_regression_rename_onto_a_name_created_elsewhere(devices):
+    """b renames version 17.0 to 18.0 while a creates its own 18.0.
+
+    Both rows end up named 18.0, so they are one row by natural key.  b merges
+    a's 18.0 into its renamed row; c and a cannot apply the rename ('conflicts
+    with a local row (UNIQUE constraint failed: version.name)') and drop it.
+    End: b has one version (18.0), a and c keep two (17.0 and 18.0).
+    """
+    a, b, c = devices("a", "b", "c")
+    a.sql("INSERT INTO version (name, path) VALUES ('17.0', '/a/17.0')")
+    a.sync()
+    a.sql("INSERT INTO version (name, path) VALUES ('18.0', '/a/18.0')")
+    b.sync()
+    b.sql("UPDATE version SET name = '18.0' WHERE name = '17.0'")
+    settle_and_check(a, b, c)
+
+
+def recreate_version_scenario(other_edit: str) -> None:
+    """a deletes version 17.0 and creates a new 17.0; then b, which has not synced
+    since, runs ``other_edit`` on its (old) 17.0."""
+    with simulation(3) as sim:
+        a, b, c = sim.devices
+        a.sql("INSERT INTO version (name, path, port) VALUES ('17.0', '/a/17.0', '8069')")
+        sim.settle(1)
+        a.sql("DELETE FROM version WHERE name = '17.0'")
+        a.sql("INSERT INTO version (name, path, port) VALUES ('17.0', '/a/17.0', '8070')")
+        sim.now_ms += 1
+        b.sql(other_edit)
+        sim.settle(2)
+        check_converged(sim)
+
+
+def test_regression_recreate_a_deleted_version_while_another_device_edits_it():
+    """The new 17.0 cannot take 17.0's natural sync_id (a's tombstone holds it), so
+    it gets a random one; b's later edit keeps the old id alive on b, and c
+    refuses it: 'conflicts with a local row (UNIQUE constraint failed:
+    version.name)'.  End: a and c have the new row, b the old one."""
+    recreate_version_scenario("UPDATE version SET port = '9000' WHERE name = '17.0'")
+
+
+def test_regression_recreate_a_deleted_version_while_another_device_deletes_it():
+    """The same with b deleting the old 17.0: the server drops a's superseded
+    tombstone, so c gets the new row while its old 17.0 is still alive and
+    merges the two (the smaller, old id wins); b's tombstone then deletes the
+    merged row.  End: a and b have the new 17.0, c has no 17.0 at all.
+    (Sim seeds ccsync's uuid4: its first id, e443..., sorts after 17.0's
+    natural id 1f67...; a real random id does so ~88% of the time.)"""
+    recreate_version_scenario("DELETE FROM version WHERE name = '17.0'")
