@@ -15,16 +15,25 @@ the later edit wins, deletes travel as tombstones, rows with a natural key
 (a version's name, a project's name, ...) are the same row everywhere, and
 references travel as the referenced row's ``sync_id``, never as integer ids.
 
+The wire: requests are signed (HMAC-SHA256, keys derived from the device's
+API key by HKDF, which itself never travels) and bodies are compressed and
+AES-256-GCM encrypted; answers are signed too.
+
 Usage sketch::
 
-    python ccsync.py stamp            # install capture, give every row a sync_id
-    python ccsync.py status --json    # pending changes per table
+    python ccsync.pyz server --port 9100          # on the server machine
+    python ccsync.pyz register --name laptop      # on the server: prints a key
+    python ccsync.pyz setup                       # on each device
+    python ccsync.pyz sync                        # or: daemon, or AutoSync in cc
+    python ccsync.pyz status --json
 
-Public API (for tests and for embedding): :func:`connect`, :func:`open_store`,
-:class:`Store`, :class:`ServerStore`, :class:`LocalTransport`,
-:func:`sync_once`, :func:`main`.
+Public API (for embedding and tests): :class:`AutoSync` (the background loop
+for cc's daemon), :func:`sync_once` / :func:`run_sync`, :class:`Store` via
+:func:`open_store`, :class:`Client`, :class:`ServerStore`, :class:`SyncServer`
+and its pure :func:`dispatch`, :class:`LocalTransport`, :func:`main`.
 
-Requires Python >= 3.10.  Only the network transport needs ``pycryptodomex``.
+Requires Python >= 3.10 and the standard library; the encrypted transport
+needs ``pycryptodomex`` (``ccsync enable`` installs it), imported lazily.
 """
 
 from __future__ import annotations
@@ -32,9 +41,12 @@ from __future__ import annotations
 __version__ = "0.1.0"
 __all__ = [
     "CcsyncError", "UsageError", "ConfigError", "StoreError", "RemoteError",
-    "SPEC", "TableSpec", "setting_policy", "natural_id",
+    "CryptoUnavailable", "SyncBusy", "SyncCancelled",
+    "SPEC", "TableSpec", "setting_policy", "natural_id", "next_delay", "version_digits",
     "connect", "transaction", "open_store", "Store", "Batch", "ApplyResult",
-    "ServerStore", "LocalTransport", "SyncResult", "sync_once", "main",
+    "ServerStore", "SyncServer", "dispatch", "Client", "DeviceKeys", "new_api_key",
+    "LocalTransport", "SyncResult", "sync_once", "run_sync", "AutoSync", "SyncLock",
+    "Resolver", "link_project", "load_config", "main",
 ]
 
 import argparse
@@ -201,6 +213,7 @@ class RemoteError(CcsyncError):
     kind = "http"
 
     def with_kind(self, kind: str) -> "RemoteError":
+        """Set ``kind`` and return self (for ``raise ...with_kind(...)``)."""
         self.kind = kind
         return self
 
@@ -661,6 +674,7 @@ class ApplyResult:
     refused: Counter = field(default_factory=Counter)
 
     def add(self, other: "ApplyResult") -> None:
+        """Add another result's counts to this one."""
         self.received += other.received
         self.applied += other.applied
         self.unchanged += other.unchanged
@@ -691,6 +705,7 @@ class Store:
         return self.conn.execute(f"PRAGMA table_info({_q(table)})").fetchall()
 
     def has_table(self, name: str) -> bool:
+        """True when a table of that name exists here."""
         row = self.conn.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone()
         return row is not None
@@ -719,10 +734,12 @@ class Store:
     # -- small bookkeeping accessors -------------------------------------
 
     def meta(self, key: str, default: str | None = None) -> str | None:
+        """A value from ccsync's bookkeeping (``_ccsync_meta``)."""
         row = self.conn.execute("SELECT value FROM _ccsync_meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else default
 
     def set_meta(self, key: str, value: str | None) -> None:
+        """Set (or, with None, remove) a bookkeeping value."""
         if value is None:
             self.conn.execute("DELETE FROM _ccsync_meta WHERE key = ?", (key,))
         else:
@@ -2244,6 +2261,7 @@ class SyncServer(http.server.ThreadingHTTPServer):
         super().__init__(address, _Handler)
 
     def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept a connection (TLS-wrapped, handshake deferred)."""
         # The TLS handshake happens on the handler's thread (first read, with
         # the request timeout), so a slow client never blocks accept().
         sock, address = self.socket.accept()
@@ -2253,6 +2271,7 @@ class SyncServer(http.server.ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
+        """The base URL clients use, e.g. http://127.0.0.1:9100."""
         host, port = self.server_address[:2]
         return f"{'https' if self._tls else 'http'}://{host}:{port}"
 
@@ -2271,12 +2290,15 @@ class SyncServer(http.server.ThreadingHTTPServer):
             self._pool.put(store)
 
     def note_device(self, name: str | None) -> None:
+        """Remember which device this thread's request is from (for the log)."""
         self._local.device = name
 
     def current_device(self) -> str | None:
+        """The device of this thread's request, if authenticated."""
         return getattr(self._local, "device", None)
 
     def log(self, line: str) -> None:
+        """One line to the server's log."""
         if self._log is not None:
             self._log(line)
 
@@ -2348,9 +2370,11 @@ class Client:
         return self._request("/v1/hello", {"time": self.clock()})
 
     def push(self, records: list[dict], cursor: int | None = None) -> dict:
+        """Send records; the server's per-record results (see ServerStore.push)."""
         return self._request("/v1/push", {"records": records, "cursor": cursor})
 
     def pull(self, cursor: int, limit: int = PULL_PAGE, since: str | None = None) -> dict:
+        """One page of records after ``cursor`` (see ServerStore.pull)."""
         return self._request("/v1/pull", {"cursor": cursor, "limit": limit, "since": since})
 
     def _request(self, path: str, payload: dict) -> dict:
@@ -2443,10 +2467,12 @@ class LocalTransport:
         self.device = device
 
     def push(self, records: list[dict], cursor: int | None = None) -> dict:
+        """Send records to the in-process server store."""
         wire = json.loads(json.dumps(records))
         return json.loads(json.dumps(self.server.push(wire, device=self.device, cursor=cursor)))
 
     def pull(self, cursor: int, limit: int = PULL_PAGE, since: str | None = None) -> dict:
+        """One page of records from the in-process server store."""
         return json.loads(json.dumps(self.server.pull(cursor, limit, since)))
 
 
@@ -2464,6 +2490,7 @@ class SyncResult:
     reseeded: int = 0               # records re-sent to a new server store
 
     def as_dict(self) -> dict:
+        """The counts as a JSON-ready dict (the ``--json`` output)."""
         return {"stamped": self.stamped, "sent": self.sent, "accepted": self.accepted,
                 "superseded": self.superseded, "refused": dict(self.refused),
                 "received": self.pulled.received, "applied": self.pulled.applied,
@@ -2833,6 +2860,7 @@ class AutoSync:
 
     @property
     def running(self) -> bool:
+        """True while the loop's thread is alive."""
         return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> bool:
