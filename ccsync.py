@@ -1567,6 +1567,13 @@ class Store:
             if newer(stamp, latest.get(col)):
                 latest[col] = stamp
         deleted = self._shadow_deleted(latest)
+        if deleted and rid is None:
+            # Dead here, but maybe the same row (natural key) as a live one with
+            # another id: they merge as everywhere else, so devices agree.
+            twin = self._key_twin(info, None, self._key_from_shadow(info, vals))
+            if twin is not None and twin[1] != sid:
+                survivor = self._merge_twins(info, sid, None, *twin)
+                return self._materialize(info, survivor, None)
         if deleted and not keep and not self._needed_by_children(info.name, rid):
             if rid is not None:
                 self._null_references_to(info.name, rid)
@@ -1615,6 +1622,18 @@ class Store:
                               (info.name, sid))
         return rid
 
+    def _key_from_shadow(self, info: TableInfo, vals: dict) -> dict:
+        """A shadow row's natural key as local values (empty if a part is unknown)."""
+        key = {}
+        for col in info.spec.key:
+            if col not in info.columns or col not in vals:
+                return {}
+            value = self._local_value(info, col, vals[col], revive=False)
+            if value is self._UNRESOLVED or value is self._KEEP:
+                return {}
+            key[col] = value
+        return key
+
     def _key_twin(self, info: TableInfo, rid: int | None,
                   values: dict) -> tuple[int, str | None] | None:
         """Another local row that has the natural key this row is about to get."""
@@ -1651,9 +1670,9 @@ class Store:
             self.conn.execute(f"UPDATE {_q(info.name)} SET sync_id = ? WHERE rowid = ?",
                               (survivor, keep_rid))
         self._merge_shadows(info.name, survivor, loser, keep_rid)
+        self._add_alias(info.name, loser, survivor)
         if drop_rid is not None:
             self._fold_row(info, drop_rid, keep_rid)
-        self._add_alias(info.name, loser, survivor)
         for table in ("_ccsync_refused", "_ccsync_pending"):
             self.conn.execute(f"DELETE FROM {table} WHERE tbl = ? AND sid = ?",
                               (info.name, loser))
@@ -1686,13 +1705,15 @@ class Store:
                                 (drop_rid,)).fetchone()
         moved = [c for c, stamp in theirs.items()
                  if c in info.tracked and newer(stamp, mine.get(c))]
-        for spec, col in self._child_refs(info.name):
-            if spec.name in self.tables():
-                self.conn.execute(f"UPDATE {_q(spec.name)} SET {_q(col)} = ? "
-                                  f"WHERE {_q(col)} = ?", (keep_rid, drop_rid))
+        merged = [(self.tables()[spec.name], sid) for spec, col in self._child_refs(info.name)
+                  if spec.name in self.tables()
+                  for sid in self._move_children(self.tables()[spec.name], col, drop_rid,
+                                                 keep_rid)]
         self.conn.execute("DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ?",
                           (info.name, drop_rid))
         self.conn.execute(f"DELETE FROM {_q(info.name)} WHERE rowid = ?", (drop_rid,))
+        for child, sid in merged:      # now that references resolve to the kept row
+            self._materialize(child, sid, None)
         if moved:
             sets = ", ".join(f"{_q(c)} = ?" for c in moved)
             self.conn.execute(f"UPDATE {_q(info.name)} SET {sets} WHERE rowid = ?",
@@ -1701,6 +1722,24 @@ class Store:
                 "INSERT OR REPLACE INTO _ccsync_dirty (tbl, rid, col, hlc, sid) "
                 "VALUES (?, ?, ?, ?, NULL)", [(info.name, keep_rid, c, theirs[c][0])
                                               for c in moved])
+
+    def _move_children(self, child: TableInfo, col: str, drop_rid: int,
+                       keep_rid: int) -> list[str]:
+        """Re-point children; returns the sync_ids of children merged on the way.
+
+        Children of two merged rows can now share a natural key (both projects
+        had an environment 'main'): they merge too, the same way.
+        """
+        rows = self.conn.execute(f"SELECT rowid, sync_id FROM {_q(child.name)} "
+                                 f"WHERE {_q(col)} = ?", (drop_rid,)).fetchall()
+        merged = []
+        for rid, sid in rows:
+            twin = self._key_twin(child, rid, {col: keep_rid})
+            if twin is not None and sid is not None:
+                merged.append(self._merge_twins(child, sid, rid, *twin))
+        self.conn.execute(f"UPDATE {_q(child.name)} SET {_q(col)} = ? WHERE {_q(col)} = ?",
+                          (keep_rid, drop_rid))
+        return merged
 
     @staticmethod
     def _child_refs(table: str) -> Iterator[tuple[TableSpec, str]]:

@@ -990,3 +990,22 @@ def test_first_sync_does_not_pull_its_own_rows_back(devices):
         a.sql("INSERT INTO project (name) VALUES (?)", f"p{i}")
     first = a.sync()
     assert first.accepted == 50 and first.pulled.received == 0
+
+
+def test_merging_two_projects_also_merges_their_same_named_environments(devices):
+    """b renames project 'old' to 'acme' while a creates its own 'acme'; both have
+    an environment 'main'.  The projects merge, and so do the two 'main's."""
+    a, b, c = devices("a", "b", "c")
+    a.sql("INSERT INTO project (name) VALUES ('old')")
+    a.sql("INSERT INTO environment (name, project_id, notes) VALUES ('main', 1, 'from old')")
+    converge(a, b)
+    a.sql("INSERT INTO project (name) VALUES ('acme')")
+    a.sql("INSERT INTO environment (name, project_id, branch_name) VALUES ('main', 2, 'dev')")
+    b.sql("UPDATE project SET name = 'acme' WHERE name = 'old'")
+    results = converge(a, b, c, rounds=3)
+
+    assert_clean(results)
+    for device in (a, b, c):
+        assert device.sql("SELECT p.name, e.name FROM environment e JOIN project p "
+                          "ON p.id = e.project_id") == [("acme", "main")], device.name
+    assert a.snapshot() == b.snapshot() == c.snapshot()
