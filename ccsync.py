@@ -1499,50 +1499,13 @@ class Store:
         Two rows with the same natural key but different ids merge into the
         smaller id, the same choice on every device.
         """
-        alias = self.conn.execute("SELECT sid FROM _ccsync_alias WHERE tbl = ? AND alias = ?",
-                                  (info.name, sid)).fetchone()
-        if alias is not None:
-            return alias[0]
+        sid = self._canonical_sid(info.name, sid)
         if self._rid_for_sid(info.name, sid) is not None or self._shadow(info.name, sid):
             return sid
-        twin = self._twin(info, key)
+        twin = self._key_twin(info, None, self._key_from_shadow(info, key))
         if twin is None or twin[1] == sid:
             return sid
-        rid, other = twin
-        if other is None or sid < other:
-            self._rename_sid(info.name, rid, other, sid)
-            return sid
-        self._add_alias(info.name, sid, other)
-        return other
-
-    def _twin(self, info: TableInfo, key: dict) -> tuple[int, str | None] | None:
-        cols = [c for c in info.spec.key if c in info.columns]
-        if not cols or any(c not in key for c in cols):
-            return None
-        if all(key[c] is None for c in cols):
-            return None
-        values = []
-        for col in cols:
-            value = self._local_value(info, col, key[col], revive=False)
-            if value is self._UNRESOLVED or value is self._KEEP:
-                return None
-            values.append(value)
-        where = " AND ".join(f"{_q(c)} IS ?" for c in cols)
-        row = self.conn.execute(f"SELECT rowid, sync_id FROM {_q(info.name)} WHERE {where}",
-                                values).fetchone()
-        return None if row is None else (row[0], row[1])
-
-    def _rename_sid(self, table: str, rid: int, old: str | None, new: str) -> None:
-        self.conn.execute(f"UPDATE {_q(table)} SET sync_id = ? WHERE rowid = ?", (new, rid))
-        if old is None:
-            return
-        self.conn.execute("UPDATE _ccsync_shadow SET sid = ? WHERE tbl = ? AND sid = ?",
-                          (new, table, old))
-        self.conn.execute("UPDATE _ccsync_refused SET sid = ? WHERE tbl = ? AND sid = ?",
-                          (new, table, old))
-        self.conn.execute("UPDATE _ccsync_pending SET sid = ? WHERE tbl = ? AND sid = ?",
-                          (new, table, old))
-        self._add_alias(table, old, new)
+        return self._merge_twins(info, sid, None, *twin)
 
     def _add_alias(self, table: str, alias: str, sid: str) -> None:
         self.conn.execute("UPDATE _ccsync_alias SET sid = ? WHERE tbl = ? AND sid = ?",
@@ -1673,9 +1636,10 @@ class Store:
         self._add_alias(info.name, loser, survivor)
         if drop_rid is not None:
             self._fold_row(info, drop_rid, keep_rid)
-        for table in ("_ccsync_refused", "_ccsync_pending"):
-            self.conn.execute(f"DELETE FROM {table} WHERE tbl = ? AND sid = ?",
-                              (info.name, loser))
+        self.conn.execute("UPDATE OR REPLACE _ccsync_refused SET sid = ? WHERE tbl = ? AND sid = ?",
+                          (survivor, info.name, loser))
+        self.conn.execute("DELETE FROM _ccsync_pending WHERE tbl = ? AND sid = ?",
+                          (info.name, loser))     # the survivor is materialized next
         return survivor
 
     def _merge_shadows(self, table: str, survivor: str, loser: str, rid: int | None) -> None:
