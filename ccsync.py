@@ -603,7 +603,8 @@ _SQL_LIVE = "(SELECT suppress FROM _ccsync_clock) = 0"
 def trigger_sql(table: str, tracked: Iterable[str]) -> dict[str, str]:
     """The three capture triggers for ``table``, by trigger name.
 
-    Each edit ticks the hybrid logical clock (max(last + 1, wall clock ms))
+    Each edit ticks the hybrid logical clock (max(last + 1, wall-clock ms x
+    HLC_PER_MS))
     and records the edited cells with it, so an offline edit keeps the time
     it was made.  ccsync's own writes set ``suppress`` and are not recorded.
     """
@@ -779,31 +780,54 @@ class Store:
 
         Returns how many rows were given a sync_id.  Safe to run at every sync.
         """
-        reinstalled = self._install()
+        if not self._up_to_date():
+            self._install()
         stamped = self.stamp_rows()
-        for table in reinstalled:
-            self._full_diff(table)
+        # A diff marker survives a crash, so an interrupted diff runs again.
+        for (key,) in self.conn.execute("SELECT key FROM _ccsync_meta "
+                                        "WHERE key LIKE 'diff:%'").fetchall():
+            if key[5:] in self.tables():
+                self._full_diff(key[5:])
         return stamped
+
+    def _up_to_date(self) -> bool:
+        """True when bookkeeping, columns, index and triggers are all in place.
+
+        Read-only, so a sync with nothing to do takes no write lock for it.
+        """
+        if not self.installed() or not self.meta("device_id") \
+                or self.meta("fingerprint") != self._fingerprint():
+            return False
+        have = dict(self.conn.execute(
+            "SELECT name, coalesce(sql, '') FROM sqlite_master "
+            "WHERE name LIKE '\\_ccsync\\_%' ESCAPE '\\'").fetchall())
+        if any(name not in have for name in BOOKKEEPING_TABLES):
+            return False
+        for info in self.tables().values():
+            if any(c not in info.columns for c in SYNC_COLUMNS) \
+                    or f"_ccsync_sid_{info.name}" not in have:
+                return False
+            if any(have.get(name) != sql for name, sql in
+                   trigger_sql(info.name, info.tracked).items()):
+                return False
+        return True
 
     def _fingerprint(self) -> str:
         path = self.path
         return f"{socket.gethostname()}:{os.path.realpath(path) if path else ''}"
 
-    def _install(self) -> list[str]:
+    def _install(self) -> None:
         """Create bookkeeping, add missing columns, (re)install triggers.
 
-        Returns the tables whose triggers were missing or outdated: edits made
-        while they were missing are found by a full diff against the shadow.
+        A table whose triggers were missing or outdated gets a ``diff:`` marker:
+        edits made meanwhile are found by a full diff against the shadow.
         """
         with transaction(self.conn):
             _run_script(self.conn, _BOOKKEEPING_SQL)
             self._check_device()
-            reinstalled = []
-            for spec in SPEC:
-                if self._columns(spec.name) and self._install_table(spec.name):
-                    reinstalled.append(spec.name)
-            self._tables = None
-        return reinstalled
+            self._add_sync_columns()
+            for info in self.tables().values():
+                self._install_triggers(info)
 
     def _check_device(self) -> None:
         # A cc_cli.db copied onto another machine must not keep the source's
@@ -816,21 +840,24 @@ class Store:
         self.set_meta("device_id", uuid.uuid4().hex[:16])   # 64 bits: short clocks
         self.set_meta("fingerprint", fingerprint)
 
-    def _install_table(self, table: str) -> bool:
-        present = {c["name"] for c in self._columns(table)}
-        for col in SYNC_COLUMNS:
-            if col not in present:
-                self.conn.execute(f"ALTER TABLE {_q(table)} ADD COLUMN {_q(col)} TEXT")
-        self.conn.execute(f"CREATE INDEX IF NOT EXISTS {_q('_ccsync_sid_' + table)} "
-                          f"ON {_q(table)} (sync_id)")
+    def _add_sync_columns(self) -> None:
         self._tables = None
-        info = self.tables()[table]
+        for info in self.tables().values():
+            for col in SYNC_COLUMNS:
+                if col not in info.columns:
+                    self.conn.execute(f"ALTER TABLE {_q(info.name)} ADD COLUMN {_q(col)} TEXT")
+            self.conn.execute(f"CREATE INDEX IF NOT EXISTS {_q('_ccsync_sid_' + info.name)} "
+                              f"ON {_q(info.name)} (sync_id)")
+        self._tables = None
+
+    def _install_triggers(self, info: TableInfo) -> None:
+        table = info.name
         wanted = trigger_sql(table, info.tracked)
         have = dict(self.conn.execute(
             "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ? "
             "AND name LIKE '\\_ccsync\\_%' ESCAPE '\\'", (table,)).fetchall())
         if have == wanted:
-            return False
+            return
         for name in have:
             self.conn.execute(f"DROP TRIGGER IF EXISTS {_q(name)}")
         for sql in wanted.values():
@@ -839,19 +866,19 @@ class Store:
         first = self.meta(f"installed:{table}") is None
         self.set_meta(f"installed:{table}", "1")
         self.set_meta(f"diff:{table}", "first" if first else "again")
-        return True
 
-    def _parent_sids(self, table: str, rids: Iterable[Any]) -> dict[int, str | None]:
+    def _by_rowid(self, table: str, columns: str, rids: Iterable[Any]) -> Iterator[sqlite3.Row]:
+        """``SELECT rowid AS _rid, <columns>`` for the given rowids, in chunks."""
         rids = sorted({r for r in rids if isinstance(r, int)})
-        out: dict[int, str | None] = {}
-        if table not in self.tables():
-            return out
         for chunk in _chunks(rids, 500):
             marks = ",".join("?" * len(chunk))
-            for row in self.conn.execute(
-                    f"SELECT rowid, sync_id FROM {_q(table)} WHERE rowid IN ({marks})", chunk):
-                out[row[0]] = row[1]
-        return out
+            yield from self.conn.execute(f"SELECT rowid AS _rid, {columns} FROM {_q(table)} "
+                                         f"WHERE rowid IN ({marks})", chunk)
+
+    def _parent_sids(self, table: str, rids: Iterable[Any]) -> dict[int, str | None]:
+        if table not in self.tables():
+            return {}
+        return {row[0]: row[1] for row in self._by_rowid(table, "sync_id", rids)}
 
     def stamp_rows(self) -> int:
         """Give every row without a sync_id one: a uuid5 of its natural key.
@@ -863,7 +890,8 @@ class Store:
         """
         total = 0
         for info in self.tables().values():
-            while True:
+            while self.conn.execute(f"SELECT 1 FROM {_q(info.name)} WHERE sync_id IS NULL "
+                                    f"LIMIT 1").fetchone():
                 with transaction(self.conn):
                     rows = self.conn.execute(
                         f"SELECT rowid AS _rid, * FROM {_q(info.name)} WHERE sync_id IS NULL "
@@ -878,8 +906,6 @@ class Store:
                         self.conn.execute(f"UPDATE {_q(info.name)} SET sync_id = ? "
                                           f"WHERE rowid = ?", (sid, row["_rid"]))
                 total += len(rows)
-                if len(rows) < WRITE_CHUNK:
-                    break
         return total
 
     def _fresh_sid(self, info: TableInfo, wanted: str | None) -> str:
@@ -974,27 +1000,17 @@ class Store:
     def _names_for(self, table: str, name_col: str, ids: Iterable[Any]) -> dict[int, str]:
         if not self.has_table(table):
             return {}
-        ids = sorted({i for i in ids if isinstance(i, int)})
-        out = {}
-        for chunk in _chunks(ids, 500):
-            marks = ",".join("?" * len(chunk))
-            out.update(self.conn.execute(
-                f"SELECT rowid, {_q(name_col)} FROM {_q(table)} WHERE rowid IN ({marks})",
-                chunk).fetchall())
-        return out
+        return {row[0]: row[1] for row in self._by_rowid(table, _q(name_col), ids)}
 
     def _rid_for_sid(self, table: str, sid: str | None) -> int | None:
         if sid is None or table not in self.tables():
             return None
         row = self.conn.execute(f"SELECT rowid FROM {_q(table)} WHERE sync_id = ?",
                                 (sid,)).fetchone()
-        if row is None:
-            alias = self.conn.execute("SELECT sid FROM _ccsync_alias WHERE tbl = ? AND alias = ?",
-                                      (table, sid)).fetchone()
-            if alias is not None and alias[0] != sid:
-                return self._rid_for_sid(table, alias[0])
-            return None
-        return row[0]
+        if row is not None:
+            return row[0]
+        canonical = self._canonical_sid(table, sid)
+        return self._rid_for_sid(table, canonical) if canonical != sid else None
 
     def _canonical_sid(self, table: str, sid: str) -> str:
         row = self.conn.execute("SELECT sid FROM _ccsync_alias WHERE tbl = ? AND alias = ?",
@@ -1117,12 +1133,7 @@ class Store:
                 "SELECT rid, col, hlc, sid FROM _ccsync_dirty WHERE tbl = ? AND rid BETWEEN ? AND ?",
                 (info.name, rids[0], rids[-1])):
             dirty[row["rid"]][row["col"]] = (row["hlc"], row["sid"])
-        rows = {}
-        for chunk in _chunks(rids, 500):
-            marks = ",".join("?" * len(chunk))
-            for row in self.conn.execute(
-                    f"SELECT rowid AS _rid, * FROM {_q(info.name)} WHERE rowid IN ({marks})", chunk):
-                rows[row["_rid"]] = row
+        rows = {row["_rid"]: row for row in self._by_rowid(info.name, "*", rids)}
         present = [rows[r] for r in rids if r in rows]
         wire = dict(zip((r["_rid"] for r in present), self._wire_rows(info, present)))
         records, tokens = [], []
@@ -1320,6 +1331,8 @@ class Store:
         does not stop the page.
         """
         result = ApplyResult(received=len(records))
+        if not records and (cursor is None or cursor == self.cursor):
+            return result             # nothing new: no write lock for nothing
         ordered = sorted(records, key=lambda r: TABLE_ORDER.get(
             r.get("t") if isinstance(r, dict) else None, len(SPEC)))
         with transaction(self.conn):

@@ -1009,3 +1009,20 @@ def test_merging_two_projects_also_merges_their_same_named_environments(devices)
         assert device.sql("SELECT p.name, e.name FROM environment e JOIN project p "
                           "ON p.id = e.project_id") == [("acme", "main")], device.name
     assert a.snapshot() == b.snapshot() == c.snapshot()
+
+
+def test_diff_interrupted_after_reinstalling_triggers_runs_at_next_sync(devices):
+    """Edits made while capture triggers were missing are found by a full diff;
+    a crash between reinstalling the triggers and that diff must not lose them."""
+    a = devices("a")
+    a.sql("INSERT INTO project (name) VALUES ('acme')")
+    a.sync()
+    for (name,) in a.sql("SELECT name FROM sqlite_master WHERE type = 'trigger' "
+                         "AND tbl_name = 'project'"):
+        a.sql(f'DROP TRIGGER "{name}"')              # e.g. a cc migration rebuilt the table
+    a.sql("UPDATE project SET main_branch = 'main' WHERE name = 'acme'")
+    a.store._install()                               # reinstalled, then "crash" before the diff
+
+    pushed = a.push()
+
+    assert pushed.sent == 1 and pushed.accepted == 1
