@@ -38,6 +38,7 @@ import uuid
 from pathlib import Path
 from unittest import mock
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -529,3 +530,53 @@ def test_regression_recreate_a_deleted_version_while_another_device_deletes_it()
     (Sim seeds ccsync's uuid4: its first id, e443..., sorts after 17.0's
     natural id 1f67...; a real random id does so ~88% of the time.)"""
     recreate_version_scenario("DELETE FROM version WHERE name = '17.0'")
+
+
+
+# Found by test_random_programs_converge after the merge work: environments
+# merged on one device (their switch_logs merging in cascade) while another
+# device saw one environment deleted first (its switch_log's reference read as
+# NULL, so no twin matched).  Merges of natural-key twins depend on arrival
+# order here; see the README's merge rules and the closing note.  Strict: when
+# this starts passing, drop the mark.
+KNOWN_MERGE_ORDER_CASE = (4,
+    [2, 2, 0, 0],
+    [('version', 0, '17.0', '8069'),
+    ('project', 0, 'acme', 'master'),
+    ('environment', 0, 'main', 0, 0, 'x'),
+    ('switch_log', 0, 0, '2024-05-01T09:00:00'),
+    ('setting', 0, 'theme', 'light'),
+    ('sync', 0, 'sync'),
+    ('sync', 1, 'sync'),
+    ('sync', 2, 'sync'),
+    ('project', 1, 'acme', None),
+    ('project', 2, 'initech', 'x'),
+    ('project', 1, 'globex', 'x'),
+    ('sync', 1, 'push'),
+    ('setting', 2, 'theme', 'x'),
+    ('delete', 1, 'switch_log', 1),
+    ('tick', 60000),
+    ('delete', 1, 'environment', 5),
+    ('delete', 3, 'project', 4),
+    ('project', 3, 'globex', 'y'),
+    ('update', 1, 'switch_log', 'note', 4, None),
+    ('switch_log', 2, 0, '2024-05-01T10:00:00'),
+    ('sync', 1, 'pull'),
+    ('sync', 2, 'sync'),
+    ('setting', 3, 'default_version', 'y'),
+    ('delete', 1, 'switch_log', 1),
+    ('environment', 1, 'main', 2, None, 'y'),
+    ('sync', 2, 'push'),
+    ('update', 0, 'switch_log', 'ended_at', 5, 'y'),
+    ('update', 1, 'environment', 'branch_name', 0, None),
+    ('environment', 1, 'main', 2, None, 'y'),
+    ('switch_log', 2, 3, '2024-05-01T09:00:00'),
+    ('environment', 0, 'main', 2, None, 'z'),
+    ('tick', 1000),
+    ('update', 0, 'switch_log', 'ended_at', 2, None)])
+
+
+@pytest.mark.xfail(strict=True, reason="natural-key merges cascaded through a deleted "
+                                       "parent depend on arrival order (known limitation)")
+def test_regression_cascaded_merge_through_a_deleted_parent():
+    run_program(KNOWN_MERGE_ORDER_CASE)
