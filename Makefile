@@ -4,7 +4,7 @@ VENV_PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test pyz bench demo clean venv
+.PHONY: test pyz bench stress demo clean venv
 
 test: $(STAMP)
 	$(VENV_PY) -m pytest -q tests $(PYTEST_ARGS)
@@ -22,6 +22,9 @@ pyz:
 
 bench: $(STAMP)
 	$(VENV_PY) bench/bench_sync.py
+
+stress: $(STAMP)
+	$(VENV_PY) bench/stress_lockout.py --rows 100000 --modes delete,wal
 
 demo: $(STAMP)
 	$(VENV_PY) ccsync.py demo

@@ -169,8 +169,9 @@ DEFAULT_DB = os.path.join("~", ".cc-cli", "cc_cli.db")
 HLC_PER_MS = 1000
 MAX_CLOCK_AHEAD_MS = 24 * 3600 * 1000     # incoming clocks further ahead are refused
 PUSH_BATCH = 500                          # rows per push request
-PULL_PAGE = 500                           # records per pull page (one transaction each)
-WRITE_CHUNK = 2000                        # rows per local write transaction
+PULL_PAGE = 500                           # records per pull page
+PULL_PAGE_BYTES = 8 * 1024 * 1024         # stored text per pull page (at least one record)
+STAMP_CHUNK = 200                         # rows stamped per write transaction
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 LOG = logging.getLogger("ccsync")          # no handlers here: the host decides
@@ -368,9 +369,207 @@ def _lit(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def _printable(value: Any, limit: int) -> str:
+    """``str(value)`` cut to ``limit`` characters, safe to store (no lone surrogates)."""
+    text = value if isinstance(value, str) else repr(value)
+    return text[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _table_rank(record: Any) -> int:
+    """Where a wire record goes in a page: parents before children, junk last."""
+    table = record.get("t") if isinstance(record, dict) else None
+    return TABLE_ORDER.get(table, len(SPEC)) if isinstance(table, str) else len(SPEC)
+
+
+def page_bytes(limit: int) -> int:
+    """The byte bound a device asks for with a page of ``limit`` records."""
+    return max(64 * 1024, PULL_PAGE_BYTES * min(limit, PULL_PAGE) // PULL_PAGE)
+
+
 def _chunks(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+##### Records #################################################################
+# The one parser of a wire record, shared by device and server: what a record
+# may hold depends only on the record and SPEC, so every device refuses the
+# same records.  Pure: no I/O here.
+
+class RecordRefused(Exception):
+    """A record that cannot be stored or applied; the message is the reason.
+
+    ``keep`` False: the device does not keep it for a later try (it may carry
+    a secret).
+    """
+
+    keep = True
+
+
+MAX_VALUE_BYTES = 4 * 1024 * 1024          # one value, as the server measures it
+MAX_RECORD_BYTES = 16 * 1024 * 1024        # one record's payload
+MAX_RECORD_COLUMNS = 256
+MAX_HLC = 2 ** 62
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,64}$")
+ROW_ID_COLUMN = "id"                       # cc's integer primary key: never synced
+
+
+@dataclass(frozen=True)
+class Record:
+    """One row's edits as they travel: per-column clocks plus the values.
+
+    ``clocks`` maps a column (or TOMBSTONE) to its hybrid logical clock;
+    ``values`` holds a wire value for every clocked column; ``local`` the
+    device-local columns (a starting point for a row new to a device);
+    ``key`` the natural key, so a device can find the row by it.
+    """
+
+    table: str
+    sid: str
+    dev: str
+    clocks: dict[str, int]
+    values: dict[str, Any]
+    local: dict[str, Any]
+    key: dict[str, Any]
+
+    @property
+    def spec(self) -> TableSpec:
+        """The table's sync spec."""
+        return SPEC_BY_NAME[self.table]
+
+    @property
+    def size(self) -> int:
+        """Bytes of the values, local values and key, as measured for limits."""
+        return sum(wire_size(v) for part in (self.values, self.local, self.key)
+                   for v in part.values())
+
+    def payload(self) -> dict:
+        """The ``p`` part of the wire form."""
+        return {"v": self.values, "l": self.local, "k": self.key}
+
+    def wire(self) -> dict:
+        """The record as it travels (JSON-ready)."""
+        return {"t": self.table, "id": self.sid, "dev": self.dev, "c": self.clocks,
+                "p": self.payload()}
+
+
+def wire_size(value: Any) -> int:
+    """The size of a wire value in bytes (UTF-8 text, blob text, 8 for numbers)."""
+    if isinstance(value, str):
+        return len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, dict):
+        return sum(wire_size(k) + wire_size(v) for k, v in value.items())
+    if isinstance(value, list):
+        return sum(wire_size(v) for v in value)
+    return 8
+
+
+def _refuse_unless(ok: bool, reason: str) -> None:
+    if not ok:
+        raise RecordRefused(reason)
+
+
+def _is_wire_scalar(value: Any) -> bool:
+    """None, text, a 64-bit integer, a finite float, or {"$b64": base64}."""
+    if value is None or isinstance(value, str):
+        return True
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return -(2 ** 63) <= value < 2 ** 63
+    if isinstance(value, float):
+        return value == value and value not in (float("inf"), float("-inf"))
+    if isinstance(value, dict) and set(value) == {"$b64"} and isinstance(value["$b64"], str):
+        try:
+            base64.b64decode(value["$b64"], validate=True)
+        except (ValueError, TypeError):
+            return False
+        return True
+    return False
+
+
+def _is_sid(value: Any) -> bool:
+    return isinstance(value, str) and SYNC_ID_RE.match(value) is not None
+
+
+def _check_value(spec: TableSpec, col: str, value: Any) -> None:
+    """Refuse a value of the wrong shape for its column (per SPEC)."""
+    if col in spec.refs:
+        _refuse_unless(value is None or _is_sid(value), f"malformed reference in {col}")
+    elif col in spec.list_refs and isinstance(value, dict) and set(value) != {"$b64"}:
+        ids, fmt = value.get("ids"), value.get("fmt")
+        _refuse_unless(set(value) == {"ids", "fmt"} and fmt in ("json", "csv")
+                       and isinstance(ids, list) and all(_is_sid(s) for s in ids),
+                       f"malformed id list in {col}")
+    elif col in spec.name_refs:
+        _refuse_unless(value is None or isinstance(value, str), f"malformed name in {col}")
+    else:
+        _refuse_unless(_is_wire_scalar(value), f"value of {col} is not a SQLite scalar")
+
+
+def _check_column(spec: TableSpec, col: Any) -> None:
+    _refuse_unless(isinstance(col, str) and 0 < len(col) <= 128 and col != TOMBSTONE,
+                   "malformed column name")
+    _refuse_unless(col not in SYNC_COLUMNS and col != ROW_ID_COLUMN and col not in spec.local,
+                   f"column {col} is not synced")
+
+
+def _parse_clocks(spec: TableSpec, clocks: Any) -> dict[str, int]:
+    _refuse_unless(isinstance(clocks, dict) and 0 < len(clocks) <= MAX_RECORD_COLUMNS,
+                   "malformed record: clocks")
+    for col, hlc in clocks.items():
+        if col != TOMBSTONE:
+            _check_column(spec, col)
+        _refuse_unless(isinstance(hlc, int) and not isinstance(hlc, bool)
+                       and 0 <= hlc < MAX_HLC, "bad clock")
+    return dict(clocks)
+
+
+def _parse_part(payload: dict, name: str) -> dict:
+    part = payload.get(name, {})
+    _refuse_unless(isinstance(part, dict), f"malformed record: payload {name}")
+    return dict(part)
+
+
+def parse_record(obj: Any) -> Record:
+    """Parse a wire record into a :class:`Record`, or raise RecordRefused(reason).
+
+    The rules depend only on the record and SPEC (shape, types, column names,
+    reference forms), never on a device's state, so every device and the
+    server refuse the same records for the same reasons.
+    """
+    _refuse_unless(isinstance(obj, dict), "malformed record")
+    table = obj.get("t")
+    _refuse_unless(isinstance(table, str) and table in SPEC_BY_NAME, "unknown table")
+    spec = SPEC_BY_NAME[table]
+    _refuse_unless(_is_sid(obj.get("id")), "malformed record: id")
+    dev = obj.get("dev")
+    _refuse_unless(isinstance(dev, str) and DEVICE_ID_RE.match(dev) is not None,
+                   "malformed record: dev")
+    clocks = _parse_clocks(spec, obj.get("c"))
+    payload = obj.get("p")
+    _refuse_unless(isinstance(payload, dict), "malformed record: payload")
+    values, local, key = (_parse_part(payload, n) for n in ("v", "l", "k"))
+    _refuse_unless(set(values) == set(clocks) - {TOMBSTONE},
+                   "malformed record: values and clocks differ")
+    for col, value in values.items():
+        _check_value(spec, col, value)
+    for col, value in local.items():
+        _refuse_unless(col in spec.local and _is_wire_scalar(value),
+                       "malformed record: device-local part")
+    for col, value in key.items():
+        _refuse_unless(col in spec.key, "malformed record: key part")
+        _check_value(spec, col, value)
+    return Record(table, obj["id"], dev, clocks, values, local, key)
+
+
+def check_record_size(record: Record, max_value: int, max_record: int) -> None:
+    """Refuse a record with a value over ``max_value`` bytes or over ``max_record`` in all."""
+    for part in (record.values, record.local, record.key):
+        for col, value in part.items():
+            _refuse_unless(wire_size(value) <= max_value,
+                           f"value of {col} is larger than {max_value} bytes")
+    _refuse_unless(record.size <= max_record, f"record is larger than {max_record} bytes")
 
 
 ##### Crypto and wire format ##################################################
@@ -514,12 +713,35 @@ def unseal(enc_key: bytes, blob: bytes, context: bytes, max_size: int) -> dict:
 # outgoing records, acknowledgement, and merge of incoming records.  No
 # network here; every write goes through transaction().
 
+MIN_SQLITE = (3, 31, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def check_sqlite(version: tuple[int, ...] = sqlite3.sqlite_version_info) -> None:
+    """Refuse an SQLite library older than MIN_SQLITE, or one without JSON functions."""
+    need = ".".join(map(str, MIN_SQLITE))
+    hint = "use a Python whose sqlite3 module links a newer SQLite (python3 -c " \
+           "'import sqlite3; print(sqlite3.sqlite_version)' shows the one in use)"
+    if tuple(version) < MIN_SQLITE:
+        raise StoreError(f"SQLite {'.'.join(map(str, version))} is too old: ccsync needs "
+                         f"{need} or newer", hint=hint)
+    probe = sqlite3.connect(":memory:")
+    try:
+        probe.execute("SELECT json_array(1)")
+    except sqlite3.Error:
+        raise StoreError("this SQLite library has no JSON functions, which ccsync needs",
+                         hint=hint) from None
+    finally:
+        probe.close()
+
+
 def connect(path: str, *, timeout: float = 5.0, must_exist: bool = True) -> sqlite3.Connection:
     """Open a SQLite connection the way ccsync uses every connection.
 
     ``isolation_level=None`` because ccsync owns its transactions; a busy
     timeout like cc's own so concurrent writers wait instead of failing.
     """
+    check_sqlite()
     if must_exist and not os.path.isfile(path):
         raise StoreError(f"no database at {path}",
                          hint=f"pass --db PATH or set ${ENV_DB}")
@@ -561,6 +783,96 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("COMMIT")
 
 
+# The lock policy, in one place.  ccsync is a guest in cc's database, and
+# SQLite's busy handler is not fair: a writer that waits sleeps between tries
+# (1, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50 ms, then 100 ms each), so write
+# transactions that follow each other closely starve it, however short each
+# one is.  So ccsync writes in bursts of at most WRITE_SLICE_S (one or more
+# transactions; a long job commits when the burst is over) and then leaves the
+# lock free for longer than any waiter can be asleep: a writer that has waited
+# w ms sleeps at most _busy_sleep_ms(w), and has waited no longer than the
+# burst.  Time spent on the network or decoding counts as free time, so the
+# gap only sleeps what is left of it; a burst ends by itself once the lock
+# was free for that long.
+WRITE_SLICE_S = 0.1
+LOCK_GAP_MARGIN = 1.2               # x the waiter's longest sleep, for timer jitter
+LOCK_GAP_EXTRA_S = 0.005
+_BUSY_STEPS_MS = ((1, 1), (3, 2), (8, 5), (18, 10), (33, 15), (53, 20), (128, 25), (228, 50))
+
+
+def _busy_sleep_ms(waited_ms: float) -> int:
+    """The longest sleep of SQLite's busy handler for a writer that waited ``waited_ms``."""
+    return next((sleep for limit, sleep in _BUSY_STEPS_MS if waited_ms < limit), 100)
+
+
+def lock_gap(burst_s: float) -> float:
+    """Seconds ccsync leaves the write lock free after a burst of ``burst_s``."""
+    return _busy_sleep_ms(burst_s * 1000) / 1000 * LOCK_GAP_MARGIN + LOCK_GAP_EXTRA_S
+
+
+class WriteGate:
+    """When ccsync may take the write lock again, and when a burst is over.
+
+    ``clock`` and ``sleep`` are injectable for tests.
+    """
+
+    def __init__(self, slice_s: float = WRITE_SLICE_S,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.slice_s = slice_s
+        self._clock, self._sleep = clock, sleep
+        self._free_until = 0.0
+        self._burst: float | None = None          # when the current burst began
+        self._left = 0.0                          # when the lock was last released
+
+    def enter(self) -> None:
+        """Before a write transaction: wait out a due gap, start or go on with a burst."""
+        now = self._clock()
+        if self._free_until > now:
+            self._sleep(self._free_until - now)
+            self._burst = None
+        elif self._burst is not None and now - self._left >= lock_gap(self._left - self._burst):
+            self._burst = None                    # the lock was free long enough already
+        if self._burst is None:
+            self._burst = self._clock()
+
+    def over(self) -> bool:
+        """True once the current burst has used its share: commit now."""
+        return self._burst is not None and self._clock() - self._burst >= self.slice_s
+
+    def leave(self) -> None:
+        """After a write transaction committed (or rolled back)."""
+        self._left = now = self._clock()
+        if self._burst is not None and now - self._burst >= self.slice_s:
+            self._free_until = now + lock_gap(now - self._burst)
+            self._burst = None
+
+
+# SQLite result codes that say something about the machine, not the record:
+# BUSY, LOCKED, NOMEM, READONLY, INTERRUPT, IOERR, CORRUPT, FULL, CANTOPEN,
+# PROTOCOL, NOLFS, AUTH, NOTADB.
+_ENVIRONMENT_CODES = frozenset({5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 22, 23, 26})
+_ENVIRONMENT_WORDS = ("locked", "busy", "disk", "i/o", "readonly", "read-only",
+                      "unable to open", "interrupted", "out of memory", "not a database")
+
+
+def environment_error(exc: BaseException) -> bool:
+    """True for a failure of the machine (busy, disk full, I/O), not of one record.
+
+    Such a failure rolls back and is retried later; anything else a record
+    causes refuses just that record.
+    """
+    if isinstance(exc, (MemoryError, OSError, CcsyncError)):
+        return True
+    if not isinstance(exc, sqlite3.Error):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)     # Python 3.11+
+    if code is not None:
+        return code & 0xFF in _ENVIRONMENT_CODES
+    return isinstance(exc, sqlite3.OperationalError) and any(
+        word in str(exc).lower() for word in _ENVIRONMENT_WORDS)
+
+
 def _run_script(conn: sqlite3.Connection, script: str) -> None:
     """Run ';'-separated DDL inside the caller's transaction (executescript commits)."""
     for statement in script.split(";"):
@@ -590,9 +902,17 @@ CREATE TABLE IF NOT EXISTS _ccsync_link (
 CREATE TABLE IF NOT EXISTS _ccsync_refused (
     tbl TEXT NOT NULL, sid TEXT NOT NULL, reason TEXT NOT NULL, at TEXT NOT NULL,
     PRIMARY KEY (tbl, sid)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS _ccsync_gone (
+    tbl TEXT NOT NULL, rid INTEGER, sid TEXT, key TEXT, hlc INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS _ccsync_gone_row ON _ccsync_gone (tbl, sid);
+CREATE TABLE IF NOT EXISTS _ccsync_held (
+    digest TEXT PRIMARY KEY, tbl TEXT, sid TEXT, kind TEXT NOT NULL, reason TEXT NOT NULL,
+    record TEXT NOT NULL, version TEXT NOT NULL, at TEXT NOT NULL);
 """
+BOOKKEEPING_VERSION = "2"            # _ccsync_meta 'bookkeeping': the layout below
 BOOKKEEPING_TABLES = ("_ccsync_meta", "_ccsync_clock", "_ccsync_dirty", "_ccsync_shadow",
-                      "_ccsync_alias", "_ccsync_pending", "_ccsync_refused", "_ccsync_link")
+                      "_ccsync_alias", "_ccsync_pending", "_ccsync_refused", "_ccsync_link",
+                      "_ccsync_gone", "_ccsync_held")
 
 _SQL_NOW_HLC = f"(CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER) * {HLC_PER_MS})"
 _SQL_TICK = f"UPDATE _ccsync_clock SET hlc = max(hlc + 1, {_SQL_NOW_HLC});"
@@ -600,34 +920,59 @@ _SQL_HLC = "(SELECT hlc FROM _ccsync_clock)"
 _SQL_LIVE = "(SELECT suppress FROM _ccsync_clock) = 0"
 
 
-def trigger_sql(table: str, tracked: Iterable[str]) -> dict[str, str]:
+def _sql_key_json(key: Iterable[str]) -> str:
+    # A blob cannot go into JSON (it would make cc's DELETE fail): it becomes NULL.
+    parts = [f"CASE WHEN typeof(OLD.{_q(c)}) = 'blob' THEN NULL ELSE OLD.{_q(c)} END"
+             for c in key]
+    return f"json_array({', '.join(parts)})" if parts else "NULL"
+
+
+def trigger_sql(table: str, tracked: Iterable[str], key: Iterable[str] = ()) -> dict[str, str]:
     """The three capture triggers for ``table``, by trigger name.
 
     Each edit ticks the hybrid logical clock (max(last + 1, wall-clock ms x
-    HLC_PER_MS))
-    and records the edited cells with it, so an offline edit keeps the time
-    it was made.  ccsync's own writes set ``suppress`` and are not recorded.
+    HLC_PER_MS)) and records the edited cells with it, so an offline edit
+    keeps the time it was made.  ccsync's own writes set ``suppress`` and are
+    not recorded.  No statement here can hit a constraint: SQLite applies the
+    outer statement's conflict policy (OR IGNORE, OR ROLLBACK, an UPSERT's) to
+    a trigger's statements, so each cell is deleted, then inserted afresh, and
+    always carries the time of its latest edit.  A delete goes to
+    ``_ccsync_gone`` with the row's sync_id and natural key, so a row deleted
+    before it was ever stamped still sends its delete.
     """
     t, lit = _q(table), _lit(table)
-    ins = f"INSERT OR REPLACE INTO _ccsync_dirty (tbl, rid, col, hlc, sid)"
     cols = list(tracked)
-    changed = " OR ".join(f"OLD.{_q(c)} IS NOT NEW.{_q(c)}" for c in cols) or "0"
+    cell = f"_ccsync_dirty WHERE tbl = {lit} AND rid = NEW.rowid"
+    moved = "OLD.rowid IS NOT NEW.rowid"
+    lost_sid = "NEW.sync_id IS NULL AND OLD.sync_id IS NOT NULL"
+    changed = " OR ".join([moved, lost_sid, *(f"OLD.{_q(c)} IS NOT NEW.{_q(c)}" for c in cols)])
     per_col = " ".join(
-        f"{ins} SELECT {lit}, NEW.rowid, {_lit(c)}, {_SQL_HLC}, NULL "
-        f"WHERE OLD.{_q(c)} IS NOT NEW.{_q(c)};" for c in cols)
+        f"DELETE FROM {cell} AND col = {_lit(c)} AND OLD.{_q(c)} IS NOT NEW.{_q(c)}; "
+        f"INSERT INTO _ccsync_dirty (tbl, rid, col, hlc) SELECT {lit}, NEW.rowid, {_lit(c)}, "
+        f"{_SQL_HLC} WHERE OLD.{_q(c)} IS NOT NEW.{_q(c)};" for c in cols)
     return {
         f"_ccsync_ins_{table}":
             f"CREATE TRIGGER {_q('_ccsync_ins_' + table)} AFTER INSERT ON {t} "
-            f"WHEN {_SQL_LIVE} BEGIN {_SQL_TICK} "
-            f"{ins} VALUES ({lit}, NEW.rowid, '{INSERTED}', {_SQL_HLC}, NULL); END",
+            f"WHEN {_SQL_LIVE} BEGIN {_SQL_TICK} DELETE FROM {cell}; "
+            f"INSERT INTO _ccsync_dirty (tbl, rid, col, hlc) "
+            f"VALUES ({lit}, NEW.rowid, '{INSERTED}', {_SQL_HLC}); END",
+        # A rowid change moves the pending cells with the row (dropping those of
+        # a row that REPLACE removed there); an ORM write of a stale, empty
+        # sync_id puts the row's identity back.
         f"_ccsync_upd_{table}":
             f"CREATE TRIGGER {_q('_ccsync_upd_' + table)} AFTER UPDATE ON {t} "
-            f"WHEN {_SQL_LIVE} AND ({changed}) BEGIN {_SQL_TICK} {per_col} END",
+            f"WHEN {_SQL_LIVE} AND ({changed}) BEGIN {_SQL_TICK} "
+            f"DELETE FROM {cell} AND {moved}; "
+            f"UPDATE _ccsync_dirty SET rid = NEW.rowid WHERE tbl = {lit} AND rid = OLD.rowid "
+            f"AND {moved}; "
+            f"UPDATE {t} SET sync_id = OLD.sync_id WHERE rowid = NEW.rowid AND {lost_sid}; "
+            f"{per_col} END",
         f"_ccsync_del_{table}":
             f"CREATE TRIGGER {_q('_ccsync_del_' + table)} AFTER DELETE ON {t} "
             f"WHEN {_SQL_LIVE} BEGIN {_SQL_TICK} "
             f"DELETE FROM _ccsync_dirty WHERE tbl = {lit} AND rid = OLD.rowid; "
-            f"{ins} VALUES ({lit}, OLD.rowid, '{DELETED}', {_SQL_HLC}, OLD.sync_id); END",
+            f"INSERT INTO _ccsync_gone (tbl, rid, sid, key, hlc) VALUES ({lit}, OLD.rowid, "
+            f"OLD.sync_id, {_sql_key_json(key)}, {_SQL_HLC}); END",
     }
 
 
@@ -640,6 +985,7 @@ class TableInfo:
     notnull: frozenset[str]
     types: dict[str, str]
     pk: str | None                      # the INTEGER PRIMARY KEY column (rowid alias)
+    layout: tuple[tuple[int, str], ...] = ()   # (position, name) of every column
 
     @property
     def name(self) -> str:
@@ -655,14 +1001,30 @@ class TableInfo:
     def local(self) -> tuple[str, ...]:
         return tuple(c for c in self.spec.local if c in self.columns)
 
+    @property
+    def key_columns(self) -> tuple[str, ...]:
+        """The natural-key columns this table has here, in SPEC order."""
+        return tuple(c for c in self.spec.key if c in self.columns)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """What ack() needs to settle one captured row or delete."""
+
+    table: str
+    rid: int | None                     # the local row (None for a delete)
+    cells: dict[str, int]               # the pending cells sent, with their clocks
+    gone: tuple[int, ...] = ()          # the _ccsync_gone entries a delete settles
+    deleted_rid: int | None = None      # the rowid the deleted row had here
+
 
 @dataclass
 class Batch:
-    """Outgoing records plus what ack() needs to settle them."""
+    """Outgoing records (None: nothing to send) plus what ack() needs to settle them."""
 
-    records: list[dict]
-    tokens: list[tuple[str, int, dict[str, int]] | None]  # (table, rid, cells); None: keep
-    next_pos: tuple[int, int] | None                  # keyset position; None when done
+    records: list[dict | None]
+    tokens: list[Outgoing]
+    next_pos: tuple[int, int, int] | None     # keyset position; None when done
 
 
 @dataclass
@@ -673,6 +1035,7 @@ class ApplyResult:
     applied: int = 0
     unchanged: int = 0
     refused: Counter = field(default_factory=Counter)
+    aside: int = 0                      # kept for a table this database lacks
 
     def add(self, other: "ApplyResult") -> None:
         """Add another result's counts to this one."""
@@ -680,10 +1043,7 @@ class ApplyResult:
         self.applied += other.applied
         self.unchanged += other.unchanged
         self.refused.update(other.refused)
-
-
-class RecordRefused(Exception):
-    """An incoming record that cannot be applied; the message is the reason."""
+        self.aside += other.aside
 
 
 class Store:
@@ -694,11 +1054,53 @@ class Store:
     """
 
     def __init__(self, conn: sqlite3.Connection, *, clock: Callable[[], float] = time.time,
-                 local_settings: Iterable[str] = ()):
+                 local_settings: Iterable[str] = (), gate: WriteGate | None = None):
         self.conn = conn
         self.clock = clock
         self.extra_local = tuple(local_settings)
+        self.gate = gate or WriteGate()
+        self.backup_path: str | None = None     # set when this run made the first backup
         self._tables: dict[str, TableInfo] | None = None
+
+    @contextlib.contextmanager
+    def _write(self, *, quiet: bool = False) -> Iterator[sqlite3.Connection]:
+        """One top-level write transaction under the lock policy (see WriteGate).
+
+        ``quiet`` marks ccsync's own writes, which the capture triggers skip.
+        """
+        nested = self.conn.in_transaction
+        if not nested:
+            self.gate.enter()
+        try:
+            with transaction(self.conn):
+                if quiet:
+                    self._suppress(True)
+                yield self.conn
+                if quiet:
+                    self._suppress(False)
+        finally:
+            if not nested:
+                self.gate.leave()
+
+    def _sliced(self, items: Iterable[Any], apply: Callable[[Any], Any], *, quiet: bool = False,
+                last: Callable[[], Any] | None = None) -> None:
+        """``apply`` each item in write transactions of one lock slice each.
+
+        ``last`` runs inside the final transaction (e.g. to move the cursor).
+        Every slice commits on its own: ``apply`` must be safe to run again
+        after a crash (merges and settling are idempotent).
+        """
+        items = iter(items)
+        while True:
+            with self._write(quiet=quiet):
+                for item in items:
+                    apply(item)
+                    if self.gate.over():
+                        break
+                else:
+                    if last is not None:
+                        last()
+                    return
 
     # -- schema inspection ------------------------------------------------
 
@@ -724,7 +1126,8 @@ class Store:
                     spec, tuple(c["name"] for c in cols),
                     frozenset(c["name"] for c in cols if c["notnull"]),
                     {c["name"]: c["type"].upper() for c in cols},
-                    pk[0] if len(pk) == 1 and sum(c["pk"] > 0 for c in cols) == 1 else None)
+                    pk[0] if len(pk) == 1 and sum(c["pk"] > 0 for c in cols) == 1 else None,
+                    tuple((c["cid"], c["name"]) for c in cols))
             self._tables = found
         return self._tables
 
@@ -779,7 +1182,10 @@ class Store:
         """Install capture (idempotent), diff what happened without it, stamp rows.
 
         Returns how many rows were given a sync_id.  Safe to run at every sync.
+        The first time it changes this database it keeps a backup of it first
+        (``backup_path``).
         """
+        self._tables = None             # cc may have migrated its schema since the last sync
         if not self._up_to_date():
             self._install()
         stamped = self.stamp_rows()
@@ -788,6 +1194,7 @@ class Store:
                                         "WHERE key LIKE 'diff:%'").fetchall():
             if key[5:] in self.tables():
                 self._full_diff(key[5:])
+        self._find_vanished()
         return stamped
 
     def _up_to_date(self) -> bool:
@@ -796,19 +1203,20 @@ class Store:
         Read-only, so a sync with nothing to do takes no write lock for it.
         """
         if not self.installed() or not self.meta("device_id") \
-                or self.meta("fingerprint") != self._fingerprint():
+                or self.meta("fingerprint") != self._fingerprint() \
+                or self.meta("bookkeeping") != BOOKKEEPING_VERSION:
             return False
-        have = dict(self.conn.execute(
-            "SELECT name, coalesce(sql, '') FROM sqlite_master "
-            "WHERE name LIKE '\\_ccsync\\_%' ESCAPE '\\'").fetchall())
+        have = {row[0]: (row[1], row[2] or "") for row in self.conn.execute(
+            "SELECT name, tbl_name, sql FROM sqlite_master "
+            "WHERE name LIKE '\\_ccsync\\_%' ESCAPE '\\'")}
         if any(name not in have for name in BOOKKEEPING_TABLES):
             return False
         for info in self.tables().values():
             if any(c not in info.columns for c in SYNC_COLUMNS) \
                     or f"_ccsync_sid_{info.name}" not in have:
                 return False
-            if any(have.get(name) != sql for name, sql in
-                   trigger_sql(info.name, info.tracked).items()):
+            if any(have.get(name) != (info.name, sql) for name, sql in
+                   self._triggers_for(info).items()):
                 return False
         return True
 
@@ -819,15 +1227,60 @@ class Store:
     def _install(self) -> None:
         """Create bookkeeping, add missing columns, (re)install triggers.
 
-        A table whose triggers were missing or outdated gets a ``diff:`` marker:
-        edits made meanwhile are found by a full diff against the shadow.
+        A table whose triggers were missing gets a ``diff:`` marker: edits made
+        meanwhile are found by a full diff against the shadow.  The first
+        install backs the database up before changing anything.
         """
-        with transaction(self.conn):
+        if not self.installed():
+            self.backup_path = self._backup()
+        with self._write():
             _run_script(self.conn, _BOOKKEEPING_SQL)
             self._check_device()
             self._add_sync_columns()
+            self._migrate_bookkeeping()
+            self._drop_stray_triggers()
             for info in self.tables().values():
                 self._install_triggers(info)
+
+    def _backup(self) -> str | None:
+        """An online backup of this database beside it (mode 600); its path."""
+        path = self.path
+        if not path:
+            return None
+        stamp = iso_utc(self.clock).replace("-", "").replace(":", "")
+        target = f"{path}.ccsync-backup-{stamp}"
+        try:
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            dest = sqlite3.connect(target)
+            try:
+                self.conn.backup(dest)      # one step: a stepped copy restarts on every cc write
+            finally:
+                dest.close()
+            os.chmod(target, 0o600)
+        except (OSError, sqlite3.Error) as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(target)
+            raise StoreError(f"cannot back up {path} before ccsync's first change "
+                             f"({exc}); nothing was changed",
+                             hint=f"free some space in {os.path.dirname(path) or '.'}, "
+                                  "or check its permissions") from None
+        return target
+
+    def _migrate_bookkeeping(self) -> None:
+        # Version 2 keeps deletes in _ccsync_gone (a rowid can come back) and
+        # a shadow row's rid only while the row is here.
+        if self.meta("bookkeeping") == BOOKKEEPING_VERSION:
+            return
+        self.conn.execute("INSERT INTO _ccsync_gone (tbl, rid, sid, key, hlc) SELECT tbl, rid, "
+                          "sid, NULL, hlc FROM _ccsync_dirty WHERE col = ?", (DELETED,))
+        self.conn.execute("DELETE FROM _ccsync_dirty WHERE col = ?", (DELETED,))
+        for info in self.tables().values():
+            self.conn.execute(
+                f"UPDATE _ccsync_shadow SET rid = NULL WHERE tbl = ? AND rid IS NOT NULL "
+                f"AND NOT EXISTS (SELECT 1 FROM {_q(info.name)} t WHERE t.sync_id = "
+                f"_ccsync_shadow.sid) AND NOT EXISTS (SELECT 1 FROM _ccsync_gone g "
+                f"WHERE g.tbl = _ccsync_shadow.tbl AND g.sid = _ccsync_shadow.sid)", (info.name,))
+        self.set_meta("bookkeeping", BOOKKEEPING_VERSION)
 
     def _check_device(self) -> None:
         # A cc_cli.db copied onto another machine must not keep the source's
@@ -850,22 +1303,74 @@ class Store:
                               f"ON {_q(info.name)} (sync_id)")
         self._tables = None
 
+    def _triggers_for(self, info: TableInfo) -> dict[str, str]:
+        return trigger_sql(info.name, info.tracked, info.key_columns)
+
+    def _drop_stray_triggers(self) -> None:
+        # A renamed table takes its triggers along (ALTER TABLE t RENAME TO
+        # t_old): trigger names are global, so drop every capture trigger that
+        # no longer sits on the synced table it was made for.
+        for name, table in self.conn.execute(
+                "SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger' "
+                "AND name LIKE '\\_ccsync\\_%' ESCAPE '\\'").fetchall():
+            if name[len("_ccsync_ins_"):] != table or table not in self.tables():
+                self.conn.execute(f"DROP TRIGGER IF EXISTS {_q(name)}")
+
     def _install_triggers(self, info: TableInfo) -> None:
         table = info.name
-        wanted = trigger_sql(table, info.tracked)
+        wanted = self._triggers_for(info)
         have = dict(self.conn.execute(
             "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ? "
             "AND name LIKE '\\_ccsync\\_%' ESCAPE '\\'", (table,)).fetchall())
         if have == wanted:
             return
+        missing = any(name not in have for name in wanted)
+        layout = json.loads(self.meta(f"layout:{table}") or "[]")
+        if not missing:                # triggers survive RENAME COLUMN, not a rebuild
+            self._follow_renames(info, layout)
         for name in have:
             self.conn.execute(f"DROP TRIGGER IF EXISTS {_q(name)}")
         for sql in wanted.values():
             self.conn.execute(sql)
-        # First install: existing rows predate any edit we could time (clock 0).
-        first = self.meta(f"installed:{table}") is None
+        known = {name for _cid, name in layout}
+        if self.meta(f"installed:{table}") is None:
+            mode = "first"     # existing rows predate any edit we could time (clock 0)
+        elif missing or not layout:
+            mode = "all"       # capture was off: every difference is an edit
+        else:                  # columns cc added since: their edits were not captured
+            mode = json.dumps([c for c in info.tracked if c not in known]) \
+                if any(c not in known for c in info.tracked) else None
         self.set_meta(f"installed:{table}", "1")
-        self.set_meta(f"diff:{table}", "first" if first else "again")
+        self.set_meta(f"layout:{table}", json.dumps(info.layout))
+        if mode is not None and self.meta(f"diff:{table}") != "first":
+            self.set_meta(f"diff:{table}", mode)
+
+    def _follow_renames(self, info: TableInfo, layout: list) -> None:
+        """Carry pending cells and synced state over ``RENAME COLUMN``.
+
+        SQLite rewrites a trigger's column references on a rename, but not the
+        column name it records as a string, so cells edited since the rename
+        sit under the old name.  A column at the same position with a new name,
+        whose old name is gone, is a rename.
+        """
+        before, now = dict(layout), dict(info.layout)
+        renames = {before[cid]: name for cid, name in now.items()
+                   if cid in before and before[cid] != name and before[cid] not in now.values()
+                   and name not in before.values()}
+        for old, new in renames.items():
+            self.conn.execute("UPDATE _ccsync_dirty SET col = ? WHERE tbl = ? AND col = ?",
+                              (new, info.name, old))
+            path = '$."' + old + '"'
+            rows = self.conn.execute(
+                "SELECT sid, rid, vals, clocks FROM _ccsync_shadow WHERE tbl = ? AND "
+                "(json_type(vals, ?) IS NOT NULL OR json_type(clocks, ?) IS NOT NULL)",
+                (info.name, path, path)).fetchall()
+            for sid, rid, vals, clocks in rows:
+                vals, clocks = json.loads(vals), json.loads(clocks)
+                for part in (vals, clocks):
+                    if old in part:
+                        part[new] = part.pop(old)
+                self._put_shadow(info.name, sid, rid, vals, clocks)
 
     def _by_rowid(self, table: str, columns: str, rids: Iterable[Any]) -> Iterator[sqlite3.Row]:
         """``SELECT rowid AS _rid, <columns>`` for the given rowids, in chunks."""
@@ -892,14 +1397,13 @@ class Store:
         for info in self.tables().values():
             while self.conn.execute(f"SELECT 1 FROM {_q(info.name)} WHERE sync_id IS NULL "
                                     f"LIMIT 1").fetchone():
-                with transaction(self.conn):
+                with self._write():
                     rows = self.conn.execute(
                         f"SELECT rowid AS _rid, * FROM {_q(info.name)} WHERE sync_id IS NULL "
-                        f"LIMIT {WRITE_CHUNK}").fetchall()
+                        f"LIMIT {STAMP_CHUNK}").fetchall()
                     for row, values in zip(rows, self._wire_rows(info, rows)):
                         wanted = natural_id(info.name, [values.get(c, encode_value(row[c]))
-                                                        for c in info.spec.key
-                                                        if c in info.columns]) \
+                                                        for c in info.key_columns]) \
                             or natural_id(info.name + "#content",
                                           [[c, values[c]] for c in info.tracked])
                         sid = self._fresh_sid(info, wanted)
@@ -917,43 +1421,72 @@ class Store:
         return str(uuid.uuid4())
 
     def _full_diff(self, table: str) -> None:
-        """Record as dirty what changed while capture triggers were missing."""
+        """Record as dirty what changed while capture triggers were missing.
+
+        Edits found here are timed when they are found (clock 0 on the first
+        install: rows that predate ccsync).
+        """
         mode = self.meta(f"diff:{table}")
         if mode is None:
             return
         info = self.tables()[table]
-        with transaction(self.conn):
+        only = None if mode in ("first", "all", "again") else json.loads(mode)
+        with self._write():
             hlc = 0 if mode == "first" else self._hlc_tick()
-        shadow = {r["sid"]: (r["rid"], json.loads(r["vals"]), json.loads(r["clocks"]))
-                  for r in self.conn.execute(
-                      "SELECT sid, rid, vals, clocks FROM _ccsync_shadow WHERE tbl = ?", (table,))}
+        shadow = {r["sid"]: json.loads(r["vals"]) for r in self.conn.execute(
+            "SELECT sid, vals FROM _ccsync_shadow WHERE tbl = ? AND rid IS NOT NULL", (table,))}
         rows = self.conn.execute(f"SELECT rowid AS _rid, * FROM {_q(table)}").fetchall()
-        wire = self._wire_rows(info, rows)
         dirty: list[tuple] = []
-        seen = set()
-        for row, values in zip(rows, wire):
-            sid = row["sync_id"]
-            seen.add(sid)
-            old = shadow.get(sid)
+        columns = [c for c in info.tracked if only is None or c in only]
+        for row, values in zip(rows, self._wire_rows(info, rows)):
+            old = shadow.pop(row["sync_id"], None)
             if old is None:
-                dirty.append((table, row["_rid"], INSERTED, hlc, None))
+                if only is None:
+                    dirty.append((table, row["_rid"], INSERTED, hlc))
                 continue
-            for col in info.tracked:
-                if values.get(col) != old[1].get(col):
-                    dirty.append((table, row["_rid"], col, hlc, None))
-        for sid, (rid, _vals, clocks) in shadow.items():
-            if sid not in seen and not self._shadow_deleted(clocks):
-                dirty.append((table, rid if rid is not None else -1, DELETED, hlc, sid))
-        for chunk in _chunks(dirty, WRITE_CHUNK):
-            with transaction(self.conn):
-                self.conn.executemany("INSERT OR IGNORE INTO _ccsync_dirty "
-                                      "(tbl, rid, col, hlc, sid) VALUES (?, ?, ?, ?, ?)", chunk)
-        with transaction(self.conn):
+            dirty += [(table, row["_rid"], c, hlc) for c in columns
+                      if values.get(c) != old.get(c)]
+        gone = [] if only is not None else self._vanished(info)
+        self._sliced(dirty, lambda cell: self.conn.execute(
+            "INSERT OR IGNORE INTO _ccsync_dirty (tbl, rid, col, hlc) VALUES (?, ?, ?, ?)", cell))
+        with self._write():
+            self._record_gone(info, gone, hlc)
             self.set_meta(f"diff:{table}", None)
+
+    def _vanished(self, info: TableInfo) -> list[tuple]:
+        """Synced rows that left the table with no delete recorded: (sid, rid)."""
+        query = (f"SELECT s.sid, s.rid FROM _ccsync_shadow s WHERE s.tbl = ? AND s.rid IS NOT "
+                 f"NULL AND NOT EXISTS (SELECT 1 FROM {_q(info.name)} t WHERE t.sync_id = s.sid) "
+                 f"AND NOT EXISTS (SELECT 1 FROM _ccsync_gone g WHERE g.tbl = s.tbl "
+                 f"AND g.sid = s.sid)")
+        return [tuple(r) for r in self.conn.execute(query, (info.name,)).fetchall()]
+
+    def _record_gone(self, info: TableInfo, gone: list[tuple], hlc: int) -> None:
+        self.conn.executemany("INSERT INTO _ccsync_gone (tbl, rid, sid, key, hlc) "
+                              "VALUES (?, ?, ?, NULL, ?)",
+                              [(info.name, rid, sid, hlc) for sid, rid in gone])
+
+    def _find_vanished(self) -> None:
+        """Record as deleted the synced rows that REPLACE removed unseen.
+
+        ``INSERT OR REPLACE``, ``UPDATE OR REPLACE`` and ``REPLACE INTO`` delete
+        the rows they conflict with without firing delete triggers (unless the
+        writer turned on recursive_triggers).  Such a statement always fires an
+        insert or update trigger, so only tables with pending cells are
+        scanned; the delete is timed when it is found.
+        """
+        for info in self.tables().values():
+            if self.conn.execute("SELECT 1 FROM _ccsync_dirty WHERE tbl = ? LIMIT 1",
+                                 (info.name,)).fetchone() is None:
+                continue
+            gone = self._vanished(info)
+            if gone:
+                with self._write():
+                    self._record_gone(info, gone, self._hlc_tick())
 
     def remove(self) -> None:
         """Take out everything ccsync added except cc's sync_id/synced_at columns."""
-        with transaction(self.conn):
+        with self._write():
             for name, kind in self.conn.execute(
                     "SELECT name, type FROM sqlite_master WHERE type IN ('trigger', 'index') "
                     "AND name LIKE '\\_ccsync\\_%' ESCAPE '\\'").fetchall():
@@ -961,6 +1494,21 @@ class Store:
             for name in BOOKKEEPING_TABLES:
                 self.conn.execute(f"DROP TABLE IF EXISTS {_q(name)}")
         self._tables = None
+
+    def remove_triggers(self) -> int:
+        """Drop only the capture triggers (before ``ALTER TABLE ... DROP COLUMN``).
+
+        The next :meth:`prepare` (``stamp`` or a sync) puts them back and
+        records what changed meanwhile, timed when it is found.  Returns how
+        many triggers were dropped.
+        """
+        with self._write():
+            names = [n for (n,) in self.conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'trigger' "
+                "AND name LIKE '\\_ccsync\\_%' ESCAPE '\\'").fetchall()]
+            for name in names:
+                self.conn.execute(f"DROP TRIGGER IF EXISTS {_q(name)}")
+        return len(names)
 
     # -- local values <-> wire values ------------------------------------
 
@@ -1038,7 +1586,7 @@ class Store:
                 if revive:
                     rid = self._revive(parent, self._canonical_sid(parent, value))
             return self._UNRESOLVED if rid is None else rid
-        if col in spec.list_refs and isinstance(value, dict):
+        if col in spec.list_refs and isinstance(value, dict) and "ids" in value:
             rids = [self._rid_for_sid(spec.list_refs[col], s) for s in value["ids"]]
             text = format_id_list([r for r in rids if r is not None], value["fmt"])
             return (self._UNRESOLVED, text) if None in rids else text
@@ -1063,20 +1611,21 @@ class Store:
         for info in self.tables().values():
             counts[info.name] = c = {"insert": 0, "update": 0, "delete": 0}
             if not installed:
-                for row in self.conn.execute(f"SELECT * FROM {_q(info.name)}"):
+                for row in self.conn.execute(f"SELECT * FROM {_q(info.name)}").fetchall():
                     c["insert"] += not self._skip_row(info, row)
                 continue
-            query = (f"SELECT d.rid, group_concat(d.col, char(31)) AS cols, max(d.sid) AS dsid, "
+            query = (f"SELECT d.rid, group_concat(d.col, char(31)) AS cols, "
                      f"t.rowid IS NOT NULL AS present, s.sid IS NOT NULL AS synced, t.* "
                      f"FROM _ccsync_dirty d LEFT JOIN {_q(info.name)} t ON t.rowid = d.rid "
                      f"LEFT JOIN _ccsync_shadow s ON s.tbl = d.tbl AND s.sid = t.sync_id "
                      f"WHERE d.tbl = ? GROUP BY d.rid")
-            for row in self.conn.execute(query, (info.name,)):
+            for row in self.conn.execute(query, (info.name,)).fetchall():
                 cols = row["cols"].split("\x1f")
-                if DELETED in cols:
-                    c["delete"] += bool(row["dsid"]) and self._tombstone_wanted(info, row["dsid"])
-                elif row["present"] and not self._skip_row(info, row):
+                if row["present"] and not self._skip_row(info, row):
                     c["update" if row["synced"] and INSERTED not in cols else "insert"] += 1
+            c["delete"] = sum(1 for sid, key in self.conn.execute(
+                "SELECT sid, max(key) FROM _ccsync_gone WHERE tbl = ? AND sid IS NOT NULL "
+                "GROUP BY sid", (info.name,)).fetchall() if self._tombstone_wanted(info, sid, key))
         return counts
 
     def refused(self) -> list[dict[str, str]]:
@@ -1102,53 +1651,143 @@ class Store:
                 names += split_names(row[0])
         return names
 
-    def _tombstone_wanted(self, info: TableInfo, sid: str) -> bool:
-        # A setting never synced may be a secret: do not even send its id.
-        return info.name != "setting" or self._shadow(info.name, sid) is not None
+    def _tombstone_wanted(self, info: TableInfo, sid: str, key: str | None = None) -> bool:
+        # A setting never synced may be a secret: send its id only when its
+        # name (kept by the delete trigger) is known to sync.
+        if info.name != "setting" or self._shadow(info.name, sid) is not None:
+            return True
+        name = self._gone_key(info, key).get("name")
+        return isinstance(name, str) and self._setting_syncs(name)
+
+    def _setting_syncs(self, name: Any) -> bool:
+        return setting_policy(name, self._local_setting_names()) is None
+
+    @staticmethod
+    def _gone_key(info: TableInfo, key: str | None) -> dict[str, Any]:
+        """The natural key a delete trigger kept, by column (empty if unusable)."""
+        try:
+            values = json.loads(key) if key else None
+        except ValueError:
+            values = None
+        cols = info.key_columns
+        return dict(zip(cols, values)) if isinstance(values, list) and \
+            len(values) == len(cols) else {}
+
+    def name_gone_rows(self) -> None:
+        """Give deletes of rows that were never stamped their natural sync_id.
+
+        A row inserted and deleted between two syncs still deletes the same row
+        on other devices (one natural key is one row).  Parents come first, so a
+        child's key can name a parent deleted in the same cascade.
+        """
+        for info in self.tables().values():
+            rows = self.conn.execute("SELECT rowid, key FROM _ccsync_gone WHERE tbl = ? "
+                                     "AND sid IS NULL", (info.name,)).fetchall()
+            if not rows:
+                continue
+            named = [(self._natural_gone_sid(info, key), gid) for gid, key in rows]
+            with self._write():
+                self.conn.executemany("UPDATE _ccsync_gone SET sid = ? WHERE rowid = ?",
+                                      [(sid, gid) for sid, gid in named if sid is not None])
+                self.conn.executemany("DELETE FROM _ccsync_gone WHERE rowid = ?",
+                                      [(gid,) for sid, gid in named if sid is None])
+
+    def _natural_gone_sid(self, info: TableInfo, key: str | None) -> str | None:
+        values = self._gone_key(info, key)
+        if not values or (info.name == "setting" and not self._setting_syncs(values.get("name"))):
+            return None
+        wire = []
+        for col in info.key_columns:
+            value = values[col]
+            if col in info.spec.refs and value is not None:
+                value = self._sid_at(info.spec.refs[col], value)
+                if value is None:
+                    return None
+            wire.append(encode_value(value))
+        return natural_id(info.name, wire)
+
+    def _sid_at(self, table: str, rid: Any) -> str | None:
+        """The sync_id of the row at ``rid`` here, or of the one deleted there last."""
+        if table not in self.tables():
+            return None
+        row = self.conn.execute(f"SELECT sync_id FROM {_q(table)} WHERE rowid = ?",
+                                (rid,)).fetchone()
+        if row is not None and row[0]:
+            return row[0]
+        row = self.conn.execute("SELECT sid FROM _ccsync_gone WHERE tbl = ? AND rid = ? "
+                                "AND sid IS NOT NULL ORDER BY rowid DESC LIMIT 1",
+                                (table, rid)).fetchone()
+        return row[0] if row else None
 
     # -- capture (outgoing) ----------------------------------------------
 
-    def capture(self, after: tuple[int, int] | None = None, limit: int = PUSH_BATCH) -> Batch:
-        """Up to ``limit`` pending rows as outgoing records, after keyset ``after``.
+    def capture(self, after: tuple[int, int, int] | None = None,
+                limit: int = PUSH_BATCH) -> Batch:
+        """Up to ``limit`` pending deletes or rows as outgoing records, after ``after``.
 
-        Reads only; ack() settles what the server said about them.
+        Per table, deletes come first, then edited rows; the position is a
+        keyset (table, part, last id).  Reads only; ack() settles what the
+        server said about them.
         """
         tables = list(self.tables().values())
-        start_t, start_rid = after if after else (0, -(2 ** 63))
-        for index in range(start_t, len(tables)):
+        start = tuple(after) if after else (0, 0, -(2 ** 63))
+        for index in range(start[0], len(tables)):
             info = tables[index]
-            lower = start_rid if index == start_t else -(2 ** 63)
-            rids = [r[0] for r in self.conn.execute(
-                "SELECT DISTINCT rid FROM _ccsync_dirty WHERE tbl = ? AND rid > ? "
-                "ORDER BY rid LIMIT ?", (info.name, lower, limit))]
-            if not rids:
-                continue
-            records, tokens = self._records_for(info, rids)
-            return Batch(records, tokens, (index, rids[-1]))
+            for part in (0, 1):
+                if (index, part) < start[:2]:
+                    continue
+                lower = start[2] if (index, part) == start[:2] else -(2 ** 63)
+                if part == 0:
+                    rows = self.conn.execute(
+                        "SELECT rowid, sid, key, hlc, rid FROM _ccsync_gone WHERE tbl = ? AND "
+                        "rowid > ? ORDER BY rowid LIMIT ?", (info.name, lower, limit)).fetchall()
+                    if rows:
+                        return Batch(*self._gone_records(info, rows), (index, 0, rows[-1][0]))
+                    continue
+                rids = [r[0] for r in self.conn.execute(
+                    "SELECT DISTINCT rid FROM _ccsync_dirty WHERE tbl = ? AND rid > ? "
+                    "ORDER BY rid LIMIT ?", (info.name, lower, limit))]
+                if rids:
+                    return Batch(*self._records_for(info, rids), (index, 1, rids[-1]))
         return Batch([], [], None)
 
-    def _records_for(self, info: TableInfo, rids: list[int]) -> tuple[list[dict], list]:
-        dirty: dict[int, dict[str, tuple[int, str | None]]] = defaultdict(dict)
+    def _gone_records(self, info: TableInfo, rows: list) -> tuple[list, list]:
+        """One tombstone per deleted sync_id (the latest delete), settling the rest."""
+        latest: dict[str, list] = {}
+        unsent = []
+        for gid, sid, key, hlc, rid in rows:
+            if sid is None or not self._tombstone_wanted(info, sid, key):
+                unsent.append(gid)
+                continue
+            entry = latest.setdefault(sid, [0, [], None])
+            if hlc >= entry[0]:
+                entry[0], entry[2] = hlc, rid
+            entry[1].append(gid)
+        records: list = [None] if unsent else []
+        tokens = [Outgoing(info.name, None, {}, tuple(unsent))] if unsent else []
+        for sid, (hlc, gids, rid) in latest.items():
+            records.append(self._tombstone_record(info, sid, hlc))
+            tokens.append(Outgoing(info.name, None, {}, tuple(gids), rid))
+        return records, tokens
+
+    def _records_for(self, info: TableInfo, rids: list[int]) -> tuple[list, list]:
+        dirty: dict[int, dict[str, int]] = defaultdict(dict)
         for row in self.conn.execute(
-                "SELECT rid, col, hlc, sid FROM _ccsync_dirty WHERE tbl = ? AND rid BETWEEN ? AND ?",
-                (info.name, rids[0], rids[-1])):
-            dirty[row["rid"]][row["col"]] = (row["hlc"], row["sid"])
+                "SELECT rid, col, hlc FROM _ccsync_dirty WHERE tbl = ? AND rid BETWEEN ? AND ?",
+                (info.name, rids[0], rids[-1])).fetchall():
+            dirty[row["rid"]][row["col"]] = row["hlc"]
         rows = {row["_rid"]: row for row in self._by_rowid(info.name, "*", rids)}
         present = [rows[r] for r in rids if r in rows]
         wire = dict(zip((r["_rid"] for r in present), self._wire_rows(info, present)))
         records, tokens = [], []
         for rid in rids:
             cells = dirty.get(rid, {})
-            token = (info.name, rid, {col: hlc for col, (hlc, _sid) in cells.items()})
-            if DELETED in cells:
-                record = self._tombstone_record(info, cells[DELETED])
-            elif rid in rows and rows[rid]["sync_id"] is None:
-                record, token = None, None     # inserted after stamping: next sync
-            elif rid in rows and not self._skip_row(info, rows[rid]):
+            if rid in rows and rows[rid]["sync_id"] is None:
+                continue                       # inserted after stamping: next sync
+            record = None                      # a row gone (its delete went on its own)
+            if rid in rows and not self._skip_row(info, rows[rid]):
                 record = self._row_record(info, rows[rid], wire[rid], cells)
-            else:
-                record = None
-            tokens.append(token)
+            tokens.append(Outgoing(info.name, rid, cells))
             records.append(record)
         return records, tokens
 
@@ -1156,11 +1795,11 @@ class Store:
         sid = row["sync_id"]
         shadow = self._shadow(info.name, sid)
         new_row = INSERTED in cells or shadow is None
-        base = cells.get(INSERTED, (0, None))[0]
+        base = cells.get(INSERTED, 0)
         if new_row:
-            clocks = {c: max(base, cells.get(c, (0, None))[0]) for c in info.tracked}
+            clocks = {c: max(base, cells.get(c, 0)) for c in info.tracked}
         else:
-            clocks = {c: cells[c][0] for c in info.tracked if c in cells}
+            clocks = {c: cells[c] for c in info.tracked if c in cells}
         return {
             "t": info.name, "id": sid, "dev": self.device_id, "c": clocks,
             "p": {"v": {c: values[c] for c in clocks},
@@ -1172,10 +1811,7 @@ class Store:
         return {c: values[c] if c in values else encode_value(row[c])
                 for c in info.spec.key if c in info.columns}
 
-    def _tombstone_record(self, info: TableInfo, cell: tuple[int, str | None]) -> dict | None:
-        hlc, sid = cell
-        if not sid or not self._tombstone_wanted(info, sid):
-            return None
+    def _tombstone_record(self, info: TableInfo, sid: str, hlc: int) -> dict:
         shadow = self._shadow(info.name, sid)
         key = {c: shadow[1].get(c) for c in info.spec.key} if shadow else {}
         return {"t": info.name, "id": sid, "dev": self.device_id, "c": {TOMBSTONE: hlc},
@@ -1260,44 +1896,57 @@ class Store:
         Returns (counts by status, counts of refusal reasons).
         """
         sent = [(r, t) for r, t in zip(batch.records, batch.tokens) if r is not None]
-        settled = [t for r, t in zip(batch.records, batch.tokens) if r is None and t is not None]
         if len(results) != len(sent):
             raise RemoteError("server answered a push with the wrong number of results")
         counts: Counter = Counter()
         reasons: Counter = Counter()
-        with transaction(self.conn):
-            self._suppress(True)
-            for table, rid, cells in settled:    # nothing to send (a local-only row)
-                self._clear_dirty(table, rid, cells)
-            stamp = iso_utc(self.clock)
-            for (record, (table, rid, cells)), result in zip(sent, results):
-                status = result.get("status")
-                counts[status] += 1
-                if status in ("accepted", "superseded"):
-                    self._clear_dirty(table, rid, cells)
-                    self._settle_shadow(record, rid)
-                    self.conn.execute("DELETE FROM _ccsync_refused WHERE tbl = ? AND sid = ?",
-                                      (table, record["id"]))
-                    if TOMBSTONE not in record["c"]:
-                        self.conn.execute(f"UPDATE {_q(table)} SET synced_at = ? WHERE rowid = ?",
-                                          (stamp, rid))
-                    elif status == "accepted":
-                        self._after_local_delete(table, record["id"], rid)
-                else:
-                    reason = str(result.get("reason") or "refused")[:200]
-                    reasons[reason] += 1
-                    self.conn.execute(
-                        "INSERT OR REPLACE INTO _ccsync_refused (tbl, sid, reason, at) "
-                        "VALUES (?, ?, ?, ?)", (table, record["id"], reason, stamp))
-            if cursor is not None:
-                self.set_meta("cursor", str(cursor))
-            self._suppress(False)
+        stamp = iso_utc(self.clock)
+        settled = [(None, t, None) for r, t in zip(batch.records, batch.tokens) if r is None]
+
+        def settle(item: tuple) -> None:
+            record, token, result = item
+            if record is None:                 # nothing to send (a local-only row)
+                self._clear_outgoing(token)
+                return
+            status = result.get("status") if isinstance(result, dict) else None
+            counts[status] += 1
+            if status in ("accepted", "superseded"):
+                self._settle_sent(record, token, status, stamp)
+            else:
+                reason = str(result.get("reason") if isinstance(result, dict) else "")[:200]
+                reasons[reason or "refused"] += 1
+                self.conn.execute(
+                    "INSERT OR REPLACE INTO _ccsync_refused (tbl, sid, reason, at) "
+                    "VALUES (?, ?, ?, ?)", (token.table, record["id"], reason or "refused", stamp))
+
+        items = settled + [(r, t, res) for (r, t), res in zip(sent, results)]
+        self._sliced(items, settle, quiet=True,
+                     last=(lambda: self.set_meta("cursor", str(cursor))) if cursor is not None
+                     else None)
         return counts, reasons
 
-    def _after_local_delete(self, table: str, sid: str, rid: int) -> None:
+    def _clear_outgoing(self, token: Outgoing) -> None:
+        if token.rid is not None:
+            self._clear_dirty(token.table, token.rid, token.cells)
+        self.conn.executemany("DELETE FROM _ccsync_gone WHERE rowid = ?",
+                              [(gid,) for gid in token.gone])
+
+    def _settle_sent(self, record: dict, token: Outgoing, status: str, stamp: str) -> None:
+        table, sid = token.table, record["id"]
+        self._clear_outgoing(token)
+        rid = token.rid if token.rid is not None else self._rid_for_sid(table, sid)
+        self._settle_shadow(record, rid)
+        self.conn.execute("DELETE FROM _ccsync_refused WHERE tbl = ? AND sid = ?", (table, sid))
+        if TOMBSTONE not in record["c"]:
+            self.conn.execute(f"UPDATE {_q(table)} SET synced_at = ? WHERE rowid = ?",
+                              (stamp, token.rid))
+        elif status == "accepted" and rid is None:
+            self._after_local_delete(table, sid, token.deleted_rid)
+
+    def _after_local_delete(self, table: str, sid: str, rid: int | None) -> None:
         # The same rules other devices apply to this delete: a row that live
         # rows still need comes back (same rowid); nullable references read NULL.
-        if self._rid_for_sid(table, sid) is not None:
+        if rid is None or self._rid_for_sid(table, sid) is not None:
             return
         if self._needed_by_children(table, rid):
             self._materialize(self.tables()[table], sid, None, keep=True, rowid=rid)
@@ -1323,101 +1972,118 @@ class Store:
 
     # -- merge (incoming) ------------------------------------------------
 
-    def apply_page(self, records: list[dict], cursor: int | None) -> ApplyResult:
-        """Merge one page of incoming records and advance the cursor, atomically.
+    def apply_page(self, records: list, cursor: int | None) -> ApplyResult:
+        """Merge one page of incoming records, then advance the cursor.
 
-        One short transaction per page keeps cc's writes flowing during a
-        big pull.  A record that cannot apply is refused with a reason and
-        does not stop the page.
+        The page is written in lock slices (see WriteGate) and the cursor
+        moves in the last one, so a crash re-pulls the page and merges it
+        again (merging is idempotent).  A record that cannot apply is refused
+        on its own, counted by reason and kept in ``_ccsync_held`` for a later
+        version; records for a table this device lacks are kept aside there.
+        Neither stops the page.  Errors of the environment (busy, disk full,
+        I/O) roll back the slice and raise: the page is retried later.
         """
         result = ApplyResult(received=len(records))
         if not records and (cursor is None or cursor == self.cursor):
             return result             # nothing new: no write lock for nothing
-        ordered = sorted(records, key=lambda r: TABLE_ORDER.get(
-            r.get("t") if isinstance(r, dict) else None, len(SPEC)))
-        with transaction(self.conn):
-            self._suppress(True)
-            for record in ordered:
-                try:
-                    with transaction(self.conn):
-                        changed = self._apply_record(record)
-                except RecordRefused as exc:
-                    result.refused[str(exc)] += 1
-                except sqlite3.IntegrityError as exc:
-                    result.refused[f"conflicts with a local row ({exc})"] += 1
-                else:
-                    result.applied += changed
-                    result.unchanged += not changed
-            if cursor is not None:
-                self.set_meta("cursor", str(cursor))
-            self._suppress(False)
+        ordered = sorted(records, key=_table_rank)
+        self._sliced(ordered, lambda raw: self._apply_one(raw, result), quiet=True,
+                     last=(lambda: self.set_meta("cursor", str(cursor))) if cursor is not None
+                     else None)
         return result
 
-    def _validate(self, record: Any) -> tuple[TableInfo, dict]:
-        if not isinstance(record, dict):
-            raise RecordRefused("malformed record")
-        info = self.tables().get(record.get("t"))
-        if info is None:
-            raise RecordRefused("table not synced here")
-        sid, clocks, dev = record.get("id"), record.get("c"), record.get("dev")
-        payload = record.get("p")
-        if not (isinstance(sid, str) and SYNC_ID_RE.match(sid) and isinstance(dev, str)
-                and isinstance(clocks, dict) and clocks and isinstance(payload, dict)):
-            raise RecordRefused("malformed record")
-        values, local, key = (payload.get(k, {}) for k in ("v", "l", "k"))
-        if not all(isinstance(x, dict) for x in (values, local, key)):
-            raise RecordRefused("malformed record")
-        limit = hlc_at(now_ms(self.clock) + MAX_CLOCK_AHEAD_MS)
-        for col, hlc in clocks.items():
-            if not isinstance(hlc, int) or isinstance(hlc, bool) or not 0 <= hlc <= limit:
-                raise RecordRefused("bad clock")
-            if col != TOMBSTONE and col not in values:
-                raise RecordRefused("malformed record")
-        for col, value in values.items():
-            self._check_wire_value(info, col, value)
-        for part in (local, key):
-            for col, value in part.items():
-                if not isinstance(col, str) or isinstance(value, (dict, list, bool)):
-                    raise RecordRefused("value is not a SQLite scalar")
-                if part is local and col not in info.spec.local:
-                    raise RecordRefused("column not device-local")
-        return info, {"v": values, "l": local, "k": key}
-
-    @staticmethod
-    def _check_wire_value(info: TableInfo, col: str, value: Any) -> None:
-        if col in SYNC_COLUMNS or col == info.pk or col in info.spec.local:
-            raise RecordRefused("column not synced")
-        if col in info.spec.list_refs and isinstance(value, dict):
-            ids, fmt = value.get("ids"), value.get("fmt")
-            if isinstance(ids, list) and all(isinstance(s, str) for s in ids) \
-                    and fmt in ("json", "csv") and set(value) == {"ids", "fmt"}:
-                return
-            raise RecordRefused("malformed id list")
-        if col in info.spec.refs and value is not None and not (
-                isinstance(value, str) and SYNC_ID_RE.match(value)):
-            raise RecordRefused("malformed reference")
+    def _apply_one(self, raw: Any, result: ApplyResult) -> None:
+        """Merge one wire record, or refuse (or keep aside) just that record."""
+        keep = True
         try:
-            decode_value(value)
-        except (ValueError, TypeError):
-            raise RecordRefused("value is not a SQLite scalar") from None
+            record = parse_record(raw)
+            self._check_clock(record)
+            info = self.tables().get(record.table)
+            if info is None:
+                self._hold(raw, "aside", "table not in this database")
+                result.aside += 1
+                return
+            with transaction(self.conn):        # a savepoint: a failing record leaves nothing
+                changed = self._apply_record(info, record)
+        except RecordRefused as exc:
+            reason, keep = str(exc), getattr(exc, "keep", True)
+        except Exception as exc:                # noqa: BLE001 -- any record may be hostile
+            if environment_error(exc):
+                raise
+            reason = f"cannot apply here: {type(exc).__name__}: {exc}"[:200]
+        else:
+            result.applied += changed
+            result.unchanged += not changed
+            return
+        reason = _printable(reason, 200)
+        result.refused[reason] += 1
+        if keep:
+            self._hold(raw, "refused", reason)
 
-    def _apply_record(self, record: dict) -> bool:
-        """Merge one record into shadow and table; True if anything changed."""
-        info, payload = self._validate(record)
+    def _check_clock(self, record: Record) -> None:
+        # A clock far in the future would win every later edit for good.
+        if max(record.clocks.values()) > hlc_at(now_ms(self.clock) + MAX_CLOCK_AHEAD_MS):
+            raise RecordRefused("clock too far ahead")
+
+    def _hold(self, raw: Any, kind: str, reason: str) -> None:
+        """Keep an incoming record this device could not apply, for a later try."""
+        text = json.dumps(raw, separators=(",", ":"), sort_keys=True, default=str)  # ASCII
+        table, sid = (raw.get("t"), raw.get("id")) if isinstance(raw, dict) else (None, None)
+        self.conn.execute(
+            "INSERT OR REPLACE INTO _ccsync_held (digest, tbl, sid, kind, reason, record, "
+            "version, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (hashlib.sha256(text.encode()).hexdigest(),
+             None if table is None else _printable(table, 64),
+             None if sid is None else _printable(sid, 64), kind, _printable(reason, 200), text,
+             self._held_version(), iso_utc(self.clock)))
+
+    def _held_version(self) -> str:
+        """What decides whether a kept record could apply now: ccsync and the schema."""
+        shape = json.dumps({t: info.columns for t, info in self.tables().items()})
+        return f"{__version__}:{hashlib.sha256(shape.encode()).hexdigest()[:12]}"
+
+    def retry_held(self) -> ApplyResult:
+        """Try again the kept records, once ccsync or cc's schema has changed."""
+        result = ApplyResult()
+        if not self.installed():
+            return result
+        rows = self.conn.execute("SELECT digest, record FROM _ccsync_held WHERE version != ?",
+                                 (self._held_version(),)).fetchall()
+
+        def retry(row: tuple) -> None:
+            self.conn.execute("DELETE FROM _ccsync_held WHERE digest = ?", (row[0],))
+            self._apply_one(json.loads(row[1]), result)
+
+        if rows:
+            self._sliced(rows, retry, quiet=True)
+        return result
+
+    def held(self) -> dict[str, dict[str, int]]:
+        """Kept incoming records by kind ('refused', 'aside') and reason."""
+        out: dict[str, dict[str, int]] = {"refused": {}, "aside": {}}
+        if self.installed():
+            for kind, reason, n in self.conn.execute(
+                    "SELECT kind, reason, count(*) FROM _ccsync_held GROUP BY kind, reason"):
+                out.setdefault(kind, {})[reason] = n
+        return out
+
+    def _apply_record(self, info: TableInfo, record: Record) -> bool:
+        """Merge one record into shadow and table; True if anything changed.
+
+        Columns this device's table lacks are merged into the shadow all the
+        same (kept aside for when cc adds them); only the others are written.
+        """
         if info.name == "setting":
-            self._check_setting(record["id"], payload)
-        known = [c for c in record["c"] if c == TOMBSTONE or c in info.columns]
-        if not known:
-            raise RecordRefused("no column known here")
-        sid = self._identify(info, record["id"], payload["k"])
+            self._check_setting(record)
+        sid = self._identify(info, record.sid, record.key)
         rid = self._rid_for_sid(info.name, sid)
         old = self._shadow(info.name, sid)
         vals, clocks = (old[1], old[2]) if old else ({}, {})
         local_cells = self._dirty_cells(info.name, rid, sid)
-        self._hlc_observe(max(record["c"].values()))
+        self._hlc_observe(max(record.clocks.values()))
         won = []
-        for col in known:
-            stamp = [record["c"][col], record["dev"]]
+        for col, hlc in record.clocks.items():
+            stamp = [hlc, record.dev]
             mine = local_cells.get(col, clocks.get(col))
             if col in local_cells and newer(clocks.get(col), mine):
                 mine = clocks.get(col)
@@ -1425,8 +2091,8 @@ class Store:
                 won.append(col)
                 clocks[col] = stamp
                 if col != TOMBSTONE:
-                    vals[col] = payload["v"][col]
-        for col, value in payload["l"].items():
+                    vals[col] = record.values[col]
+        for col, value in record.local.items():
             if col in info.local and col not in vals:
                 vals[col] = value       # a starting point for a row new here
         if not won and old is not None:
@@ -1437,21 +2103,24 @@ class Store:
         elif won:
             self._drop_dirty_cells(info.name, rid, won, info)
         self._put_shadow(info.name, sid, rid, vals, clocks)
-        self._materialize(info, sid, [c for c in won if c != TOMBSTONE])
+        self._materialize(info, sid, [c for c in won if c in info.columns])
         return True
 
-    def _check_setting(self, sid: str, payload: dict) -> None:
+    def _check_setting(self, record: Record) -> None:
         """Refuse a record that names, or lands on, a secret or device-local setting.
 
         Every name it could touch counts: the incoming one, and the local
         row's (found by id, alias or name), since setting ids are predictable.
+        Such a record is not kept: it may carry a secret.
         """
-        names = {payload["v"].get("name"), payload["k"].get("name")}
+        sid = record.sid
+        names = {record.values.get("name"), record.key.get("name")}
         shadow = self._shadow("setting", sid)
         if shadow:
             names.add(shadow[1].get("name"))
         rids = {self._rid_for_sid("setting", sid)}
-        rids |= {self._rid_for_sid("setting", natural_id("setting", [n])) for n in names if n}
+        rids |= {self._rid_for_sid("setting", natural_id("setting", [n]))
+                 for n in names if isinstance(n, str)}
         for rid in rids - {None}:
             row = self.conn.execute("SELECT name FROM setting WHERE rowid = ?", (rid,)).fetchone()
             names.add(row[0] if row else None)
@@ -1459,7 +2128,9 @@ class Store:
         for name in names - {None}:
             policy = setting_policy(name, extra)
             if policy:
-                raise RecordRefused(f"{policy} setting")
+                refusal = RecordRefused(f"{policy} setting")
+                refusal.keep = False
+                raise refusal
 
     def _dirty_cells(self, table: str, rid: int | None, sid: str | None = None) -> dict[str, list]:
         """This device's pending cells for a row, as cell clocks.
@@ -1471,25 +2142,22 @@ class Store:
             cells = {r[0]: [r[1], self.device_id] for r in self.conn.execute(
                 "SELECT col, hlc FROM _ccsync_dirty WHERE tbl = ? AND rid = ?", (table, rid))}
         elif sid is not None:
-            row = self.conn.execute("SELECT max(hlc) FROM _ccsync_dirty WHERE tbl = ? AND col = ? "
-                                    "AND sid = ?", (table, DELETED, sid)).fetchone()
+            row = self.conn.execute("SELECT max(hlc) FROM _ccsync_gone WHERE tbl = ? AND sid = ?",
+                                    (table, sid)).fetchone()
             if row[0] is not None:
-                cells[DELETED] = [row[0], self.device_id]
+                cells[TOMBSTONE] = [row[0], self.device_id]
         if INSERTED in cells:
             inserted = cells.pop(INSERTED)
             for col in self.tables()[table].tracked:
                 if col not in cells or newer(inserted, cells[col]):
                     cells[col] = inserted
-        if DELETED in cells:
-            cells[TOMBSTONE] = cells.pop(DELETED)
         return cells
 
     def _settle_local_delete(self, table: str, sid: str, tomb: list | None,
                              stamps: list[list]) -> None:
         # A pending delete made here loses to any later remote edit or delete.
         if tomb is not None and any(newer(stamp, tomb) for stamp in stamps):
-            self.conn.execute("DELETE FROM _ccsync_dirty WHERE tbl = ? AND col = ? AND sid = ?",
-                              (table, DELETED, sid))
+            self.conn.execute("DELETE FROM _ccsync_gone WHERE tbl = ? AND sid = ?", (table, sid))
 
     def _drop_dirty_cells(self, table: str, rid: int, won: list[str], info: TableInfo) -> None:
         # Expand a pending insert into per-column cells first, so only the
@@ -1500,11 +2168,10 @@ class Store:
             self.conn.execute("DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ? AND col = ?",
                               (table, rid, INSERTED))
             self.conn.executemany(
-                "INSERT OR IGNORE INTO _ccsync_dirty (tbl, rid, col, hlc, sid) "
-                "VALUES (?, ?, ?, ?, NULL)", [(table, rid, c, row[0]) for c in info.tracked])
-        names = [DELETED if c == TOMBSTONE else c for c in won]
+                "INSERT OR IGNORE INTO _ccsync_dirty (tbl, rid, col, hlc) VALUES (?, ?, ?, ?)",
+                [(table, rid, c, row[0]) for c in info.tracked])
         self.conn.executemany("DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ? AND col = ?",
-                              [(table, rid, c) for c in names])
+                              [(table, rid, c) for c in won if c != TOMBSTONE])
 
     def _identify(self, info: TableInfo, sid: str, key: dict) -> str:
         """The local sync_id for an incoming one: itself, an alias, or a natural-key twin.
@@ -1556,6 +2223,8 @@ class Store:
                 self.conn.execute(f"DELETE FROM {_q(info.name)} WHERE rowid = ?", (rid,))
                 self.conn.execute("DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ?",
                                   (info.name, rid))
+                self.conn.execute("UPDATE _ccsync_shadow SET rid = NULL WHERE tbl = ? "
+                                  "AND sid = ?", (info.name, sid))
             self.conn.execute("DELETE FROM _ccsync_pending WHERE tbl = ? AND sid = ?",
                               (info.name, sid))
             return None
@@ -1563,6 +2232,8 @@ class Store:
             cols = [c for c in info.tracked if c in vals]
         elif cols is None:
             cols = [c for c in info.tracked if c in vals and c not in local_cells]
+        else:
+            cols = [c for c in cols if c in vals and c in info.tracked]
         values, unresolved = {}, False
         for col in cols:
             value = self._local_value(info, col, vals[col])
@@ -1807,22 +2478,17 @@ class Store:
         self.conn.execute("INSERT OR REPLACE INTO _ccsync_pending (tbl, sid, kind) "
                           "VALUES (?, ?, ?)", (table, sid, kind))
 
-    def resolve_pending(self, chunk: int = 200) -> int:
+    def resolve_pending(self) -> int:
         """Retry rows whose references waited for a parent; returns how many remain.
 
         Run once after the last page of a pull (retrying after every page
-        would cost pages x pending rows), in short transactions.
+        would cost pages x pending rows), in lock slices.
         """
         if not self.installed():
             return 0
         pending = self.conn.execute("SELECT tbl, sid FROM _ccsync_pending").fetchall()
         pending.sort(key=lambda r: TABLE_ORDER.get(r[0], len(SPEC)))
-        for part in _chunks(pending, chunk):
-            with transaction(self.conn):
-                self._suppress(True)
-                for table, sid in part:
-                    self._retry_pending(table, sid)
-                self._suppress(False)
+        self._sliced(pending, lambda row: self._retry_pending(*row), quiet=True)
         return self.pending_references()
 
     def _retry_pending(self, table: str, sid: str) -> None:
@@ -1837,8 +2503,10 @@ class Store:
                 rid = self._rid_for_sid(table, sid)
                 self._materialize(info, sid, None if rid is None else
                                   [c for c in refs if c not in self._dirty_cells(table, rid)])
-        except sqlite3.IntegrityError:
-            pass                  # stays pending; retried after the next pull
+        except Exception as exc:               # noqa: BLE001 -- stays pending, retried later
+            if environment_error(exc):
+                raise
+            LOG.info("row %s/%s still cannot be written here: %s", table, sid, exc)
 
     def pending_references(self) -> int:
         """How many rows still wait for a parent that has not arrived."""
@@ -1882,14 +2550,20 @@ SERVER_MAX_SKEW_MS = MAX_SKEW_S * 1000
 class ServerStore:
     """The server's change store (SQLite, WAL).  Build one with :meth:`open`."""
 
-    def __init__(self, conn: sqlite3.Connection, *, clock: Callable[[], float] = time.time):
+    def __init__(self, conn: sqlite3.Connection, *, clock: Callable[[], float] = time.time,
+                 max_value: int = MAX_VALUE_BYTES, max_record: int = MAX_RECORD_BYTES):
         self.conn = conn
         self.clock = clock
+        self.max_value, self.max_record = max_value, max_record
 
     @classmethod
     def open(cls, path: str, *, clock: Callable[[], float] = time.time,
-             create: bool = True) -> "ServerStore":
-        """Open the store at ``path``, creating it (mode 600) unless ``create`` is False."""
+             create: bool = True, max_value: int = MAX_VALUE_BYTES,
+             max_record: int = MAX_RECORD_BYTES) -> "ServerStore":
+        """Open the store at ``path``, creating it (mode 600) unless ``create`` is False.
+
+        ``max_value`` and ``max_record`` bound what a push may store (bytes).
+        """
         if not os.path.exists(path):
             if not create:
                 raise StoreError(f"no server data at {path}",
@@ -1906,7 +2580,7 @@ class ServerStore:
                 _run_script(conn, _SERVER_SQL)
                 conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)",
                              (uuid.uuid4().hex,))
-        return cls(conn, clock=clock)
+        return cls(conn, clock=clock, max_value=max_value, max_record=max_record)
 
     @functools.cached_property
     def store_id(self) -> str:
@@ -1966,25 +2640,13 @@ class ServerStore:
                               (iso_utc(self.clock), name))
         return True
 
-    def _refusal(self, record: Any) -> str | None:
-        if not isinstance(record, dict):
-            return "malformed record"
-        clocks = record.get("c")
-        if not isinstance(record.get("t"), str) or record["t"] not in SPEC_BY_NAME:
-            return "unknown table"
-        if not (isinstance(record.get("id"), str) and SYNC_ID_RE.match(record["id"])
-                and isinstance(record.get("dev"), str) and 0 < len(record["dev"]) <= 64
-                and isinstance(clocks, dict) and clocks and "p" in record):
-            return "malformed record"
-        ahead = hlc_at(now_ms(self.clock) + SERVER_MAX_SKEW_MS)
-        for col, hlc in clocks.items():
-            if not (isinstance(col, str) and 0 < len(col) <= 128):
-                return "malformed record"
-            if not isinstance(hlc, int) or isinstance(hlc, bool) or not 0 <= hlc < 2 ** 62:
-                return "bad clock"
-            if hlc > ahead:
-                return "clock ahead of the server (check this device's time)"
-        return None
+    def _parse(self, raw: Any) -> Record:
+        """The pushed record, checked for shape, sizes and clock; or RecordRefused."""
+        record = parse_record(raw)
+        check_record_size(record, self.max_value, self.max_record)
+        if max(record.clocks.values()) > hlc_at(now_ms(self.clock) + SERVER_MAX_SKEW_MS):
+            raise RecordRefused("clock ahead of the server (check this device's time)")
+        return record
 
     def push(self, records: list, *, device: str = "", cursor: int | None = None) -> dict:
         """Store a batch in one transaction; one result per record.
@@ -1999,10 +2661,11 @@ class ServerStore:
         received = iso_utc(self.clock, "microseconds")
         with transaction(self.conn):
             before = self._max_seq()
-            for record in records:
-                reason = self._refusal(record)
-                if reason:
-                    results.append({"status": "refused", "reason": reason})
+            for raw in records:
+                try:
+                    record = self._parse(raw)
+                except RecordRefused as exc:
+                    results.append({"status": "refused", "reason": str(exc)})
                 else:
                     results.append(self._store_record(record, device, received))
             after = self._max_seq()
@@ -2014,19 +2677,19 @@ class ServerStore:
     def _max_seq(self) -> int:
         return self.conn.execute("SELECT coalesce(max(seq), 0) FROM change").fetchone()[0]
 
-    def _store_record(self, record: dict, device: str, received: str) -> dict:
+    def _store_record(self, record: Record, device: str, received: str) -> dict:
         existing = [(seq, dev, json.loads(clocks)) for seq, dev, clocks in self.conn.execute(
             "SELECT seq, dev, clocks FROM change WHERE tbl = ? AND sid = ?",
-            (record["t"], record["id"]))]
-        new = (None, record["dev"], record["c"])
+            (record.table, record.sid))]
+        new = (None, record.dev, record.clocks)
         winners = self._winners(existing + [new])
         if None not in winners:
             return {"status": "superseded"}
         cur = self.conn.execute(
             "INSERT INTO change (tbl, sid, dev, clocks, payload, received_at, device) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (record["t"], record["id"], record["dev"], json.dumps(record["c"]),
-             json.dumps(record["p"], separators=(",", ":")), received, device))
+            (record.table, record.sid, record.dev, json.dumps(record.clocks),
+             json.dumps(record.payload(), separators=(",", ":")), received, device))
         losers = [(seq,) for seq, _dev, _c in existing if seq not in winners]
         self.conn.executemany("DELETE FROM change WHERE seq = ?", losers)
         return {"status": "accepted", "seq": cur.lastrowid}
@@ -2041,19 +2704,26 @@ class ServerStore:
                     best[col] = ((hlc, dev), seq)
         return {seq for _stamp, seq in best.values()}
 
-    def pull(self, cursor: int = 0, limit: int = PULL_PAGE, since: str | None = None) -> dict:
+    def pull(self, cursor: int = 0, limit: int = PULL_PAGE, since: str | None = None,
+             max_bytes: int = PULL_PAGE_BYTES) -> dict:
         """Records after ``cursor`` (and received after ``since``), oldest first.
 
-        Returns ``{"records": [...], "cursor": last seq, "more": bool}``.
+        A page holds at most ``limit`` records and about ``max_bytes`` of
+        stored text, but always at least one record, so large rows still
+        travel.  Returns ``{"records": [...], "cursor": last seq, "more": bool}``.
         """
         query = "SELECT seq, tbl, sid, dev, clocks, payload FROM change WHERE seq > ?"
         args: list[Any] = [int(cursor)]
         if since is not None:
             query += " AND received_at > ?"
             args.append(since)
-        rows = self.conn.execute(query + " ORDER BY seq LIMIT ?", (*args, limit + 1)).fetchall()
-        more = len(rows) > limit
-        rows = rows[:limit]
+        rows, size, more = [], 0, False
+        for row in self.conn.execute(query + " ORDER BY seq LIMIT ?", (*args, limit + 1)):
+            size += len(row["payload"]) + len(row["clocks"]) + 64
+            if len(rows) == limit or (rows and size > max_bytes):
+                more = True
+                break
+            rows.append(row)
         records = [{"t": r["tbl"], "id": r["sid"], "dev": r["dev"], "c": json.loads(r["clocks"]),
                     "p": json.loads(r["payload"])} for r in rows]
         return {"records": records, "cursor": rows[-1]["seq"] if rows else int(cursor),
@@ -2101,10 +2771,17 @@ def _op_push(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
 def _op_pull(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
     cursor, limit, since = payload.get("cursor", 0), payload.get("limit", PULL_PAGE), \
         payload.get("since")
+    max_bytes = payload.get("max_bytes", PULL_PAGE_BYTES)
     if not (isinstance(cursor, int) and isinstance(limit, int) and 0 <= cursor < 2 ** 63
-            and 0 < limit < 2 ** 31 and (since is None or isinstance(since, str))):
+            and 0 < limit < 2 ** 31 and (since is None or isinstance(since, str))
+            and isinstance(max_bytes, int) and max_bytes > 0):
         raise HttpError(400, "bad_request", "pull needs an integer cursor and limit")
-    return store.pull(cursor, min(limit, MAX_PULL_PAGE), since)
+    if since is not None:
+        try:
+            since = since_key(since[:64])
+        except (ValueError, OverflowError):
+            raise HttpError(400, "bad_request", "since is not an ISO 8601 timestamp") from None
+    return store.pull(cursor, min(limit, MAX_PULL_PAGE), since, min(max_bytes, PULL_PAGE_BYTES))
 
 
 DRAIN_LIMIT = 64 * 1024 * 1024         # oversized bodies read and dropped at most
@@ -2266,9 +2943,11 @@ class SyncServer(http.server.ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], data_path: str, *,
                  max_body: int = DEFAULT_MAX_BODY, request_timeout: float = 30.0,
                  clock: Callable[[], float] = time.time, tls: ssl.SSLContext | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, max_value: int = MAX_VALUE_BYTES,
+                 max_record: int = MAX_RECORD_BYTES):
         ServerStore.open(data_path, clock=clock).conn.close()     # create schema once
         self.data_path, self.max_body, self.request_timeout = data_path, max_body, request_timeout
+        self.max_value, self.max_record = max_value, max_record
         self.clock, self._log = clock, log
         self._pool: queue.SimpleQueue = queue.SimpleQueue()
         self._local = threading.local()
@@ -2297,7 +2976,8 @@ class SyncServer(http.server.ThreadingHTTPServer):
         try:
             store = self._pool.get_nowait()
         except queue.Empty:
-            store = ServerStore.open(self.data_path, clock=self.clock, create=False)
+            store = ServerStore.open(self.data_path, clock=self.clock, create=False,
+                                     max_value=self.max_value, max_record=self.max_record)
         try:
             yield store
         finally:
@@ -2390,8 +3070,13 @@ class Client:
         return self._request("/v1/push", {"records": records, "cursor": cursor})
 
     def pull(self, cursor: int, limit: int = PULL_PAGE, since: str | None = None) -> dict:
-        """One page of records after ``cursor`` (see ServerStore.pull)."""
-        return self._request("/v1/pull", {"cursor": cursor, "limit": limit, "since": since})
+        """One page of records after ``cursor`` (see ServerStore.pull).
+
+        A smaller ``limit`` also asks for proportionally fewer bytes, so a
+        device that got an answer too large can shrink its pages.
+        """
+        return self._request("/v1/pull", {"cursor": cursor, "limit": limit, "since": since,
+                                          "max_bytes": page_bytes(limit)})
 
     def _request(self, path: str, payload: dict) -> dict:
         stamp, nonce = str(int(self.clock())), secrets.token_hex(16)
@@ -2489,7 +3174,7 @@ class LocalTransport:
 
     def pull(self, cursor: int, limit: int = PULL_PAGE, since: str | None = None) -> dict:
         """One page of records from the in-process server store."""
-        return json.loads(json.dumps(self.server.pull(cursor, limit, since)))
+        return json.loads(json.dumps(self.server.pull(cursor, limit, since, page_bytes(limit))))
 
 
 @dataclass
@@ -2504,14 +3189,16 @@ class SyncResult:
     pulled: ApplyResult = field(default_factory=ApplyResult)
     waiting: int = 0                # rows still waiting for a parent after the pull
     reseeded: int = 0               # records re-sent to a new server store
+    backup: str | None = None       # the backup made before ccsync's first change
 
     def as_dict(self) -> dict:
         """The counts as a JSON-ready dict (the ``--json`` output)."""
         return {"stamped": self.stamped, "sent": self.sent, "accepted": self.accepted,
                 "superseded": self.superseded, "refused": dict(self.refused),
                 "received": self.pulled.received, "applied": self.pulled.applied,
-                "rejected": dict(self.pulled.refused), "waiting_for_parent": self.waiting,
-                "reseeded": self.reseeded}
+                "rejected": dict(self.pulled.refused), "kept_aside": self.pulled.aside,
+                "waiting_for_parent": self.waiting, "reseeded": self.reseeded,
+                "backup": self.backup}
 
 
 class SyncCancelled(CcsyncError):
@@ -2563,7 +3250,13 @@ def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: in
     cursor = 0 if since else store.cursor
     for _ in range(max_pages):
         _check_stop(stop)
-        page = transport.pull(cursor, page_size, since)
+        try:
+            page = transport.pull(cursor, page_size, since)
+        except RemoteError as exc:
+            if exc.kind != "too_large" or page_size <= 1:
+                raise
+            page_size //= 2             # same cursor, a smaller page
+            continue
         if store.server_changed(page.get("store")):
             reseed_server(store, transport, result, page["store"], stop)
             cursor = 0
@@ -2600,10 +3293,11 @@ def sync_once(store: Store, transport: Any, *, push: bool = True, pull: bool = T
     ``stop`` (an Event) ends the sync between two batches or pages; every
     batch and page is its own transaction, so stopping never leaves half.
     """
-    result = SyncResult(stamped=store.prepare())
+    result = SyncResult(stamped=store.prepare(), backup=store.backup_path)
     if push:
         push_changes(store, transport, result, batch_size, stop)
     if pull:
+        result.pulled.add(store.retry_held())
         pull_changes(store, transport, result, page_size, since, stop=stop)
     return result
 
@@ -3127,9 +3821,14 @@ def _log_line(line: str) -> None:
     print(f"{stamp} {line}", file=sys.stderr, flush=True)
 
 
+def backup_lines(path: str | None) -> list[str]:
+    """Where the backup made before ccsync's first change went (if one was made now)."""
+    return [f"backed up the database to {path} before ccsync's first change"] if path else []
+
+
 def summary_lines(result: SyncResult, *, push: bool, pull: bool) -> list[str]:
     """A sync result in a few readable lines."""
-    lines = []
+    lines = backup_lines(result.backup)
     if push:
         lines.append(f"push: sent {result.sent}, accepted {result.accepted}, "
                      f"superseded {result.superseded}, refused {sum(result.refused.values())}")
@@ -3137,6 +3836,8 @@ def summary_lines(result: SyncResult, *, push: bool, pull: bool) -> list[str]:
     if pull:
         lines.append(f"pull: received {result.pulled.received}, applied {result.pulled.applied}")
         lines += [f"  rejected: {reason} ({n})" for reason, n in result.pulled.refused.items()]
+        if result.pulled.aside:
+            lines.append(f"  kept aside for a table this database lacks: {result.pulled.aside}")
     return lines
 
 
@@ -3149,14 +3850,21 @@ def _store_from_args(args: argparse.Namespace) -> Store:
 
 
 def cmd_stamp(args: argparse.Namespace) -> int:
-    """stamp [--remove]: install change capture and give rows a sync_id."""
+    """stamp [--remove | --remove-triggers]: install change capture and give rows a sync_id."""
     store = _store_from_args(args)
     if args.remove:
         store.remove()
         _emit(args, {"removed": True}, ["removed ccsync's triggers and bookkeeping tables"])
         return EXIT_OK
+    if args.remove_triggers:
+        count = store.remove_triggers()
+        _emit(args, {"triggers_removed": count}, [
+            f"removed {count} capture trigger(s); `ccsync stamp` (or the next sync) puts them "
+            "back and records what changed meanwhile"])
+        return EXIT_OK
     stamped = store.prepare()
-    _emit(args, {"stamped": stamped}, [f"stamped {stamped} row(s)"])
+    _emit(args, {"stamped": stamped, "backup": store.backup_path},
+          backup_lines(store.backup_path) + [f"stamped {stamped} row(s)"])
     return EXIT_OK
 
 
@@ -3219,7 +3927,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     """status: pending changes, refused rows, last sync, and the server's state."""
     store = _store_from_args(args)
     installed = store.installed()
+    held = store.held()
     data = {"pending": store.pending(), "refused": store.refused(), "installed": installed,
+            "rejected": held["refused"], "kept_aside": held["aside"],
             "waiting_for_parent": store.pending_references(),
             "last_sync": store.meta("last_sync") if installed else None,
             "last_error": store.meta("last_error") if installed else None,
@@ -3238,6 +3948,10 @@ def status_lines(data: dict) -> list[str]:
     lines.insert(0 if data["installed"] else 1, "pending:" if busy else "nothing pending")
     lines += [f"refused by the server: {r['table']} {r['sync_id']}: {r['reason']}"
               for r in data["refused"]]
+    lines += [f"refused from other devices (kept for a later version): {reason} ({n})"
+              for reason, n in data["rejected"].items()]
+    lines += [f"kept aside until this database has their table: {reason} ({n})"
+              for reason, n in data["kept_aside"].items()]
     if data["waiting_for_parent"]:
         lines.append(f"{data['waiting_for_parent']} row(s) wait for a parent not yet pulled")
     lines.append(f"last sync: {data['last_sync'] or 'never'}")
@@ -3257,7 +3971,8 @@ def cmd_server(args: argparse.Namespace) -> int:
     tls = tls_context(args.tls_cert, args.tls_key)
     try:
         server = SyncServer((args.host, args.port), data, max_body=args.max_body, tls=tls,
-                            request_timeout=args.timeout, log=_log_line)
+                            request_timeout=args.timeout, log=_log_line,
+                            max_value=args.max_value, max_record=args.max_record)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
                           ) from None
@@ -3584,6 +4299,10 @@ def _add_server_parser(sub: Any) -> None:
                    help="largest request body accepted (default: 64 MiB)")
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                    help="per-request socket timeout (default: 30)")
+    p.add_argument("--max-value", type=int, default=MAX_VALUE_BYTES, metavar="BYTES",
+                   help="largest single value a push may store (default: 4 MiB)")
+    p.add_argument("--max-record", type=int, default=MAX_RECORD_BYTES, metavar="BYTES",
+                   help="largest record a push may store (default: 16 MiB)")
     _flags(p, db=False, data=True)
     p.set_defaults(func=cmd_server)
 
@@ -3623,8 +4342,12 @@ def _add_device_parsers(sub: Any) -> None:
     _flags(p)
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("stamp", help="install change capture; give every row a sync_id")
-    p.add_argument("--remove", action="store_true",
-                   help="remove everything ccsync added (keeps cc's sync columns)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--remove", action="store_true",
+                      help="remove everything ccsync added (keeps cc's sync columns)")
+    mode.add_argument("--remove-triggers", action="store_true",
+                      help="drop only the capture triggers (run before ALTER TABLE ... DROP "
+                           "COLUMN); the next stamp or sync puts them back")
     _flags(p)
     p.set_defaults(func=cmd_stamp)
     p = sub.add_parser("daemon", help="auto-sync in the foreground (every 5 minutes)")

@@ -23,6 +23,14 @@ def cc_db(path: Path, projects=("acme", "beta")) -> Path:
     return path
 
 
+def backup_of(db) -> str:
+    """The one backup ccsync made beside ``db`` before its first change (mode 600)."""
+    found = list(Path(db).parent.glob(Path(db).name + ".ccsync-backup-*"))
+    assert len(found) == 1, found
+    assert found[0].stat().st_mode & 0o777 == 0o600
+    return str(found[0])
+
+
 def run_main(capsys, *argv) -> tuple[int, str, str]:
     code = ccsync.main(list(argv))
     out, err = capsys.readouterr()
@@ -54,8 +62,8 @@ def test_stamp_json_reports_rows_stamped_then_zero(tmp_path, capsys):
     first = run_main(capsys, "stamp", "--db", db, "--json")
     second = run_main(capsys, "stamp", "--db", db, "--json")
 
-    assert first[0] == 0 and json.loads(first[1]) == {"stamped": 3}
-    assert second[0] == 0 and json.loads(second[1]) == {"stamped": 0}
+    assert first[0] == 0 and json.loads(first[1]) == {"stamped": 3, "backup": backup_of(db)}
+    assert second[0] == 0 and json.loads(second[1]) == {"stamped": 0, "backup": None}
 
 
 def test_stamp_json_as_a_process(tmp_path):
@@ -65,8 +73,8 @@ def test_stamp_json_as_a_process(tmp_path):
     second = run_process("stamp", "--db", db, "--json")
 
     assert first.returncode == 0, first.stderr
-    assert json.loads(first.stdout) == {"stamped": 3}
-    assert json.loads(second.stdout) == {"stamped": 0}
+    assert json.loads(first.stdout) == {"stamped": 3, "backup": backup_of(db)}
+    assert json.loads(second.stdout) == {"stamped": 0, "backup": None}
     assert first.stderr == "" and second.stderr == ""
 
 
@@ -181,7 +189,7 @@ def test_cc_db_env_var_is_used_without_db_option(tmp_path, capsys, monkeypatch):
 
     code, out, _ = run_main(capsys, "stamp", "--json")
 
-    assert code == 0 and json.loads(out) == {"stamped": 3}
+    assert code == 0 and json.loads(out)["stamped"] == 3
 
 
 def test_cc_db_env_var_is_used_by_a_process(tmp_path):
@@ -199,7 +207,7 @@ def test_db_option_wins_over_cc_db_env_var(tmp_path, capsys, monkeypatch):
 
     code, out, _ = run_main(capsys, "stamp", "--db", str(used), "--json")
 
-    assert code == 0 and json.loads(out) == {"stamped": 2}
+    assert code == 0 and json.loads(out)["stamped"] == 2
 
 
 ##### errors ###################################################################
