@@ -1186,6 +1186,7 @@ class Store:
         (``backup_path``).
         """
         self._tables = None             # cc may have migrated its schema since the last sync
+        self.backup_path = None
         if not self._up_to_date():
             self._install()
         stamped = self.stamp_rows()
