@@ -1196,6 +1196,7 @@ class Store:
             if key[5:] in self.tables():
                 self._full_diff(key[5:])
         self._find_vanished()
+        self._name_gone_rows()
         return stamped
 
     def _up_to_date(self) -> bool:
@@ -1674,7 +1675,7 @@ class Store:
         return dict(zip(cols, values)) if isinstance(values, list) and \
             len(values) == len(cols) else {}
 
-    def name_gone_rows(self) -> None:
+    def _name_gone_rows(self) -> None:
         """Give deletes of rows that were never stamped their natural sync_id.
 
         A row inserted and deleted between two syncs still deletes the same row

@@ -322,3 +322,38 @@ def test_a_value_over_the_limit_is_refused_at_push_and_stays_pending(tmp_path, h
     assert store.pending()["setting"]["insert"] == 1
     a.close()
     store.conn.close()
+
+
+##### deletes of rows never stamped #############################################
+
+def test_a_row_created_and_deleted_between_two_syncs_deletes_its_natural_twin(devices):
+    """One natural key is one row: b creating and deleting 'theme' before b ever synced
+    it deletes the 'theme' a made earlier, on every device."""
+    a, b = devices("a", "b")
+    a.sql("INSERT INTO setting (name, value) VALUES ('theme', 'dark')")
+    a.sql("INSERT INTO project (name) VALUES ('acme')")
+    a.sync()
+    b.store.prepare()                          # capture on; 'theme' not pulled yet
+    b.sql("INSERT INTO setting (name, value) VALUES ('theme', 'light')")
+    b.sql("DELETE FROM setting WHERE name = 'theme'")
+    b.sql("INSERT INTO project (name) VALUES ('tmp')")
+    b.sql("INSERT INTO environment (name, project_id) VALUES ('dev', "
+          "(SELECT id FROM project WHERE name = 'tmp'))")
+    b.sql("DELETE FROM environment")
+    b.sql("DELETE FROM project WHERE name = 'tmp'")
+    assert b.store.pending()["setting"]["delete"] == 0     # not yet named: no sync_id
+    converge(a, b)
+    converge(a, b)
+    for dev in (a, b):
+        assert dev.sql("SELECT name FROM setting") == []
+        assert dev.sql("SELECT name FROM project") == [("acme",)]
+    assert content(a.cc) == content(b.cc)
+
+
+def test_a_secret_setting_created_and_deleted_sends_nothing(devices, server):
+    a = devices("a")
+    a.store.prepare()
+    a.sql("INSERT INTO setting (name, value) VALUES ('github_pat', 'ghp_x')")
+    a.sql("DELETE FROM setting")
+    a.sync()
+    assert server.stats()["records"] == 0
