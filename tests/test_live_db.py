@@ -357,3 +357,21 @@ def test_a_secret_setting_created_and_deleted_sends_nothing(devices, server):
     a.sql("DELETE FROM setting")
     a.sync()
     assert server.stats()["records"] == 0
+
+
+def test_an_orm_write_of_a_stale_empty_sync_id_keeps_the_rows_identity(devices):
+    """cc's ORM writes back every field it read, sync_id included: read before the
+    first stamp, written after it, the row must keep the id it was given."""
+    a, b = devices("a", "b")
+    a.sql("INSERT INTO project (name, main_branch) VALUES ('acme', 'main')")
+    cols = [r[1] for r in a.sql("PRAGMA table_info(project)") if r[1] != "id"]
+    held = dict(zip(cols, a.sql(f"SELECT {', '.join(cols)} FROM project")[0]))  # cc reads
+    a.sync()                                  # ccsync stamps and pushes meanwhile
+    sid = a.sql("SELECT sync_id FROM project")[0][0]
+    held["main_branch"] = "develop"
+    a.sql(f"UPDATE project SET {', '.join(f'{c} = ?' for c in cols)} WHERE id = 1",
+          *held.values())                      # sync_id = NULL, synced_at = NULL
+    assert a.sql("SELECT sync_id FROM project") == [(sid,)]
+    converge(a, b)
+    assert b.sql("SELECT sync_id, main_branch FROM project") == [(sid, "develop")]
+    assert content(a.cc) == content(b.cc)
