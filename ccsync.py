@@ -142,7 +142,8 @@ TABLE_ORDER = {spec.name: i for i, spec in enumerate(SPEC)}
 SYNC_COLUMNS = ("sync_id", "synced_at")   # cc's own columns; never synced as data
 TOMBSTONE = "~"                           # pseudo-column carrying a delete's clock
 INSERTED = "*"                            # dirty marker: whole row inserted
-DELETED = "-"                             # dirty marker: row deleted
+DELETED = "-"                             # dirty marker: row deleted (bookkeeping v1)
+MOVED = "@"                               # dirty marker: the row's rowid changed
 
 # Natural-key ids are uuid5 in this namespace, so two devices that created
 # the same project independently give it the same sync_id.
@@ -873,6 +874,18 @@ def environment_error(exc: BaseException) -> bool:
         word in str(exc).lower() for word in _ENVIRONMENT_WORDS)
 
 
+def _new_private_file(base: str) -> str:
+    """Create a new empty file (mode 600) named ``base``, or ``base-2``, ...; its name."""
+    for n in range(1, 1000):
+        name = base if n == 1 else f"{base}-{n}"
+        try:
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            continue
+        return name
+    raise FileExistsError(f"{base}: too many files of that name")
+
+
 def _run_script(conn: sqlite3.Connection, script: str) -> None:
     """Run ';'-separated DDL inside the caller's transaction (executescript commits)."""
     for statement in script.split(";"):
@@ -944,7 +957,7 @@ def trigger_sql(table: str, tracked: Iterable[str], key: Iterable[str] = ()) -> 
     cols = list(tracked)
     cell = f"_ccsync_dirty WHERE tbl = {lit} AND rid = NEW.rowid"
     moved = "OLD.rowid IS NOT NEW.rowid"
-    lost_sid = "NEW.sync_id IS NULL AND OLD.sync_id IS NOT NULL"
+    lost_sid = "OLD.sync_id IS NOT NULL AND NEW.sync_id IS NOT OLD.sync_id"
     changed = " OR ".join([moved, lost_sid, *(f"OLD.{_q(c)} IS NOT NEW.{_q(c)}" for c in cols)])
     per_col = " ".join(
         f"DELETE FROM {cell} AND col = {_lit(c)} AND OLD.{_q(c)} IS NOT NEW.{_q(c)}; "
@@ -957,15 +970,22 @@ def trigger_sql(table: str, tracked: Iterable[str], key: Iterable[str] = ()) -> 
             f"INSERT INTO _ccsync_dirty (tbl, rid, col, hlc) "
             f"VALUES ({lit}, NEW.rowid, '{INSERTED}', {_SQL_HLC}); END",
         # A rowid change moves the pending cells with the row (dropping those of
-        # a row that REPLACE removed there); an ORM write of a stale, empty
-        # sync_id puts the row's identity back.
+        # a row that REPLACE removed there) and leaves a MOVED mark, so the sync
+        # looks for a row that REPLACE removed; an ORM write of a stale sync_id
+        # (read before ccsync stamped or merged the row) puts its identity back,
+        # with capture off so recursive triggers do not fire on it.
         f"_ccsync_upd_{table}":
             f"CREATE TRIGGER {_q('_ccsync_upd_' + table)} AFTER UPDATE ON {t} "
             f"WHEN {_SQL_LIVE} AND ({changed}) BEGIN {_SQL_TICK} "
             f"DELETE FROM {cell} AND {moved}; "
             f"UPDATE _ccsync_dirty SET rid = NEW.rowid WHERE tbl = {lit} AND rid = OLD.rowid "
             f"AND {moved}; "
+            f"DELETE FROM {cell} AND col = '{MOVED}'; "
+            f"INSERT INTO _ccsync_dirty (tbl, rid, col, hlc) SELECT {lit}, NEW.rowid, "
+            f"'{MOVED}', {_SQL_HLC} WHERE {moved}; "
+            f"UPDATE _ccsync_clock SET suppress = 1 WHERE {lost_sid}; "
             f"UPDATE {t} SET sync_id = OLD.sync_id WHERE rowid = NEW.rowid AND {lost_sid}; "
+            f"UPDATE _ccsync_clock SET suppress = 0 WHERE {lost_sid}; "
             f"{per_col} END",
         f"_ccsync_del_{table}":
             f"CREATE TRIGGER {_q('_ccsync_del_' + table)} AFTER DELETE ON {t} "
@@ -1250,9 +1270,9 @@ class Store:
         if not path:
             return None
         stamp = iso_utc(self.clock).replace("-", "").replace(":", "")
-        target = f"{path}.ccsync-backup-{stamp}"
+        target = None
         try:
-            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            target = _new_private_file(f"{path}.ccsync-backup-{stamp}")
             dest = sqlite3.connect(target)
             try:
                 self.conn.backup(dest)      # one step: a stepped copy restarts on every cc write
@@ -1260,12 +1280,13 @@ class Store:
                 dest.close()
             os.chmod(target, 0o600)
         except (OSError, sqlite3.Error) as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(target)
+            if target is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(target)
             raise StoreError(f"cannot back up {path} before ccsync's first change "
                              f"({exc}); nothing was changed",
-                             hint=f"free some space in {os.path.dirname(path) or '.'}, "
-                                  "or check its permissions") from None
+                             hint=f"check the free space and permissions of "
+                                  f"{os.path.dirname(path) or '.'}") from None
         return target
 
     def _migrate_bookkeeping(self) -> None:
@@ -1622,8 +1643,8 @@ class Store:
                      f"LEFT JOIN _ccsync_shadow s ON s.tbl = d.tbl AND s.sid = t.sync_id "
                      f"WHERE d.tbl = ? GROUP BY d.rid")
             for row in self.conn.execute(query, (info.name,)).fetchall():
-                cols = row["cols"].split("\x1f")
-                if row["present"] and not self._skip_row(info, row):
+                cols = set(row["cols"].split("\x1f")) - {MOVED}
+                if cols and row["present"] and not self._skip_row(info, row):
                     c["update" if row["synced"] and INSERTED not in cols else "insert"] += 1
             c["delete"] = sum(1 for sid, key in self.conn.execute(
                 "SELECT sid, max(key) FROM _ccsync_gone WHERE tbl = ? AND sid IS NOT NULL "
@@ -1646,7 +1667,7 @@ class Store:
 
     def _local_setting_names(self) -> tuple[str, ...]:
         names = self.extra_local
-        if "setting" in self.tables():
+        if {"name", "value"} <= set(getattr(self.tables().get("setting"), "columns", ())):
             row = self.conn.execute("SELECT value FROM setting WHERE name = ?",
                                     (LOCAL_SETTINGS_SETTING,)).fetchone()
             if row is not None:
@@ -1758,7 +1779,11 @@ class Store:
         latest: dict[str, list] = {}
         unsent = []
         for gid, sid, key, hlc, rid in rows:
-            if sid is None or not self._tombstone_wanted(info, sid, key):
+            # A row live here under that sync_id came back (re-created, which
+            # sends the row itself) or was never gone: a table renamed aside
+            # takes its triggers along, and a natural id may name a renamed row.
+            if sid is None or self._rid_for_sid(info.name, sid) is not None \
+                    or not self._tombstone_wanted(info, sid, key):
                 unsent.append(gid)
                 continue
             entry = latest.setdefault(sid, [0, [], None])
@@ -1793,7 +1818,8 @@ class Store:
             records.append(record)
         return records, tokens
 
-    def _row_record(self, info: TableInfo, row: sqlite3.Row, values: dict, cells: dict) -> dict:
+    def _row_record(self, info: TableInfo, row: sqlite3.Row, values: dict,
+                    cells: dict) -> dict | None:
         sid = row["sync_id"]
         shadow = self._shadow(info.name, sid)
         new_row = INSERTED in cells or shadow is None
@@ -1802,6 +1828,8 @@ class Store:
             clocks = {c: max(base, cells.get(c, 0)) for c in info.tracked}
         else:
             clocks = {c: cells[c] for c in info.tracked if c in cells}
+        if not clocks:
+            return None                    # only its rowid changed: nothing to send
         return {
             "t": info.name, "id": sid, "dev": self.device_id, "c": clocks,
             "p": {"v": {c: values[c] for c in clocks},

@@ -576,7 +576,5 @@ KNOWN_MERGE_ORDER_CASE = (4,
     ('update', 0, 'switch_log', 'ended_at', 2, None)])
 
 
-@pytest.mark.xfail(strict=True, reason="natural-key merges cascaded through a deleted "
-                                       "parent depend on arrival order (known limitation)")
 def test_regression_cascaded_merge_through_a_deleted_parent():
     run_program(KNOWN_MERGE_ORDER_CASE)
