@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import stress_lockout  # noqa: E402
 
-ROWS = 2500
+ROWS = 2000
 NOT_SYNCED = 3              # A's secret and device-local settings (github_pat, ide, backup.dir)
 PHASES = ("push", "pull")
 
