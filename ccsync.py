@@ -2815,6 +2815,7 @@ def _op_pull(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
 
 
 DRAIN_LIMIT = 64 * 1024 * 1024         # oversized bodies read and dropped at most
+SERVER_POLL_S = 0.05                   # how soon serve_forever notices shutdown()
 OPERATIONS = {"/v1/hello": _op_hello, "/v1/push": _op_push, "/v1/pull": _op_pull}
 MAX_PUSH_RECORDS = 5000
 MAX_PULL_PAGE = 5000
@@ -3030,8 +3031,8 @@ class SyncServer(http.server.ThreadingHTTPServer):
 
     def start(self) -> "SyncServer":
         """Serve on a daemon thread; returns self."""
-        self._thread = threading.Thread(target=self.serve_forever, name="ccsync-server",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self.serve_forever, args=(SERVER_POLL_S,),
+                                        name="ccsync-server", daemon=True)
         self._thread.start()
         return self
 
@@ -4021,7 +4022,7 @@ def cmd_server(args: argparse.Namespace) -> int:
                   "do not trust")
     _log_line(f"ccsync {__version__} server listening on {server.url} (data: {data})")
     try:
-        server.serve_forever()
+        server.serve_forever(SERVER_POLL_S)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
