@@ -1458,6 +1458,8 @@ class Store:
             hlc = 0 if mode == "first" else self._hlc_tick()
         shadow = {r["sid"]: json.loads(r["vals"]) for r in self.conn.execute(
             "SELECT sid, vals FROM _ccsync_shadow WHERE tbl = ? AND rid IS NOT NULL", (table,))}
+        if only:
+            self._back_fill(info, only, shadow)
         rows = self.conn.execute(f"SELECT rowid AS _rid, * FROM {_q(table)}").fetchall()
         dirty: list[tuple] = []
         columns = [c for c in info.tracked if only is None or c in only]
@@ -1475,6 +1477,26 @@ class Store:
         with self._write():
             self._record_gone(info, gone, hlc)
             self.set_meta(f"diff:{table}", None)
+
+    def _back_fill(self, info: TableInfo, columns: list[str], shadow: dict[str, dict]) -> None:
+        """Fill columns cc just added from the synced state kept for them.
+
+        Values other devices sent for a column this database lacked were kept
+        in the shadow.  Only cells still empty are filled: a value cc wrote
+        there already is an edit (found by the diff that follows).
+        """
+        cells = []
+        for sid, vals in shadow.items():
+            for col in columns:
+                if vals.get(col) is None:
+                    continue
+                value = self._local_value(info, col, vals[col], revive=False)
+                if value is not self._UNRESOLVED and value is not self._KEEP \
+                        and not isinstance(value, tuple):
+                    cells.append((col, value, sid))
+        self._sliced(cells, lambda cell: self.conn.execute(
+            f"UPDATE {_q(info.name)} SET {_q(cell[0])} = ? WHERE sync_id = ? "
+            f"AND {_q(cell[0])} IS NULL", (cell[1], cell[2])), quiet=True)
 
     def _vanished(self, info: TableInfo) -> list[tuple]:
         """Synced rows that left the table with no delete recorded: (sid, rid)."""

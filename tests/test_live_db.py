@@ -375,3 +375,25 @@ def test_an_orm_write_of_a_stale_empty_sync_id_keeps_the_rows_identity(devices):
     converge(a, b)
     assert b.sql("SELECT sync_id, main_branch FROM project") == [(sid, "develop")]
     assert content(a.cc) == content(b.cc)
+
+
+##### columns kept aside, then back-filled ######################################
+
+def test_a_column_this_cc_lacks_is_kept_and_filled_in_once_cc_adds_it(devices):
+    a, b = devices("a", "b")
+    a.sql("ALTER TABLE setting ADD COLUMN scope TEXT")          # a's cc is newer
+    a.sql("INSERT INTO setting (name, value, scope) VALUES ('theme', 'dark', 'user')")
+    a.sql("INSERT INTO setting (name, value, scope) VALUES ('lang', 'en', 'site')")
+    converge(a, b)
+    assert b.sql("SELECT name, value FROM setting ORDER BY name") == [("lang", "en"),
+                                                                       ("theme", "dark")]
+    assert not b.store.held()["refused"]
+    b.sql("ALTER TABLE setting ADD COLUMN scope TEXT")          # b's cc migrates
+    b.sql("UPDATE setting SET scope = 'mine' WHERE name = 'lang'")   # before any sync
+    converge(a, b)
+    assert b.sql("SELECT name, scope FROM setting ORDER BY name") == [("lang", "mine"),
+                                                                       ("theme", "user")]
+    assert content(a.cc) == content(b.cc)      # b's own write is the later edit: it won
+    a.sql("UPDATE setting SET scope = 'global' WHERE name = 'theme'")
+    converge(a, b)
+    assert b.sql("SELECT scope FROM setting WHERE name = 'theme'") == [("global",)]
