@@ -1926,14 +1926,14 @@ class Store:
             return False
         known = self.meta("server_store")
         if known is None:
-            with transaction(self.conn):
+            with self._write():
                 self.set_meta("server_store", store_id)
             return False
         return known != store_id
 
     def adopt_server(self, store_id: str) -> None:
         """Start over with a new server store: cursor 0, remember its id."""
-        with transaction(self.conn):
+        with self._write():
             self.set_meta("server_store", store_id)
             self.set_meta("cursor", "0")
 
