@@ -579,6 +579,11 @@ def check_record_size(record: Record, max_value: int, max_record: int) -> None:
 # and local status work without it.  No network here.
 
 API_KEY_PREFIX = "ccs1_"
+# The sync protocol: how records and pages read on the wire.  A device and a
+# server of different protocols refuse each other's requests and answers (and
+# say which one to upgrade) rather than exchange records they would read
+# differently.  Requests and answers that carry none are protocol 1.
+PROTOCOL = 1
 WIRE_TYPE = "application/x-ccsync"
 H_KEY, H_TIME, H_NONCE, H_SIG = ("X-Ccsync-Key", "X-Ccsync-Time", "X-Ccsync-Nonce",
                                  "X-Ccsync-Signature")
@@ -2869,6 +2874,19 @@ def _authenticate(store: "ServerStore", method: str, path: str,
     return device, context, nonce
 
 
+def protocol_mismatch(device: Any, server: int) -> str | None:
+    """Why a device speaking ``device`` cannot sync with a ``server`` (None: it can)."""
+    if device == server and isinstance(device, int):
+        return None
+    if isinstance(device, int) and not isinstance(device, bool) and device < server:
+        return (f"this device speaks sync protocol {device} and the server {server}: "
+                "upgrade ccsync on this device")
+    if isinstance(device, int) and not isinstance(device, bool):
+        return (f"this device speaks sync protocol {device} and the server {server}: "
+                "upgrade ccsync on the server")
+    return "the request names no valid sync protocol"
+
+
 def dispatch(server: "SyncServer", method: str, path: str, headers: dict[str, str],
              body: bytes) -> tuple[int, dict[str, str], bytes]:
     """Answer one request: (status, headers, body).  Never raises, never leaks a traceback."""
@@ -2895,7 +2913,10 @@ def dispatch(server: "SyncServer", method: str, path: str, headers: dict[str, st
                 raise HttpError(413, "too_large", str(exc)) from None
             except WireError as exc:
                 raise HttpError(400, "bad_body", str(exc)) from None
-            answer = operation(store, device, payload)
+            mismatch = protocol_mismatch(payload.get("protocol", 1), server.protocol)
+            if mismatch:
+                raise HttpError(426, "protocol", mismatch)
+            answer = {**operation(store, device, payload), "protocol": server.protocol}
             sealed = seal(device["enc_key"], answer, response_context(nonce, 200))
             return 200, {"Content-Type": WIRE_TYPE,
                          H_SIG: sign(device["mac_key"], response_context(nonce, 200), sealed)}, \
@@ -3002,6 +3023,7 @@ class SyncServer(http.server.ThreadingHTTPServer):
         self.data_path, self.max_body, self.request_timeout = data_path, max_body, request_timeout
         self.max_value, self.max_record = max_value, max_record
         self.clock, self._log = clock, log
+        self.protocol = PROTOCOL            # the sync protocol this server speaks
         self._pool: queue.SimpleQueue = queue.SimpleQueue()
         self._local = threading.local()
         self._thread: threading.Thread | None = None
@@ -3134,7 +3156,7 @@ class Client:
     def _request(self, path: str, payload: dict) -> dict:
         stamp, nonce = str(int(self.clock())), secrets.token_hex(16)
         context = request_context("POST", path, stamp, nonce, self.keys.key_id)
-        body = seal(self.keys.enc, payload, context)
+        body = seal(self.keys.enc, {**payload, "protocol": PROTOCOL}, context)
         request = urllib.request.Request(self.url + path, data=body, method="POST", headers={
             "Content-Type": WIRE_TYPE, "User-Agent": f"ccsync/{__version__}",
             H_KEY: self.keys.key_id, H_TIME: stamp, H_NONCE: nonce,
@@ -3147,10 +3169,15 @@ class Client:
                               hint="the server does not hold this device's key: is the URL "
                                    "right?").with_kind("bad_response")
         try:
-            return unseal(self.keys.enc, answer, expected, self.max_response)
+            data = unseal(self.keys.enc, answer, expected, self.max_response)
         except WireError as exc:
             raise RemoteError(f"unreadable answer from {self.url}: {exc}").with_kind(
                 "bad_response") from None
+        theirs = data.get("protocol", 1)
+        if theirs != PROTOCOL:
+            text = protocol_mismatch(PROTOCOL, theirs if isinstance(theirs, int) else -1)
+            raise RemoteError(f"{text} ({self.url})").with_kind("protocol")
+        return data
 
     def _send(self, request: urllib.request.Request) -> tuple[int, dict, bytes]:
         try:
@@ -3198,6 +3225,8 @@ class Client:
                         "run `ccsync register --name NAME --rotate` on the server, then "
                         "`ccsync setup` here"),
             "clock_skew": (message, "fix this machine's clock (enable NTP) and retry"),
+            "protocol": (message, "ccsync on every device and the server must speak the same "
+                                  "sync protocol (`ccsync --version` on each)"),
             "too_large": (f"body too large for the server: {message}",
                           "raise the server's --max-body, or sync again (batches are smaller)"),
         }
@@ -3967,7 +3996,7 @@ def server_state(config: Config, clock: Callable[[], float] = time.time) -> dict
         return {**state, "state": "not configured", "detail": str(exc)}
     except RemoteError as exc:
         names = {"key_rejected": "key rejected", "revoked": "key revoked",
-                 "clock_skew": "clock skewed"}
+                 "clock_skew": "clock skewed", "protocol": "protocol mismatch"}
         return {**state, "state": names.get(exc.kind, "unreachable"), "detail": str(exc)}
     skew = float(info.get("server_time", clock())) - clock()
     state.update(state="connected", device=info.get("device"), skew_seconds=round(skew, 1))

@@ -397,3 +397,36 @@ def test_a_column_this_cc_lacks_is_kept_and_filled_in_once_cc_adds_it(devices):
     a.sql("UPDATE setting SET scope = 'global' WHERE name = 'theme'")
     converge(a, b)
     assert b.sql("SELECT scope FROM setting WHERE name = 'theme'") == [("global",)]
+
+
+##### the sync protocol ##########################################################
+
+@pytest.mark.parametrize("server_protocol, upgrade", [(ccsync.PROTOCOL + 1, "on this device"),
+                                                       (ccsync.PROTOCOL - 1, "on the server")])
+def test_a_device_and_a_server_of_different_protocols_say_which_to_upgrade(
+        tmp_path, server_protocol, upgrade):
+    server = ccsync.SyncServer(("127.0.0.1", 0), str(tmp_path / "server.db"))
+    server.protocol = server_protocol
+    server.start()
+    try:
+        registry = ccsync.ServerStore.open(str(tmp_path / "server.db"))
+        key = registry.register("a")
+        registry.conn.close()
+        make_cc_db(tmp_path / "a.db").execute("INSERT INTO project (name) VALUES ('acme')")
+        store = ccsync.open_store(str(tmp_path / "a.db"))
+        with pytest.raises(ccsync.RemoteError, match=f"upgrade ccsync {upgrade}") as caught:
+            ccsync.sync_once(store, ccsync.Client(server.url, key))
+        assert caught.value.kind == "protocol" and caught.value.hint
+        assert store.pending()["project"]["insert"] == 1          # nothing was exchanged
+        checked = ccsync.ServerStore.open(str(tmp_path / "server.db"))
+        assert checked.stats()["records"] == 0
+        checked.conn.close()
+        store.conn.close()
+    finally:
+        server.stop()
+
+
+def test_matching_protocols_sync_and_answers_name_theirs(tmp_path, http_server):
+    server, keys = http_server
+    answer = ccsync.Client(server.url, keys["a"]).hello()
+    assert answer["protocol"] == ccsync.PROTOCOL
