@@ -102,6 +102,9 @@ class TableSpec:
     parent's sync_id.  ``list_refs``: column -> table, a text list of ids.
     ``name_refs``: column -> (unsynced table, its name column), matched by name.
     ``local``: device-local columns (paths on this machine).
+    ``required``: nullable references that must still point at a live row, as
+    NOT NULL ones do (a switch_log with no environment is a punch-out in cc,
+    so a merge must never empty one).
     """
 
     name: str
@@ -110,6 +113,7 @@ class TableSpec:
     list_refs: dict[str, str] = field(default_factory=dict)
     name_refs: dict[str, tuple[str, str]] = field(default_factory=dict)
     local: tuple[str, ...] = ()
+    required: tuple[str, ...] = ()
 
 
 # Dependency order: a table only references tables above it (list_refs and
@@ -125,7 +129,7 @@ SPEC: tuple[TableSpec, ...] = (
                     "database_id": "database"},
               local=("project_path",)),
     TableSpec("switch_log", ("environment_id", "switched_at"),
-              refs={"environment_id": "environment"}),
+              refs={"environment_id": "environment"}, required=("environment_id",)),
     TableSpec("backup", ("db_name", "name", "created_at"),
               refs={"database_id": "database"}, local=("file_path",)),
     TableSpec("repository", ("origin_url",), local=("path",),
@@ -1027,6 +1031,11 @@ class TableInfo:
         return tuple(c for c in self.spec.local if c in self.columns)
 
     @property
+    def required(self) -> frozenset[str]:
+        """Reference columns that must point at a live row (NOT NULL, or per SPEC)."""
+        return self.notnull | {c for c in self.spec.required if c in self.columns}
+
+    @property
     def key_columns(self) -> tuple[str, ...]:
         """The natural-key columns this table has here, in SPEC order."""
         return tuple(c for c in self.spec.key if c in self.columns)
@@ -1621,8 +1630,9 @@ class Store:
     def _local_value(self, info: TableInfo, col: str, value: Any, revive: bool = True) -> Any:
         """The value to write locally for a wire value.
 
-        A reference to a row known as deleted reads as NULL, or, in a NOT NULL
-        column, brings that row back (with ``revive``).
+        A reference to a row known as deleted reads as NULL, or, in a required
+        column (NOT NULL, or a time entry's environment), brings that row back
+        (with ``revive``).
         """
         spec = info.spec
         if col in spec.refs:
@@ -1631,7 +1641,7 @@ class Store:
             parent = spec.refs[col]
             rid = self._rid_for_sid(parent, value)
             if rid is None and self._is_dead(parent, self._canonical_sid(parent, value)):
-                if col not in info.notnull:
+                if col not in info.required:
                     return None
                 if revive:
                     rid = self._revive(parent, self._canonical_sid(parent, value))
@@ -2298,7 +2308,7 @@ class Store:
                 unresolved, value = True, value[1]
             if value is self._UNRESOLVED:
                 unresolved = True
-                if col in info.notnull and rid is None:
+                if col in info.required and rid is None:
                     self._mark_pending(info.name, sid)
                     return None       # a row needing its parent waits for it
                 value = None
@@ -2455,12 +2465,12 @@ class Store:
                     yield spec, col
 
     def _needed_by_children(self, table: str, rid: int | None) -> bool:
-        """True when a live row holds ``rid`` in a NOT NULL reference column."""
+        """True when a live row holds ``rid`` in a required (e.g. NOT NULL) reference."""
         if rid is None:
             return False
         for spec, col in self._child_refs(table):
             child = self.tables().get(spec.name)
-            if child is not None and col in child.notnull and self.conn.execute(
+            if child is not None and col in child.required and self.conn.execute(
                     f"SELECT 1 FROM {_q(spec.name)} WHERE {_q(col)} = ? LIMIT 1",
                     (rid,)).fetchone():
                 return True
@@ -2470,7 +2480,7 @@ class Store:
         # A nullable reference to a deleted row reads as NULL on every device.
         for spec, col in self._child_refs(table):
             child = self.tables().get(spec.name)
-            if child is not None and col in child.columns and col not in child.notnull:
+            if child is not None and col in child.columns and col not in child.required:
                 self.conn.execute(f"UPDATE {_q(spec.name)} SET {_q(col)} = NULL "
                                   f"WHERE {_q(col)} = ?", (rid,))
 
@@ -2543,9 +2553,13 @@ class Store:
         """
         if not self.installed():
             return 0
-        pending = self.conn.execute("SELECT tbl, sid FROM _ccsync_pending").fetchall()
-        pending.sort(key=lambda r: TABLE_ORDER.get(r[0], len(SPEC)))
-        self._sliced(pending, lambda row: self._retry_pending(*row), quiet=True)
+        pending = self.conn.execute("SELECT tbl, sid, kind FROM _ccsync_pending").fetchall()
+        # Waiting rows parents first (a child needs its parent written); deleted
+        # rows kept for their children children first (a parent can go once
+        # the kept child that needed it went).
+        pending.sort(key=lambda r: (r[2] == "keep", (-1 if r[2] == "keep" else 1)
+                                    * TABLE_ORDER.get(r[0], len(SPEC))))
+        self._sliced(pending, lambda row: self._retry_pending(row[0], row[1]), quiet=True)
         return self.pending_references()
 
     def _retry_pending(self, table: str, sid: str) -> None:

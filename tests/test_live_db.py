@@ -430,3 +430,61 @@ def test_matching_protocols_sync_and_answers_name_theirs(tmp_path, http_server):
     server, keys = http_server
     answer = ccsync.Client(server.url, keys["a"]).hello()
     assert answer["protocol"] == ccsync.PROTOCOL
+
+
+##### time entries are never turned into punch-outs ##############################
+
+def _env_with_entry(a, b):
+    a.sql("INSERT INTO project (name) VALUES ('acme')")
+    a.sql("INSERT INTO environment (name, project_id) VALUES ('dev', 1)")
+    converge(a, b)
+
+
+def test_an_environment_deleted_while_another_device_records_time_on_it_stays(devices):
+    a, b = devices("a", "b")
+    _env_with_entry(a, b)
+    a.sql("DELETE FROM environment WHERE name = 'dev'")          # cc's delete on a
+    b.sql("INSERT INTO switch_log (environment_id, switched_at, flagged, source) VALUES "
+          "((SELECT id FROM environment WHERE name = 'dev'), '2026-12-01T09:00:00.000001', "
+          "0, 'auto')")                                         # b punches in on it
+    converge(a, b)
+    for dev in (a, b):
+        assert dev.sql("SELECT s.switched_at, e.name FROM switch_log s "
+                       "JOIN environment e ON e.id = s.environment_id") == \
+            [("2026-12-01T09:00:00.000001", "dev")]
+        assert dev.sql("SELECT count(*) FROM switch_log WHERE environment_id IS NULL") == [(0,)]
+    assert content(a.cc) == content(b.cc)
+    b.sql("DELETE FROM switch_log")                              # once no entry needs it
+    converge(a, b)
+    converge(a, b)
+    for dev in (a, b):
+        assert dev.sql("SELECT count(*) FROM environment") == [(0,)]
+        assert dev.sql("SELECT count(*) FROM project") == [(1,)]
+    assert content(a.cc) == content(b.cc)
+
+
+def test_a_time_entry_that_arrives_before_its_environment_waits_for_it(devices):
+    a, b = devices("a", "b")
+    _env_with_entry(a, b)
+    a.sql("INSERT INTO environment (name, project_id) VALUES ('new', 1)")
+    a.sql("INSERT INTO switch_log (environment_id, switched_at, source) VALUES "
+          "((SELECT id FROM environment WHERE name = 'new'), '2026-12-01T10:00:00.000001', "
+          "'auto')")
+    a.store.prepare()
+    records, position = [], None
+    while True:                                   # one batch per table
+        batch = a.store.capture(position, 1000)
+        if batch.next_pos is None:
+            break
+        records += [r for r in batch.records if r]
+        position = batch.next_pos
+    entry = [r for r in records if r["t"] == "switch_log"]
+    assert len(entry) == 1
+    b.store.prepare()
+    b.store.apply_page(entry, None)                     # the entry alone, first
+    assert b.sql("SELECT count(*) FROM switch_log") == [(0,)]     # waits, no punch-out
+    assert b.store.pending_references() == 1
+    b.store.apply_page([r for r in records if r["t"] == "environment"], None)
+    b.store.resolve_pending()
+    assert b.sql("SELECT e.name FROM switch_log s JOIN environment e "
+                 "ON e.id = s.environment_id") == [("new",)]
