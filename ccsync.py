@@ -437,25 +437,9 @@ class Record:
     local: dict[str, Any]
     key: dict[str, Any]
 
-    @property
-    def spec(self) -> TableSpec:
-        """The table's sync spec."""
-        return SPEC_BY_NAME[self.table]
-
-    @property
-    def size(self) -> int:
-        """Bytes of the values, local values and key, as measured for limits."""
-        return sum(wire_size(v) for part in (self.values, self.local, self.key)
-                   for v in part.values())
-
     def payload(self) -> dict:
         """The ``p`` part of the wire form."""
         return {"v": self.values, "l": self.local, "k": self.key}
-
-    def wire(self) -> dict:
-        """The record as it travels (JSON-ready)."""
-        return {"t": self.table, "id": self.sid, "dev": self.dev, "c": self.clocks,
-                "p": self.payload()}
 
 
 def wire_size(value: Any) -> int:
@@ -570,11 +554,13 @@ def parse_record(obj: Any) -> Record:
 
 def check_record_size(record: Record, max_value: int, max_record: int) -> None:
     """Refuse a record with a value over ``max_value`` bytes or over ``max_record`` in all."""
+    total = 0
     for part in (record.values, record.local, record.key):
         for col, value in part.items():
-            _refuse_unless(wire_size(value) <= max_value,
-                           f"value of {col} is larger than {max_value} bytes")
-    _refuse_unless(record.size <= max_record, f"record is larger than {max_record} bytes")
+            size = wire_size(value)
+            _refuse_unless(size <= max_value, f"value of {col} is larger than {max_value} bytes")
+            total += size
+    _refuse_unless(total <= max_record, f"record is larger than {max_record} bytes")
 
 
 ##### Crypto and wire format ##################################################
@@ -1312,11 +1298,8 @@ class Store:
                           "sid, NULL, hlc FROM _ccsync_dirty WHERE col = ?", (DELETED,))
         self.conn.execute("DELETE FROM _ccsync_dirty WHERE col = ?", (DELETED,))
         for info in self.tables().values():
-            self.conn.execute(
-                f"UPDATE _ccsync_shadow SET rid = NULL WHERE tbl = ? AND rid IS NOT NULL "
-                f"AND NOT EXISTS (SELECT 1 FROM {_q(info.name)} t WHERE t.sync_id = "
-                f"_ccsync_shadow.sid) AND NOT EXISTS (SELECT 1 FROM _ccsync_gone g "
-                f"WHERE g.tbl = _ccsync_shadow.tbl AND g.sid = _ccsync_shadow.sid)", (info.name,))
+            self.conn.executemany("UPDATE _ccsync_shadow SET rid = NULL WHERE tbl = ? AND sid = ?",
+                                  [(info.name, sid) for sid, _rid in self._vanished(info)])
         self.set_meta("bookkeeping", BOOKKEEPING_VERSION)
 
     def _check_device(self) -> None:
@@ -1467,7 +1450,7 @@ class Store:
         if mode is None:
             return
         info = self.tables()[table]
-        only = None if mode in ("first", "all", "again") else json.loads(mode)
+        only = None if mode in ("first", "all", "again") else json.loads(mode)  # "again": v1
         with self._write():
             hlc = 0 if mode == "first" else self._hlc_tick()
         shadow = {r["sid"]: json.loads(r["vals"]) for r in self.conn.execute(
@@ -2890,15 +2873,13 @@ def _authenticate(store: "ServerStore", method: str, path: str,
 
 def protocol_mismatch(device: Any, server: int) -> str | None:
     """Why a device speaking ``device`` cannot sync with a ``server`` (None: it can)."""
-    if device == server and isinstance(device, int):
+    if not isinstance(device, int) or isinstance(device, bool):
+        return "the request names no valid sync protocol"
+    if device == server:
         return None
-    if isinstance(device, int) and not isinstance(device, bool) and device < server:
-        return (f"this device speaks sync protocol {device} and the server {server}: "
-                "upgrade ccsync on this device")
-    if isinstance(device, int) and not isinstance(device, bool):
-        return (f"this device speaks sync protocol {device} and the server {server}: "
-                "upgrade ccsync on the server")
-    return "the request names no valid sync protocol"
+    older = "this device" if device < server else "the server"
+    return (f"this device speaks sync protocol {device} and the server {server}: "
+            f"upgrade ccsync on {older}")
 
 
 def dispatch(server: "SyncServer", method: str, path: str, headers: dict[str, str],
