@@ -284,13 +284,6 @@ def natural_id(table: str, values: Iterable[Any]) -> str | None:
     return str(uuid.uuid5(ID_NAMESPACE, text))
 
 
-def newer(a: tuple[int, str] | None, b: tuple[int, str] | None) -> bool:
-    """True when cell clock ``a`` beats ``b``: later HLC, ties by device id."""
-    if a is None:
-        return False
-    return b is None or tuple(a) > tuple(b)
-
-
 def setting_policy(name: Any, extra_local: Iterable[str] = ()) -> str | None:
     """'secret', 'local' or None (syncs) for a setting name.
 
@@ -563,6 +556,74 @@ def check_record_size(record: Record, max_value: int, max_record: int) -> None:
     _refuse_unless(total <= max_record, f"record is larger than {max_record} bytes")
 
 
+##### Merge rules #############################################################
+# Every decision about which edit wins is made here, over cell clocks: a
+# column's clock is (hybrid logical clock, device id), TOMBSTONE's is the
+# delete's.  Device and server call these; nothing else compares clocks.
+# Pure: no I/O here.
+
+def newer(a: Any, b: Any) -> bool:
+    """The one rule: True when cell clock ``a`` beats ``b`` (later HLC, ties by device id)."""
+    if a is None:
+        return False
+    return b is None or tuple(a) > tuple(b)
+
+
+def latest(*clocks: Any) -> Any:
+    """The winning clock among ``clocks`` (None when all are None)."""
+    best = None
+    for clock in clocks:
+        if newer(clock, best):
+            best = clock
+    return best
+
+
+def winning_cells(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    """The columns (TOMBSTONE included) where ``theirs`` beats ``mine``, in their order."""
+    return [col for col, clock in theirs.items() if newer(clock, mine.get(col))]
+
+
+def merge_cells(vals: dict, clocks: dict, values: dict, stamps: dict) -> list[str]:
+    """Merge incoming cells (``values`` by column, ``stamps`` their clocks) into
+    ``vals``/``clocks`` in place; returns the columns that changed."""
+    won = winning_cells(clocks, stamps)
+    for col in won:
+        clocks[col] = list(stamps[col])
+        if col != TOMBSTONE:
+            vals[col] = values[col]
+    return won
+
+
+def is_deleted(clocks: dict) -> bool:
+    """True when a row's delete is later than every edit of it (an edit after a
+    delete brings the row back)."""
+    tomb = clocks.get(TOMBSTONE)
+    return tomb is not None and all(newer(tomb, v) for k, v in clocks.items()
+                                    if k != TOMBSTONE)
+
+
+def surviving_versions(versions: list[tuple[Any, str, dict]]) -> set:
+    """Of (id, device, {column: hlc}) versions of one row, the ids that still
+    hold the winning clock of some column (the others are superseded)."""
+    best: dict[str, tuple[Any, Any]] = {}
+    for ident, dev, cells in versions:
+        for col, hlc in cells.items():
+            if col not in best or newer((hlc, dev), best[col][0]):
+                best[col] = ((hlc, dev), ident)
+    return {ident for _clock, ident in best.values()}
+
+
+def row_identity(table: str, key: dict[str, Any], columns: Iterable[str]) -> str | None:
+    """A keyed row's sync_id: derived from its natural key (``key``: wire values by
+    column), or None when the key is unknown or empty.  Every device derives the
+    same id for the same key, so rows created apart are one row, and a row whose
+    key changes (a rename) takes the id of its new key."""
+    columns = list(columns)
+    if not columns or any(c not in key for c in columns):
+        return None
+    return natural_id(table, [key[c] for c in columns])
+
+
 ##### Crypto and wire format ##################################################
 # Key derivation (stdlib HKDF), request signing, sealed bodies.  The AES
 # implementation (pycryptodomex) is imported lazily so that --help, stamp
@@ -573,7 +634,7 @@ API_KEY_PREFIX = "ccs1_"
 # server of different protocols refuse each other's requests and answers (and
 # say which one to upgrade) rather than exchange records they would read
 # differently.  Requests and answers that carry none are protocol 1.
-PROTOCOL = 1
+PROTOCOL = 2
 WIRE_TYPE = "application/x-ccsync"
 H_KEY, H_TIME, H_NONCE, H_SIG = ("X-Ccsync-Key", "X-Ccsync-Time", "X-Ccsync-Nonce",
                                  "X-Ccsync-Signature")
@@ -899,9 +960,6 @@ CREATE TABLE IF NOT EXISTS _ccsync_dirty (
 CREATE TABLE IF NOT EXISTS _ccsync_shadow (
     tbl TEXT NOT NULL, sid TEXT NOT NULL, rid INTEGER, vals TEXT NOT NULL,
     clocks TEXT NOT NULL, PRIMARY KEY (tbl, sid)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS _ccsync_alias (
-    tbl TEXT NOT NULL, alias TEXT NOT NULL, sid TEXT NOT NULL,
-    PRIMARY KEY (tbl, alias)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS _ccsync_pending (
     tbl TEXT NOT NULL, sid TEXT NOT NULL, kind TEXT NOT NULL DEFAULT 'ref',
     PRIMARY KEY (tbl, sid)) WITHOUT ROWID;
@@ -917,10 +975,11 @@ CREATE TABLE IF NOT EXISTS _ccsync_held (
     digest TEXT PRIMARY KEY, tbl TEXT, sid TEXT, kind TEXT NOT NULL, reason TEXT NOT NULL,
     record TEXT NOT NULL, version TEXT NOT NULL, at TEXT NOT NULL);
 """
-BOOKKEEPING_VERSION = "2"            # _ccsync_meta 'bookkeeping': the layout below
+BOOKKEEPING_VERSION = "3"            # _ccsync_meta 'bookkeeping': the layout below
 BOOKKEEPING_TABLES = ("_ccsync_meta", "_ccsync_clock", "_ccsync_dirty", "_ccsync_shadow",
-                      "_ccsync_alias", "_ccsync_pending", "_ccsync_refused", "_ccsync_link",
+                      "_ccsync_pending", "_ccsync_refused", "_ccsync_link",
                       "_ccsync_gone", "_ccsync_held")
+RETIRED_TABLES = ("_ccsync_alias",)     # bookkeeping of older versions
 
 _SQL_NOW_HLC = f"(CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER) * {HLC_PER_MS})"
 _SQL_TICK = f"UPDATE _ccsync_clock SET hlc = max(hlc + 1, {_SQL_NOW_HLC});"
@@ -1209,6 +1268,7 @@ class Store:
         self.backup_path = None
         if not self._up_to_date():
             self._install()
+        self._settle_identity()
         stamped = self.stamp_rows()
         # A diff marker survives a crash, so an interrupted diff runs again.
         for (key,) in self.conn.execute("SELECT key FROM _ccsync_meta "
@@ -1217,6 +1277,7 @@ class Store:
                 self._full_diff(key[5:])
         self._find_vanished()
         self._name_gone_rows()
+        self._settle_identity()       # keys changed while capture was off
         return stamped
 
     def _up_to_date(self) -> bool:
@@ -1291,9 +1352,17 @@ class Store:
 
     def _migrate_bookkeeping(self) -> None:
         # Version 2 keeps deletes in _ccsync_gone (a rowid can come back) and
-        # a shadow row's rid only while the row is here.
+        # a shadow row's rid only while the row is here.  Version 3 derives
+        # every keyed row's id from its key: rows stamped otherwise (by an older
+        # ccsync, or another tool) move to their key's id at the next sync.
         if self.meta("bookkeeping") == BOOKKEEPING_VERSION:
             return
+        for name in RETIRED_TABLES:
+            self.conn.execute(f"DROP TABLE IF EXISTS {_q(name)}")
+        if any(self.conn.execute(f"SELECT 1 FROM {_q(info.name)} WHERE sync_id IS NOT NULL "
+                                 f"LIMIT 1").fetchone()
+               for info in self.tables().values() if "sync_id" in info.columns):
+            self.set_meta("identity", "all")
         self.conn.execute("INSERT INTO _ccsync_gone (tbl, rid, sid, key, hlc) SELECT tbl, rid, "
                           "sid, NULL, hlc FROM _ccsync_dirty WHERE col = ?", (DELETED,))
         self.conn.execute("DELETE FROM _ccsync_dirty WHERE col = ?", (DELETED,))
@@ -1422,8 +1491,7 @@ class Store:
                         f"SELECT rowid AS _rid, * FROM {_q(info.name)} WHERE sync_id IS NULL "
                         f"LIMIT {STAMP_CHUNK}").fetchall()
                     for row, values in zip(rows, self._wire_rows(info, rows)):
-                        wanted = natural_id(info.name, [values.get(c, encode_value(row[c]))
-                                                        for c in info.key_columns]) \
+                        wanted = self._key_sid(info, row, values) \
                             or natural_id(info.name + "#content",
                                           [[c, values[c]] for c in info.tracked])
                         sid = self._fresh_sid(info, wanted)
@@ -1435,7 +1503,7 @@ class Store:
     def _fresh_sid(self, info: TableInfo, wanted: str | None) -> str:
         # A natural id that no row here holds is used, even if a deleted row had
         # it: re-creating 17.0 brings that row back.  One held by a live row
-        # (a rename kept it) cannot be: fall back to a random id.
+        # (two rows with one key, where cc allows it) cannot be: a random id.
         if wanted is not None and self._rid_for_sid(info.name, wanted) is None:
             return wanted
         return str(uuid.uuid4())
@@ -1533,7 +1601,7 @@ class Store:
                     "SELECT name, type FROM sqlite_master WHERE type IN ('trigger', 'index') "
                     "AND name LIKE '\\_ccsync\\_%' ESCAPE '\\'").fetchall():
                 self.conn.execute(f"DROP {kind.upper()} IF EXISTS {_q(name)}")
-            for name in BOOKKEEPING_TABLES:
+            for name in BOOKKEEPING_TABLES + RETIRED_TABLES:
                 self.conn.execute(f"DROP TABLE IF EXISTS {_q(name)}")
         self._tables = None
 
@@ -1597,15 +1665,7 @@ class Store:
             return None
         row = self.conn.execute(f"SELECT rowid FROM {_q(table)} WHERE sync_id = ?",
                                 (sid,)).fetchone()
-        if row is not None:
-            return row[0]
-        canonical = self._canonical_sid(table, sid)
-        return self._rid_for_sid(table, canonical) if canonical != sid else None
-
-    def _canonical_sid(self, table: str, sid: str) -> str:
-        row = self.conn.execute("SELECT sid FROM _ccsync_alias WHERE tbl = ? AND alias = ?",
-                                (table, sid)).fetchone()
-        return row[0] if row else sid
+        return None if row is None else row[0]
 
     _UNRESOLVED = object()   # a reference whose parent has not arrived yet
     _KEEP = object()         # a name reference with no local match: keep local value
@@ -1623,11 +1683,11 @@ class Store:
                 return None
             parent = spec.refs[col]
             rid = self._rid_for_sid(parent, value)
-            if rid is None and self._is_dead(parent, self._canonical_sid(parent, value)):
+            if rid is None and self._is_dead(parent, value):
                 if col not in info.required:
                     return None
                 if revive:
-                    rid = self._revive(parent, self._canonical_sid(parent, value))
+                    rid = self._revive(parent, value)
             return self._UNRESOLVED if rid is None else rid
         if col in spec.list_refs and isinstance(value, dict) and "ids" in value:
             rids = [self._rid_for_sid(spec.list_refs[col], s) for s in value["ids"]]
@@ -1878,12 +1938,6 @@ class Store:
                           (table, sid, rid, json.dumps(vals, separators=(",", ":")),
                            json.dumps(clocks, separators=(",", ":"))))
 
-    @staticmethod
-    def _shadow_deleted(clocks: dict) -> bool:
-        tomb = clocks.get(TOMBSTONE)
-        return tomb is not None and all(newer(tomb, v) for k, v in clocks.items()
-                                        if k != TOMBSTONE)
-
     def reseed_records(self, after: tuple[str, str] | None = None,
                        limit: int = PUSH_BATCH) -> tuple[list[dict], tuple[str, str] | None]:
         """The synced state (shadow) as records with their original clocks.
@@ -2011,12 +2065,8 @@ class Store:
     def _settle_shadow(self, record: dict, rid: int) -> None:
         old = self._shadow(record["t"], record["id"])
         vals, clocks = (old[1], old[2]) if old else ({}, {})
-        for col, hlc in record["c"].items():
-            stamp = [hlc, record["dev"]]
-            if newer(stamp, clocks.get(col)):
-                clocks[col] = stamp
-                if col != TOMBSTONE:
-                    vals[col] = record["p"]["v"][col]
+        merge_cells(vals, clocks, record["p"]["v"],
+                    {col: [hlc, record["dev"]] for col, hlc in record["c"].items()})
         vals.update(record["p"]["l"])
         self._put_shadow(record["t"], record["id"], rid, vals, clocks)
 
@@ -2125,23 +2175,19 @@ class Store:
         """
         if info.name == "setting":
             self._check_setting(record)
-        sid = self._identify(info, record.sid, record.key)
+        sid = record.sid
         rid = self._rid_for_sid(info.name, sid)
         old = self._shadow(info.name, sid)
         vals, clocks = (old[1], old[2]) if old else ({}, {})
         local_cells = self._dirty_cells(info.name, rid, sid)
         self._hlc_observe(max(record.clocks.values()))
-        won = []
-        for col, hlc in record.clocks.items():
-            stamp = [hlc, record.dev]
-            mine = local_cells.get(col, clocks.get(col))
-            if col in local_cells and newer(clocks.get(col), mine):
-                mine = clocks.get(col)
-            if newer(stamp, mine):
-                won.append(col)
-                clocks[col] = stamp
-                if col != TOMBSTONE:
-                    vals[col] = record.values[col]
+        stamps = {col: [hlc, record.dev] for col, hlc in record.clocks.items()}
+        won = winning_cells({c: latest(local_cells.get(c), clocks.get(c)) for c in stamps},
+                            stamps)
+        for col in won:
+            clocks[col] = stamps[col]
+            if col != TOMBSTONE:
+                vals[col] = record.values[col]
         for col, value in record.local.items():
             if col in info.local and col not in vals:
                 vals[col] = value       # a starting point for a row new here
@@ -2223,26 +2269,6 @@ class Store:
         self.conn.executemany("DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ? AND col = ?",
                               [(table, rid, c) for c in won if c != TOMBSTONE])
 
-    def _identify(self, info: TableInfo, sid: str, key: dict) -> str:
-        """The local sync_id for an incoming one: itself, an alias, or a natural-key twin.
-
-        Two rows with the same natural key but different ids merge into the
-        smaller id, the same choice on every device.
-        """
-        sid = self._canonical_sid(info.name, sid)
-        if self._rid_for_sid(info.name, sid) is not None or self._shadow(info.name, sid):
-            return sid
-        twin = self._key_twin(info, None, self._key_from_shadow(info, key))
-        if twin is None or twin[1] == sid:
-            return sid
-        return self._merge_twins(info, sid, None, *twin)
-
-    def _add_alias(self, table: str, alias: str, sid: str) -> None:
-        self.conn.execute("UPDATE _ccsync_alias SET sid = ? WHERE tbl = ? AND sid = ?",
-                          (sid, table, alias))
-        self.conn.execute("INSERT OR REPLACE INTO _ccsync_alias (tbl, alias, sid) VALUES (?, ?, ?)",
-                          (table, alias, sid))
-
     def _materialize(self, info: TableInfo, sid: str, cols: list[str] | None,
                      keep: bool = False, rowid: int | None = None) -> int | None:
         """Make the table row match the shadow for ``cols`` (all, if None); its rowid.
@@ -2255,18 +2281,8 @@ class Store:
         _rid, vals, clocks = self._shadow(info.name, sid)
         rid = self._rid_for_sid(info.name, sid)
         local_cells = self._dirty_cells(info.name, rid, sid)
-        latest = dict(clocks)
-        for col, stamp in local_cells.items():
-            if newer(stamp, latest.get(col)):
-                latest[col] = stamp
-        deleted = self._shadow_deleted(latest)
-        if deleted and rid is None:
-            # Dead here, but maybe the same row (natural key) as a live one with
-            # another id: they merge as everywhere else, so devices agree.
-            twin = self._key_twin(info, None, self._key_from_shadow(info, vals))
-            if twin is not None and twin[1] != sid:
-                survivor = self._merge_twins(info, sid, None, *twin)
-                return self._materialize(info, survivor, None)
+        deleted = is_deleted({c: latest(clocks.get(c), local_cells.get(c))
+                              for c in {*clocks, *local_cells}})
         if deleted and not keep and not self._needed_by_children(info.name, rid):
             if rid is not None:
                 self._null_references_to(info.name, rid)
@@ -2299,8 +2315,9 @@ class Store:
                 values[col] = value
         twin = self._key_twin(info, rid, values)
         if twin is not None:          # this write would give the row another's key
-            survivor = self._merge_twins(info, sid, rid, *twin)
-            return self._materialize(info, survivor, None)
+            if self._meet(info, sid, rid, *twin) == sid:
+                return self._materialize(info, sid, None)
+            return twin[0]
         if rid is None:
             rid = self._insert_row(info, sid, vals, values, rowid)
             self._put_shadow(info.name, sid, rid, vals, clocks)
@@ -2319,18 +2336,6 @@ class Store:
                               (info.name, sid))
         return rid
 
-    def _key_from_shadow(self, info: TableInfo, vals: dict) -> dict:
-        """A shadow row's natural key as local values (empty if a part is unknown)."""
-        key = {}
-        for col in info.spec.key:
-            if col not in info.columns or col not in vals:
-                return {}
-            value = self._local_value(info, col, vals[col], revive=False)
-            if value is self._UNRESOLVED or value is self._KEEP:
-                return {}
-            key[col] = value
-        return key
-
     def _key_twin(self, info: TableInfo, rid: int | None,
                   values: dict) -> tuple[int, str | None] | None:
         """Another local row that has the natural key this row is about to get."""
@@ -2347,97 +2352,203 @@ class Store:
                                 f"AND rowid IS NOT ?", (*key, rid)).fetchone()
         return None if row is None else (row[0], row[1])
 
-    def _merge_twins(self, info: TableInfo, sid: str, rid: int | None,
-                     twin_rid: int, twin_sid: str | None) -> str:
-        """Merge two rows that share a natural key into the smaller sync_id.
+    # -- identity ---------------------------------------------------------
+    # A keyed row's id is its key's (row_identity): rows created apart are one
+    # row, and a row whose key changes takes its new key's id.  Ids stamped
+    # otherwise (older ccsync, another tool) move to their key's at a sync.
 
-        Every device makes the same choice.  Synced cells merge by latest
-        clock; this device's pending edits on either row stay pending on the
-        survivor; children of the other row move to the survivor; the other id
-        becomes an alias.  Returns the survivor's sync_id.
+    def _key_sid(self, info: TableInfo, row: Any, values: dict) -> str | None:
+        """The id a row's current natural key derives (None: no usable key here)."""
+        cols = info.spec.key
+        if not cols or any(c not in info.columns for c in cols):
+            return None
+        return row_identity(info.name, {c: values[c] if c in values else encode_value(row[c])
+                                        for c in cols}, cols)
+
+    def _settle_identity(self) -> int:
+        """Move rows whose natural key changed (a rename, a re-keyed parent) to
+        their new key's id; returns how many moved.  Parents first: a child's
+        key names its parent's id."""
+        moved = 0
+        every = self.meta("identity") == "all"
+        for info in self.tables().values():
+            if not info.spec.key or any(c not in info.columns for c in info.spec.key):
+                continue
+            if every:
+                query, args = (f"SELECT rowid FROM {_q(info.name)} WHERE sync_id IS NOT NULL",
+                               ())
+            else:
+                marks = ",".join("?" * len(info.spec.key))
+                query, args = (f"SELECT DISTINCT rid FROM _ccsync_dirty WHERE tbl = ? "
+                               f"AND col IN ({marks})", (info.name, *info.spec.key))
+            rids = [r[0] for r in self.conn.execute(query, args).fetchall()]
+            moves = self._stale_ids(info, rids)
+            for chunk in _chunks(moves, STAMP_CHUNK):
+                with self._write():
+                    moved += self._move_ids(info, chunk, {rid for rid, _old, _new in moves})
+        if every:
+            with self._write():
+                self.set_meta("identity", None)
+        return moved
+
+    def _stale_ids(self, info: TableInfo, rids: list[int]) -> list[tuple[int, str, str]]:
+        """(rowid, id, its key's id) of the rows whose id is not their key's."""
+        stale = []
+        for chunk in _chunks(rids, STAMP_CHUNK):
+            rows = list(self._by_rowid(info.name, "*", chunk))
+            for row, values in zip(rows, self._wire_rows(info, rows)):
+                if row["sync_id"] is None or self._skip_row(info, row):
+                    continue
+                want = self._key_sid(info, row, values)
+                if want is not None and want != row["sync_id"]:
+                    stale.append((row["_rid"], row["sync_id"], want))
+        return stale
+
+    def _move_ids(self, info: TableInfo, moves: list[tuple[int, str, str]],
+                  moving: set[int]) -> int:
+        # Rows that swapped keys (a -> tmp, b -> a, tmp -> b) each want the
+        # other's id: the holder steps aside to a fresh id first.  A key that
+        # two live rows share (where cc allows it) keeps the second apart.
+        moved = 0
+        for rid, _old, want in moves:
+            current = self.conn.execute(f"SELECT sync_id FROM {_q(info.name)} WHERE rowid = ?",
+                                        (rid,)).fetchone()
+            if current is None or current[0] == want:
+                continue
+            holder = self._rid_for_sid(info.name, want)
+            if holder is not None and holder in moving:
+                self._rekey(info, holder, want, str(uuid.uuid4()))
+                holder = None
+            if holder is None:
+                self._rekey(info, rid, current[0], want)
+                moved += 1
+        return moved
+
+    def _rekey(self, info: TableInfo, rid: int, old: str, new: str) -> None:
+        """Move the row at ``rid`` from id ``old`` to ``new``, its key's.
+
+        ``old`` is deleted as of now.  Under ``new`` the row sends every cell
+        with the time it was edited and its key as of now.  Where ``new`` is
+        known here already (a row deleted, or one that swapped keys with
+        this one), a value that differs from its synced one is an edit made
+        now: the row stays as cc shows it, on every device.  Rows that refer
+        to it send their new reference.
+        """
+        hlc = self._hlc_tick()
+        shadow = self._shadow(info.name, old)
+        mine = self._dirty_cells(info.name, rid)
+        synced = shadow[2] if shadow else {}
+        cells = {c: latest(mine.get(c), synced.get(c)) or [0, self.device_id]
+                 for c in info.tracked}
+        cells.update({c: [hlc, self.device_id] for c in info.spec.key})
+        target = self._shadow(info.name, new)
+        if target is not None:
+            row = self.conn.execute(f"SELECT rowid AS _rid, * FROM {_q(info.name)} "
+                                    f"WHERE rowid = ?", (rid,)).fetchone()
+            values = self._wire_rows(info, [row])[0]
+            for col in info.tracked:
+                same = col in target[1] and target[1][col] == values.get(col)
+                cells[col] = latest(cells[col], target[2].get(col)) if same \
+                    else [hlc, self.device_id]
+        self._suppress(True)
+        self.conn.execute(f"UPDATE {_q(info.name)} SET sync_id = ? WHERE rowid = ?", (new, rid))
+        self._suppress(False)
+        self.conn.execute("DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ?", (info.name, rid))
+        self.conn.execute("UPDATE _ccsync_shadow SET rid = NULL WHERE tbl = ? AND sid = ?",
+                          (info.name, old))
+        self.conn.execute("INSERT INTO _ccsync_gone (tbl, rid, sid, key, hlc) "
+                          "VALUES (?, NULL, ?, NULL, ?)", (info.name, old, hlc))
+        if target is not None:
+            self.conn.execute("UPDATE _ccsync_shadow SET rid = ? WHERE tbl = ? AND sid = ?",
+                              (rid, info.name, new))
+        self._mark_dirty(info.name, rid, {c: clock[0] for c, clock in cells.items()})
+        self._mark_referrers(info, rid, hlc)
+
+    def _meet(self, info: TableInfo, sid: str, rid: int | None, twin_rid: int,
+              twin_sid: str | None) -> str:
+        """Two ids on one natural key here: which one the key's row has.
+
+        The local row is this row if it has no id yet, or if its id is not its
+        key's (it moves to it).  Otherwise the incoming id is the one not
+        derived from the key: its later cells go to the local row and it is
+        deleted (on every device that meets it, so all agree).
         """
         if twin_sid is None:                       # not stamped yet: it simply is this row
             self.conn.execute(f"UPDATE {_q(info.name)} SET sync_id = ? WHERE rowid = ?",
                               (sid, twin_rid))
             return sid
-        survivor, loser = sorted((sid, twin_sid))
-        keep_rid, drop_rid = (rid, twin_rid) if survivor == sid else (twin_rid, rid)
-        if keep_rid is None:                       # only the loser has a local row
-            keep_rid, drop_rid = drop_rid, None
-            self.conn.execute(f"UPDATE {_q(info.name)} SET sync_id = ? WHERE rowid = ?",
-                              (survivor, keep_rid))
-        self._merge_shadows(info.name, survivor, loser, keep_rid)
-        self._add_alias(info.name, loser, survivor)
-        if drop_rid is not None:
-            self._fold_row(info, drop_rid, keep_rid)
-        self.conn.execute("UPDATE OR REPLACE _ccsync_refused SET sid = ? WHERE tbl = ? AND sid = ?",
-                          (survivor, info.name, loser))
+        row = self.conn.execute(f"SELECT rowid AS _rid, * FROM {_q(info.name)} WHERE rowid = ?",
+                                (twin_rid,)).fetchone()
+        want = self._key_sid(info, row, self._wire_rows(info, [row])[0])
+        if want is not None and want != twin_sid and self._rid_for_sid(info.name, want) is None:
+            self._rekey(info, twin_rid, twin_sid, want)
+            if want == sid:
+                return sid
+            twin_sid = want
+        if rid is not None:
+            raise RecordRefused("conflicts with a local row of the same natural key")
+        self._fold(info, sid, twin_rid, twin_sid)
+        return twin_sid
+
+    def _fold(self, info: TableInfo, sid: str, rid: int, into: str) -> None:
+        """The row ``sid`` is the local row ``rid`` (id ``into``): move its later
+        cells there, to be sent under ``into``, and delete ``sid``."""
+        _old_rid, vals, clocks = self._shadow(info.name, sid)
+        target = self._shadow(info.name, into)
+        synced = target[2] if target else {}
+        mine = self._dirty_cells(info.name, rid)
+        current = {c: latest(mine.get(c), synced.get(c)) for c in info.tracked}
+        theirs = {c: clocks[c] for c in info.tracked if c in clocks and c in vals}
+        taken = self._write_cells(info, rid, vals, winning_cells(current, theirs))
+        self._mark_dirty(info.name, rid, {c: theirs[c][0] for c in taken})
+        self.conn.execute("INSERT INTO _ccsync_gone (tbl, rid, sid, key, hlc) "
+                          "VALUES (?, NULL, ?, NULL, ?)", (info.name, sid, self._hlc_tick()))
         self.conn.execute("DELETE FROM _ccsync_pending WHERE tbl = ? AND sid = ?",
-                          (info.name, loser))     # the survivor is materialized next
-        return survivor
+                          (info.name, sid))
 
-    def _merge_shadows(self, table: str, survivor: str, loser: str, rid: int | None) -> None:
-        merged_vals, merged_clocks = {}, {}
-        for sid in (loser, survivor):              # survivor last: it wins exact ties
-            shadow = self._shadow(table, sid)
-            if shadow is None:
-                continue
-            _rid, vals, clocks = shadow
-            for col, value in vals.items():
-                if col not in clocks and col not in merged_clocks:
-                    merged_vals[col] = value       # device-local hints
-            for col, stamp in clocks.items():
-                if not newer(merged_clocks.get(col), stamp):
-                    merged_clocks[col] = stamp
-                    if col in vals:
-                        merged_vals[col] = vals[col]
-        self.conn.execute("DELETE FROM _ccsync_shadow WHERE tbl = ? AND sid = ?", (table, loser))
-        if merged_clocks or merged_vals:
-            self._put_shadow(table, survivor, rid, merged_vals, merged_clocks)
-
-    def _fold_row(self, info: TableInfo, drop_rid: int, keep_rid: int) -> None:
-        """Move the dropped row's pending edits and children onto the kept row."""
-        mine = self._dirty_cells(info.name, keep_rid)
-        theirs = self._dirty_cells(info.name, drop_rid)
-        row = self.conn.execute(f"SELECT * FROM {_q(info.name)} WHERE rowid = ?",
-                                (drop_rid,)).fetchone()
-        moved = [c for c, stamp in theirs.items()
-                 if c in info.tracked and newer(stamp, mine.get(c))]
-        merged = [(self.tables()[spec.name], sid) for spec, col in self._child_refs(info.name)
-                  if spec.name in self.tables()
-                  for sid in self._move_children(self.tables()[spec.name], col, drop_rid,
-                                                 keep_rid)]
-        self.conn.execute("DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ?",
-                          (info.name, drop_rid))
-        self.conn.execute(f"DELETE FROM {_q(info.name)} WHERE rowid = ?", (drop_rid,))
-        for child, sid in merged:      # now that references resolve to the kept row
-            self._materialize(child, sid, None)
-        if moved:
-            sets = ", ".join(f"{_q(c)} = ?" for c in moved)
+    def _write_cells(self, info: TableInfo, rid: int, vals: dict, cols: list[str]) -> list[str]:
+        """Write synced values of ``cols`` onto the local row (not captured); the
+        columns written (a reference that cannot resolve here keeps the local value)."""
+        values = {}
+        for col in cols:
+            value = self._local_value(info, col, vals[col], revive=False)
+            if value is not self._UNRESOLVED and value is not self._KEEP \
+                    and not isinstance(value, tuple):
+                values[col] = value
+        if values:
+            sets = ", ".join(f"{_q(c)} = ?" for c in values)
+            self._suppress(True)
             self.conn.execute(f"UPDATE {_q(info.name)} SET {sets} WHERE rowid = ?",
-                              [*(row[c] for c in moved), keep_rid])
-            self.conn.executemany(
-                "INSERT OR REPLACE INTO _ccsync_dirty (tbl, rid, col, hlc, sid) "
-                "VALUES (?, ?, ?, ?, NULL)", [(info.name, keep_rid, c, theirs[c][0])
-                                              for c in moved])
+                              [*values.values(), rid])
+            self._suppress(False)
+        return list(values)
 
-    def _move_children(self, child: TableInfo, col: str, drop_rid: int,
-                       keep_rid: int) -> list[str]:
-        """Re-point children; returns the sync_ids of children merged on the way.
+    def _mark_dirty(self, table: str, rid: int, cells: dict[str, int]) -> None:
+        """Record cells of a local row as edited here at the given clocks."""
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO _ccsync_dirty (tbl, rid, col, hlc, sid) "
+            "VALUES (?, ?, ?, ?, NULL)", [(table, rid, c, hlc) for c, hlc in cells.items()])
 
-        Children of two merged rows can now share a natural key (both projects
-        had an environment 'main'): they merge too, the same way.
-        """
-        rows = self.conn.execute(f"SELECT rowid, sync_id FROM {_q(child.name)} "
-                                 f"WHERE {_q(col)} = ?", (drop_rid,)).fetchall()
-        merged = []
-        for rid, sid in rows:
-            twin = self._key_twin(child, rid, {col: keep_rid})
-            if twin is not None and sid is not None:
-                merged.append(self._merge_twins(child, sid, rid, *twin))
-        self.conn.execute(f"UPDATE {_q(child.name)} SET {_q(col)} = ? WHERE {_q(col)} = ?",
-                          (keep_rid, drop_rid))
-        return merged
+    def _mark_referrers(self, info: TableInfo, rid: int, hlc: int) -> None:
+        """Rows referring to ``rid`` send their reference again (its id changed)."""
+        for spec, col in self._child_refs(info.name):
+            child = self.tables().get(spec.name)
+            if child is not None and col in child.columns:
+                self.conn.execute(
+                    f"INSERT OR REPLACE INTO _ccsync_dirty (tbl, rid, col, hlc, sid) "
+                    f"SELECT ?, rowid, ?, ?, NULL FROM {_q(spec.name)} WHERE {_q(col)} = ?",
+                    (spec.name, col, hlc, rid))
+        for spec in SPEC:
+            child = self.tables().get(spec.name)
+            for col, target in spec.list_refs.items():
+                if child is None or target != info.name or col not in child.columns:
+                    continue
+                hits = [r for r, text in self.conn.execute(
+                    f"SELECT rowid, {_q(col)} FROM {_q(spec.name)} WHERE {_q(col)} IS NOT NULL")
+                    if rid in (parse_id_list(text) or ([], ""))[0]]
+                self.conn.executemany(
+                    "INSERT OR REPLACE INTO _ccsync_dirty (tbl, rid, col, hlc, sid) "
+                    "VALUES (?, ?, ?, ?, NULL)", [(spec.name, r, col, hlc) for r in hits])
 
     @staticmethod
     def _child_refs(table: str) -> Iterator[tuple[TableSpec, str]]:
@@ -2486,7 +2597,7 @@ class Store:
     def _is_dead(self, table: str, sid: str) -> bool:
         """True when ``sid`` is known here as a deleted row."""
         shadow = self._shadow(table, sid)
-        return shadow is not None and self._shadow_deleted(shadow[2])
+        return shadow is not None and is_deleted(shadow[2])
 
     def _insert_row(self, info: TableInfo, sid: str, vals: dict, values: dict,
                     rowid: int | None = None) -> int:

@@ -1161,6 +1161,8 @@ def _signed(api_key: str, path: str, payload) -> tuple[dict, bytes, str]:
     keys = ccsync.DeviceKeys.from_api_key(api_key)
     stamp, nonce = str(int(time.time())), secrets.token_hex(16)
     context = ccsync.request_context("POST", path, stamp, nonce, keys.key_id)
+    if isinstance(payload, dict) and "protocol" not in payload:
+        payload = {**payload, "protocol": ccsync.PROTOCOL}      # as Client._request does
     body = ccsync.seal(keys.enc, payload, context)
     headers = {"Content-Type": ccsync.WIRE_TYPE, ccsync.H_KEY: keys.key_id,
                ccsync.H_TIME: stamp, ccsync.H_NONCE: nonce,

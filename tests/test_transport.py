@@ -153,7 +153,10 @@ def signed(api_key: str, path: str, payload=None, *, body: bytes | None = None,
     if body is None:
         seal_ctx = context if seal_path is None else ccsync.request_context(
             method, seal_path, stamp, nonce, keys.key_id)
-        body = ccsync.seal(keys.enc, {} if payload is None else payload, seal_ctx)
+        payload = {} if payload is None else payload
+        if isinstance(payload, dict) and "protocol" not in payload:
+            payload = {**payload, "protocol": ccsync.PROTOCOL}   # as Client._request does
+        body = ccsync.seal(keys.enc, payload, seal_ctx)
     headers = {"Content-Type": ccsync.WIRE_TYPE, ccsync.H_KEY: keys.key_id,
                ccsync.H_TIME: stamp, ccsync.H_NONCE: nonce,
                ccsync.H_SIG: ccsync.sign(keys.mac, context, body)}

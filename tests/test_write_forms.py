@@ -608,7 +608,11 @@ def test_update_or_replace_onto_an_existing_name_deletes_that_row_everywhere(
     for dev in (a, b):
         assert k_settings(dev) == {"k3": "v1b", "k4": "v4"}, dev.name
         assert settings(dev)["other"] == "kept"
-    assert_gone_everywhere([k["k2"][1], k["k3"][1]], a, b)
+    # The renamed row takes its new key's id (k3's); the ids of k1 (renamed
+    # away) and k2 (replaced) are deleted everywhere.
+    assert_gone_everywhere([k["k1"][1], k["k2"][1]], a, b)
+    for dev in (a, b):
+        assert dev.sql("SELECT sync_id FROM setting WHERE name = 'k3'") == [(k["k3"][1],)]
 
     # again, after the sync
     a.sql("UPDATE OR REPLACE setting SET name = 'k4', value = 'v1c' WHERE name = 'k3'")
@@ -616,7 +620,8 @@ def test_update_or_replace_onto_an_existing_name_deletes_that_row_everywhere(
     assert_same(a, b)
     for dev in (a, b):
         assert k_settings(dev) == {"k4": "v1c"}, dev.name
-    assert_gone_everywhere([k["k2"][1], k["k3"][1], k["k4"][1]], a, b)
+        assert dev.sql("SELECT sync_id FROM setting WHERE name = 'k4'") == [(k["k4"][1],)]
+    assert_gone_everywhere([k["k1"][1], k["k2"][1], k["k3"][1]], a, b)
 
 
 @pytest.mark.parametrize("journal", JOURNALS)
@@ -679,14 +684,16 @@ def test_replace_on_a_unique_index_deletes_the_other_row_everywhere(pair, recurs
     assert_same(a, b)
     for dev in (a, b):
         assert tags(dev) == {"py": 42, "go": 2, "css": 3}, dev.name
+    gone_py = one(a, "SELECT sync_id FROM skill_tag WHERE tag = 'py'")[0]
 
     a.sql("UPDATE OR REPLACE skill_tag SET tag = 'go' WHERE tag = 'py'")      # go goes
     assert_clean(converge(a, b))
     assert_same(a, b)
     for dev in (a, b):
         assert tags(dev) == {"go": 42, "css": 3}, dev.name
+        # py, renamed onto go, takes go's id (its new key's); py's id is gone.
         have = {s for (s,) in dev.sql("SELECT sync_id FROM skill_tag")}
-        assert gone_go not in have, dev.name
+        assert gone_py not in have and gone_go in have, dev.name
 
 
 @pytest.mark.parametrize("form", ["insert_or_replace", "replace_into",
