@@ -1422,13 +1422,15 @@ class Store:
         for sql in wanted.values():
             self.conn.execute(sql)
         known = {name for _cid, name in layout}
+        added = [c for c in info.tracked if c not in known] if layout else []
         if self.meta(f"installed:{table}") is None:
             mode = "first"     # existing rows predate any edit we could time (clock 0)
         elif missing or not layout:
-            mode = "all"       # capture was off: every difference is an edit
+            # Capture was off: every difference is an edit, except in columns
+            # cc added meanwhile (filled from the synced state first).
+            mode = json.dumps({"all": True, "added": added})
         else:                  # columns cc added since: their edits were not captured
-            mode = json.dumps([c for c in info.tracked if c not in known]) \
-                if any(c not in known for c in info.tracked) else None
+            mode = json.dumps(added) if added else None
         self.set_meta(f"installed:{table}", "1")
         self.set_meta(f"layout:{table}", json.dumps(info.layout))
         if mode is not None and self.meta(f"diff:{table}") != "first":
@@ -1497,6 +1499,7 @@ class Store:
                         sid = self._fresh_sid(info, wanted)
                         self.conn.execute(f"UPDATE {_q(info.name)} SET sync_id = ? "
                                           f"WHERE rowid = ?", (sid, row["_rid"]))
+                        self._relink_if_back(info.name, sid, row["_rid"])
                 total += len(rows)
         return total
 
@@ -1518,13 +1521,17 @@ class Store:
         if mode is None:
             return
         info = self.tables()[table]
-        only = None if mode in ("first", "all", "again") else json.loads(mode)  # "again": v1
+        parsed = None if mode in ("first", "all", "again") else json.loads(mode)  # again: v1
+        only = parsed if isinstance(parsed, list) else None
+        added = parsed.get("added", []) if isinstance(parsed, dict) else (only or [])
         with self._write():
             hlc = 0 if mode == "first" else self._hlc_tick()
+            if added:     # rows inserted before cc added these columns never wrote them
+                self._expand_inserted(table, [c for c in info.tracked if c not in added])
         shadow = {r["sid"]: json.loads(r["vals"]) for r in self.conn.execute(
             "SELECT sid, vals FROM _ccsync_shadow WHERE tbl = ? AND rid IS NOT NULL", (table,))}
-        if only:
-            self._back_fill(info, only, shadow)
+        if added:
+            self._back_fill(info, added, shadow)
         rows = self.conn.execute(f"SELECT rowid AS _rid, * FROM {_q(table)}").fetchall()
         dirty: list[tuple] = []
         columns = [c for c in info.tracked if only is None or c in only]
@@ -2255,17 +2262,20 @@ class Store:
         if tomb is not None and any(newer(stamp, tomb) for stamp in stamps):
             self.conn.execute("DELETE FROM _ccsync_gone WHERE tbl = ? AND sid = ?", (table, sid))
 
+    def _expand_inserted(self, table: str, columns: Iterable[str],
+                         rid: int | None = None) -> None:
+        """Turn pending inserts (of one row, or all) into cells of ``columns``."""
+        where = "tbl = ? AND col = ?" + ("" if rid is None else " AND rid = ?")
+        args = (table, INSERTED) + (() if rid is None else (rid,))
+        self.conn.execute(f"INSERT OR IGNORE INTO _ccsync_dirty (tbl, rid, col, hlc) "
+                          f"SELECT tbl, rid, c.value, hlc FROM _ccsync_dirty, json_each(?) c "
+                          f"WHERE {where}", (json.dumps(list(columns)), *args))
+        self.conn.execute(f"DELETE FROM _ccsync_dirty WHERE {where}", args)
+
     def _drop_dirty_cells(self, table: str, rid: int, won: list[str], info: TableInfo) -> None:
         # Expand a pending insert into per-column cells first, so only the
         # columns the remote won stop being pending.
-        row = self.conn.execute("SELECT hlc FROM _ccsync_dirty WHERE tbl = ? AND rid = ? "
-                                "AND col = ?", (table, rid, INSERTED)).fetchone()
-        if row is not None:
-            self.conn.execute("DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ? AND col = ?",
-                              (table, rid, INSERTED))
-            self.conn.executemany(
-                "INSERT OR IGNORE INTO _ccsync_dirty (tbl, rid, col, hlc) VALUES (?, ?, ?, ?)",
-                [(table, rid, c, row[0]) for c in info.tracked])
+        self._expand_inserted(table, info.tracked, rid)
         self.conn.executemany("DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ? AND col = ?",
                               [(table, rid, c) for c in won if c != TOMBSTONE])
 
@@ -2294,6 +2304,10 @@ class Store:
             self.conn.execute("DELETE FROM _ccsync_pending WHERE tbl = ? AND sid = ?",
                               (info.name, sid))
             return None
+        # Only a write of every reference settles a row waiting for a parent
+        # (a later edit of one column must not drop a queued re-link).
+        refs = {c for c in (*info.spec.refs, *info.spec.list_refs) if c in info.columns}
+        settles = rid is None or cols is None or refs - set(local_cells) <= set(cols)
         if rid is None:
             cols = [c for c in info.tracked if c in vals]
         elif cols is None:
@@ -2331,7 +2345,7 @@ class Store:
             self._mark_pending(info.name, sid)
         elif deleted:                 # kept for its children: re-checked after each pull
             self._mark_pending(info.name, sid, "keep")
-        else:
+        elif settles:
             self.conn.execute("DELETE FROM _ccsync_pending WHERE tbl = ? AND sid = ?",
                               (info.name, sid))
         return rid
@@ -2459,6 +2473,7 @@ class Store:
         self.conn.execute("INSERT INTO _ccsync_gone (tbl, rid, sid, key, hlc) "
                           "VALUES (?, NULL, ?, NULL, ?)", (info.name, old, hlc))
         if target is not None:
+            self._relink_if_back(info.name, new, rid)
             self.conn.execute("UPDATE _ccsync_shadow SET rid = ? WHERE tbl = ? AND sid = ?",
                               (rid, info.name, new))
         self._mark_dirty(info.name, rid, {c: clock[0] for c, clock in cells.items()})
@@ -2577,6 +2592,14 @@ class Store:
             if child is not None and col in child.columns and col not in child.required:
                 self.conn.execute(f"UPDATE {_q(spec.name)} SET {_q(col)} = NULL "
                                   f"WHERE {_q(col)} = ?", (rid,))
+
+    def _relink_if_back(self, table: str, sid: str, rid: int) -> None:
+        # cc re-created a row deleted here (same key, so the same id): this
+        # device's own children that lost their reference to it get it back.
+        row = self.conn.execute("SELECT rid FROM _ccsync_shadow WHERE tbl = ? AND sid = ?",
+                                (table, sid)).fetchone()
+        if row is not None and row[0] != rid:
+            self._relink_children(table, sid)
 
     def _relink_children(self, table: str, sid: str) -> None:
         # A row back from the dead: children whose reference read as NULL retry.
@@ -2847,7 +2870,7 @@ class ServerStore:
             "SELECT seq, dev, clocks FROM change WHERE tbl = ? AND sid = ?",
             (record.table, record.sid))]
         new = (None, record.dev, record.clocks)
-        winners = self._winners(existing + [new])
+        winners = surviving_versions(existing + [new])
         if None not in winners:
             return {"status": "superseded"}
         cur = self.conn.execute(
@@ -2858,16 +2881,6 @@ class ServerStore:
         losers = [(seq,) for seq, _dev, _c in existing if seq not in winners]
         self.conn.executemany("DELETE FROM change WHERE seq = ?", losers)
         return {"status": "accepted", "seq": cur.lastrowid}
-
-    @staticmethod
-    def _winners(versions: list[tuple[int | None, str, dict]]) -> set:
-        """The seqs that hold the latest clock of at least one column."""
-        best: dict[str, tuple[tuple[int, str], int | None]] = {}
-        for seq, dev, clocks in versions:
-            for col, hlc in clocks.items():
-                if col not in best or (hlc, dev) > best[col][0]:
-                    best[col] = ((hlc, dev), seq)
-        return {seq for _stamp, seq in best.values()}
 
     def pull(self, cursor: int = 0, limit: int = PULL_PAGE, since: str | None = None,
              max_bytes: int = PULL_PAGE_BYTES) -> dict:
