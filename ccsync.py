@@ -766,9 +766,12 @@ def unseal(enc_key: bytes, blob: bytes, context: bytes, max_size: int) -> dict:
 
 
 ##### Local store #############################################################
-# The device side: schema inspection, capture triggers, stamping, capture of
-# outgoing records, acknowledgement, and merge of incoming records.  No
-# network here; every write goes through transaction().
+# The device side, in layers that each use only those above: sync state
+# (connection, lock slices, cursor), local rows in wire form, identity,
+# capture (triggers, stamping, diffs), writing rows from the synced state,
+# merging incoming records, and sending outgoing ones.  Which edit wins is
+# decided only by the merge rules above.  No network here; every write goes
+# through transaction().
 
 MIN_SQLITE = (3, 31, 0)
 
@@ -1125,12 +1128,10 @@ class ApplyResult:
         self.aside += other.aside
 
 
-class Store:
-    """A device's cc database, seen by ccsync.
-
-    Build one with :func:`open_store`.  ``clock`` returns epoch seconds;
-    ``local_settings`` adds setting names (or globs) that stay on this device.
-    """
+class SyncState:
+    """Where this device stands: its connection, write slices under the lock
+    policy, bookkeeping values, its device id and clock, and the cursor (one
+    writer: :meth:`_set_cursor`)."""
 
     def __init__(self, conn: sqlite3.Connection, *, clock: Callable[[], float] = time.time,
                  local_settings: Iterable[str] = (), gate: WriteGate | None = None):
@@ -1181,7 +1182,89 @@ class Store:
                         last()
                     return
 
-    # -- schema inspection ------------------------------------------------
+    def meta(self, key: str, default: str | None = None) -> str | None:
+        """A value from ccsync's bookkeeping (``_ccsync_meta``)."""
+        row = self.conn.execute("SELECT value FROM _ccsync_meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        """Set (or, with None, remove) a bookkeeping value."""
+        if value is None:
+            self.conn.execute("DELETE FROM _ccsync_meta WHERE key = ?", (key,))
+        else:
+            self.conn.execute("INSERT OR REPLACE INTO _ccsync_meta (key, value) VALUES (?, ?)",
+                              (key, str(value)))
+
+    @property
+    def path(self) -> str:
+        """The database file's path."""
+        return self.conn.execute("PRAGMA database_list").fetchone()["file"] or ""
+
+    @property
+    def device_id(self) -> str:
+        """This database's device id (a copy on another machine gets its own)."""
+        return self.meta("device_id") or ""
+
+    @property
+    def cursor(self) -> int:
+        """The server sequence number this device has merged up to."""
+        return int(self.meta("cursor", "0") or 0)
+
+    def _set_cursor(self, seq: int) -> None:
+        """The one writer of the cursor: merged (or sent, or started over) up to ``seq``."""
+        self.set_meta("cursor", str(int(seq)))
+
+    def _hlc_observe(self, hlc: int) -> None:
+        self.conn.execute("UPDATE _ccsync_clock SET hlc = max(hlc, ?)", (hlc,))
+
+    def _hlc_tick(self) -> int:
+        self.conn.execute("UPDATE _ccsync_clock SET hlc = max(hlc + 1, ?)",
+                          (hlc_at(now_ms(self.clock)),))
+        return self.conn.execute("SELECT hlc FROM _ccsync_clock").fetchone()[0]
+
+    def _suppress(self, on: bool) -> None:
+        self.conn.execute("UPDATE _ccsync_clock SET suppress = ?", (1 if on else 0,))
+
+    def _fingerprint(self) -> str:
+        path = self.path
+        return f"{socket.gethostname()}:{os.path.realpath(path) if path else ''}"
+
+    def _check_device(self) -> None:
+        # A cc_cli.db copied onto another machine must not keep the source's
+        # device id; re-pulling from 0 is always safe (merges are idempotent).
+        fingerprint = self._fingerprint()
+        if self.meta("device_id") and self.meta("fingerprint") == fingerprint:
+            return
+        if self.meta("device_id"):
+            self._set_cursor(0)
+        self.set_meta("device_id", uuid.uuid4().hex[:16])   # 64 bits: short clocks
+        self.set_meta("fingerprint", fingerprint)
+
+    def server_changed(self, store_id: Any) -> bool:
+        """True when the server's store differs from the one this device synced with.
+
+        The first store seen is remembered; later ones count as a change.
+        """
+        if not isinstance(store_id, str) or not store_id:
+            return False
+        known = self.meta("server_store")
+        if known is None:
+            with self._write():
+                self.set_meta("server_store", store_id)
+            return False
+        return known != store_id
+
+    def adopt_server(self, store_id: str) -> None:
+        """Start over with a new server store: cursor 0, remember its id."""
+        with self._write():
+            self.set_meta("server_store", store_id)
+            self._set_cursor(0)
+
+
+class LocalRows(SyncState):
+    """cc's tables as ccsync reads them: schema, rows in wire form (references
+    as sync_ids) and back, the synced state (shadow), pending cells, and the
+    reference bookkeeping every part shares."""
 
     def _columns(self, table: str) -> list[sqlite3.Row]:
         return self.conn.execute(f"PRAGMA table_info({_q(table)})").fetchall()
@@ -1214,48 +1297,412 @@ class Store:
         """True once ccsync's bookkeeping tables exist in this database."""
         return self.has_table("_ccsync_meta")
 
-    # -- small bookkeeping accessors -------------------------------------
+    def _by_rowid(self, table: str, columns: str, rids: Iterable[Any]) -> Iterator[sqlite3.Row]:
+        """``SELECT rowid AS _rid, <columns>`` for the given rowids, in chunks."""
+        rids = sorted({r for r in rids if isinstance(r, int)})
+        for chunk in _chunks(rids, 500):
+            marks = ",".join("?" * len(chunk))
+            yield from self.conn.execute(f"SELECT rowid AS _rid, {columns} FROM {_q(table)} "
+                                         f"WHERE rowid IN ({marks})", chunk)
 
-    def meta(self, key: str, default: str | None = None) -> str | None:
-        """A value from ccsync's bookkeeping (``_ccsync_meta``)."""
-        row = self.conn.execute("SELECT value FROM _ccsync_meta WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else default
+    def _parent_sids(self, table: str, rids: Iterable[Any]) -> dict[int, str | None]:
+        if table not in self.tables():
+            return {}
+        return {row[0]: row[1] for row in self._by_rowid(table, "sync_id", rids)}
 
-    def set_meta(self, key: str, value: str | None) -> None:
-        """Set (or, with None, remove) a bookkeeping value."""
-        if value is None:
-            self.conn.execute("DELETE FROM _ccsync_meta WHERE key = ?", (key,))
-        else:
-            self.conn.execute("INSERT OR REPLACE INTO _ccsync_meta (key, value) VALUES (?, ?)",
-                              (key, str(value)))
+    def _wire_rows(self, info: TableInfo, rows: list[sqlite3.Row]) -> list[dict[str, Any]]:
+        """Each row's tracked and local columns in wire form (refs as sync_ids)."""
+        spec = info.spec
+        parents = {col: self._parent_sids(parent, (r[col] for r in rows))
+                   for col, parent in spec.refs.items() if col in info.columns}
+        lists = {col: self._list_sids(info, col, rows) for col in spec.list_refs
+                 if col in info.columns}
+        names = {col: self._names_for(target, name_col, (r[col] for r in rows))
+                 for col, (target, name_col) in spec.name_refs.items() if col in info.columns}
+        out = []
+        for row in rows:
+            values = {}
+            for col in info.tracked + info.local:
+                value = row[col]
+                if col in parents:
+                    value = parents[col].get(value) if value is not None else None
+                elif col in lists:
+                    value = lists[col].get(row["_rid"], encode_value(value))
+                elif col in names:
+                    value = names[col].get(value) if value is not None else None
+                else:
+                    value = encode_value(value)
+                values[col] = value
+            out.append(values)
+        return out
 
-    @property
-    def path(self) -> str:
-        """The database file's path."""
-        return self.conn.execute("PRAGMA database_list").fetchone()["file"] or ""
+    def _list_sids(self, info: TableInfo, col: str, rows: list[sqlite3.Row]) -> dict[int, Any]:
+        parsed = {r["_rid"]: parse_id_list(r[col]) for r in rows}
+        all_ids = [i for p in parsed.values() if p for i in p[0]]
+        sids = self._parent_sids(info.spec.list_refs[col], all_ids)
+        return {rid: {"ids": [sids.get(i) for i in p[0] if sids.get(i)], "fmt": p[1]}
+                for rid, p in parsed.items() if p is not None}
 
-    @property
-    def device_id(self) -> str:
-        """This database's device id (a copy on another machine gets its own)."""
-        return self.meta("device_id") or ""
+    def _names_for(self, table: str, name_col: str, ids: Iterable[Any]) -> dict[int, str]:
+        if not self.has_table(table):
+            return {}
+        return {row[0]: row[1] for row in self._by_rowid(table, _q(name_col), ids)}
 
-    @property
-    def cursor(self) -> int:
-        """The server sequence number this device has merged up to."""
-        return int(self.meta("cursor", "0") or 0)
+    def _rid_for_sid(self, table: str, sid: str | None) -> int | None:
+        if sid is None or table not in self.tables():
+            return None
+        row = self.conn.execute(f"SELECT rowid FROM {_q(table)} WHERE sync_id = ?",
+                                (sid,)).fetchone()
+        return None if row is None else row[0]
 
-    def _hlc_observe(self, hlc: int) -> None:
-        self.conn.execute("UPDATE _ccsync_clock SET hlc = max(hlc, ?)", (hlc,))
+    _UNRESOLVED = object()   # a reference whose parent has not arrived yet
 
-    def _hlc_tick(self) -> int:
-        self.conn.execute("UPDATE _ccsync_clock SET hlc = max(hlc + 1, ?)",
-                          (hlc_at(now_ms(self.clock)),))
-        return self.conn.execute("SELECT hlc FROM _ccsync_clock").fetchone()[0]
+    _KEEP = object()         # a name reference with no local match: keep local value
 
-    def _suppress(self, on: bool) -> None:
-        self.conn.execute("UPDATE _ccsync_clock SET suppress = ?", (1 if on else 0,))
+    def _local_value(self, info: TableInfo, col: str, value: Any) -> Any:
+        """The value to write locally for a wire value.
 
-    # -- install, stamp, remove -----------------------------------------
+        A nullable reference to a row known as deleted reads as NULL; a
+        required one (NOT NULL, or a time entry's environment) is unresolved.
+        """
+        spec = info.spec
+        if col in spec.refs:
+            if value is None:
+                return None
+            parent = spec.refs[col]
+            rid = self._rid_for_sid(parent, value)
+            if rid is None and col not in info.required and self._is_dead(parent, value):
+                return None
+            return self._UNRESOLVED if rid is None else rid
+        if col in spec.list_refs and isinstance(value, dict) and "ids" in value:
+            rids = [self._rid_for_sid(spec.list_refs[col], s) for s in value["ids"]]
+            text = format_id_list([r for r in rids if r is not None], value["fmt"])
+            return (self._UNRESOLVED, text) if None in rids else text
+        if col in spec.name_refs:
+            target, name_col = spec.name_refs[col]
+            if value is None or not self.has_table(target):
+                return self._KEEP
+            row = self.conn.execute(f"SELECT rowid FROM {_q(target)} WHERE {_q(name_col)} = ?",
+                                    (value,)).fetchone()
+            return self._KEEP if row is None else row[0]
+        return decode_value(value)
+
+    def _shadow(self, table: str, sid: str) -> tuple[int | None, dict, dict] | None:
+        row = self.conn.execute("SELECT rid, vals, clocks FROM _ccsync_shadow "
+                                "WHERE tbl = ? AND sid = ?", (table, sid)).fetchone()
+        return None if row is None else (row[0], json.loads(row[1]), json.loads(row[2]))
+
+    def _put_shadow(self, table: str, sid: str, rid: int | None, vals: dict, clocks: dict) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO _ccsync_shadow (tbl, sid, rid, vals, clocks) "
+                          "VALUES (?, ?, ?, ?, ?)",
+                          (table, sid, rid, json.dumps(vals, separators=(",", ":")),
+                           json.dumps(clocks, separators=(",", ":"))))
+
+    def _is_dead(self, table: str, sid: str) -> bool:
+        """True when ``sid`` is known here as a deleted row."""
+        shadow = self._shadow(table, sid)
+        return shadow is not None and is_deleted(shadow[2])
+
+    def _skip_row(self, info: TableInfo, row: Any) -> bool:
+        """True for rows that never leave this device (secret or local settings)."""
+        if info.name != "setting":
+            return False
+        return setting_policy(row["name"], self._local_setting_names()) is not None
+
+    def _local_setting_names(self) -> tuple[str, ...]:
+        names = self.extra_local
+        if {"name", "value"} <= set(getattr(self.tables().get("setting"), "columns", ())):
+            row = self.conn.execute("SELECT value FROM setting WHERE name = ?",
+                                    (LOCAL_SETTINGS_SETTING,)).fetchone()
+            if row is not None:
+                names += split_names(row[0])
+        return names
+
+    def _setting_syncs(self, name: Any) -> bool:
+        return setting_policy(name, self._local_setting_names()) is None
+
+    def _dirty_cells(self, table: str, rid: int | None, sid: str | None = None) -> dict[str, list]:
+        """This device's pending cells for a row, as cell clocks.
+
+        A row deleted here is found by its sync_id (its rowid is gone).
+        """
+        cells = {}
+        if rid is not None:
+            cells = {r[0]: [r[1], self.device_id] for r in self.conn.execute(
+                "SELECT col, hlc FROM _ccsync_dirty WHERE tbl = ? AND rid = ?", (table, rid))}
+        elif sid is not None:
+            row = self.conn.execute("SELECT max(hlc) FROM _ccsync_gone WHERE tbl = ? AND sid = ?",
+                                    (table, sid)).fetchone()
+            if row[0] is not None:
+                cells[TOMBSTONE] = [row[0], self.device_id]
+        if INSERTED in cells:
+            inserted = cells.pop(INSERTED)
+            for col in self.tables()[table].tracked:
+                if col not in cells or newer(inserted, cells[col]):
+                    cells[col] = inserted
+        return cells
+
+    def _expand_inserted(self, table: str, columns: Iterable[str],
+                         rid: int | None = None) -> None:
+        """Turn pending inserts (of one row, or all) into cells of ``columns``."""
+        where = "tbl = ? AND col = ?" + ("" if rid is None else " AND rid = ?")
+        args = (table, INSERTED) + (() if rid is None else (rid,))
+        self.conn.execute(f"INSERT OR IGNORE INTO _ccsync_dirty (tbl, rid, col, hlc) "
+                          f"SELECT tbl, rid, c.value, hlc FROM _ccsync_dirty, json_each(?) c "
+                          f"WHERE {where}", (json.dumps(list(columns)), *args))
+        self.conn.execute(f"DELETE FROM _ccsync_dirty WHERE {where}", args)
+
+    def _mark_dirty(self, table: str, rid: int, cells: dict[str, int]) -> None:
+        """Record cells of a local row as edited here at the given clocks."""
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO _ccsync_dirty (tbl, rid, col, hlc, sid) "
+            "VALUES (?, ?, ?, ?, NULL)", [(table, rid, c, hlc) for c, hlc in cells.items()])
+
+    @staticmethod
+    def _child_refs(table: str) -> Iterator[tuple[TableSpec, str]]:
+        """(child spec, column) for every single-id reference to ``table``."""
+        for spec in SPEC:
+            for col, parent in spec.refs.items():
+                if parent == table:
+                    yield spec, col
+
+    def _key_sid(self, info: TableInfo, row: Any, values: dict) -> str | None:
+        """The id a row's current natural key derives (None: no usable key here)."""
+        cols = info.spec.key
+        if not cols or any(c not in info.columns for c in cols):
+            return None
+        return row_identity(info.name, {c: values[c] if c in values else encode_value(row[c])
+                                        for c in cols}, cols)
+
+    def _mark_pending(self, table: str, sid: str, kind: str = "ref") -> None:
+        """Retry this row after the pull: 'ref' waits for a parent, 'keep' is a
+        deleted row kept because a live row needs it."""
+        self.conn.execute("INSERT OR REPLACE INTO _ccsync_pending (tbl, sid, kind) "
+                          "VALUES (?, ?, ?)", (table, sid, kind))
+
+    def _relink_children(self, table: str, sid: str) -> None:
+        # A row back from the dead: children whose reference read as NULL retry.
+        for spec, col in self._child_refs(table):
+            if spec.name in self.tables():
+                self.conn.execute(
+                    "INSERT OR IGNORE INTO _ccsync_pending (tbl, sid) SELECT tbl, sid "
+                    "FROM _ccsync_shadow WHERE tbl = ? AND json_extract(vals, ?) = ?",
+                    (spec.name, f'$."{col}"', sid))
+
+    def _relink_if_back(self, table: str, sid: str, rid: int) -> None:
+        # cc re-created a row deleted here (same key, so the same id): this
+        # device's own children that lost their reference to it get it back.
+        row = self.conn.execute("SELECT rid FROM _ccsync_shadow WHERE tbl = ? AND sid = ?",
+                                (table, sid)).fetchone()
+        if row is not None and row[0] != rid:
+            self._relink_children(table, sid)
+
+
+class Identity(LocalRows):
+    """A keyed row's id is its key's (:func:`row_identity`): rows created apart
+    are one row, and a row whose key changes takes its new key's id.  Ids
+    stamped otherwise (an older ccsync, another tool) move to their key's."""
+
+    def _settle_identity(self) -> int:
+        """Move rows whose natural key changed (a rename, a re-keyed parent) to
+        their new key's id; returns how many moved.  Parents first: a child's
+        key names its parent's id."""
+        moved = 0
+        every = self.meta("identity") == "all"
+        for info in self.tables().values():
+            if not info.spec.key or any(c not in info.columns for c in info.spec.key):
+                continue
+            if every:
+                query, args = (f"SELECT rowid FROM {_q(info.name)} WHERE sync_id IS NOT NULL",
+                               ())
+            else:
+                marks = ",".join("?" * len(info.spec.key))
+                query, args = (f"SELECT DISTINCT rid FROM _ccsync_dirty WHERE tbl = ? "
+                               f"AND col IN ({marks})", (info.name, *info.spec.key))
+            rids = [r[0] for r in self.conn.execute(query, args).fetchall()]
+            moves = self._stale_ids(info, rids)
+            for chunk in _chunks(moves, STAMP_CHUNK):
+                with self._write():
+                    moved += self._move_ids(info, chunk, {rid for rid, _old, _new in moves})
+        if every:
+            with self._write():
+                self.set_meta("identity", None)
+        return moved
+
+    def _stale_ids(self, info: TableInfo, rids: list[int]) -> list[tuple[int, str, str]]:
+        """(rowid, id, its key's id) of the rows whose id is not their key's."""
+        stale = []
+        for chunk in _chunks(rids, STAMP_CHUNK):
+            rows = list(self._by_rowid(info.name, "*", chunk))
+            for row, values in zip(rows, self._wire_rows(info, rows)):
+                if row["sync_id"] is None or self._skip_row(info, row):
+                    continue
+                want = self._key_sid(info, row, values)
+                if want is not None and want != row["sync_id"]:
+                    stale.append((row["_rid"], row["sync_id"], want))
+        return stale
+
+    def _move_ids(self, info: TableInfo, moves: list[tuple[int, str, str]],
+                  moving: set[int]) -> int:
+        # Rows that swapped keys (a -> tmp, b -> a, tmp -> b) each want the
+        # other's id: the holder steps aside to a fresh id first.  A key that
+        # two live rows share (where cc allows it) keeps the second apart.
+        moved = 0
+        for rid, _old, want in moves:
+            current = self.conn.execute(f"SELECT sync_id FROM {_q(info.name)} WHERE rowid = ?",
+                                        (rid,)).fetchone()
+            if current is None or current[0] == want:
+                continue
+            holder = self._rid_for_sid(info.name, want)
+            if holder is not None and holder in moving:
+                self._rekey(info, holder, want, str(uuid.uuid4()))
+                holder = None
+            if holder is None:
+                self._rekey(info, rid, current[0], want)
+                moved += 1
+        return moved
+
+    def _rekey(self, info: TableInfo, rid: int, old: str, new: str) -> None:
+        """Move the row at ``rid`` from id ``old`` to ``new``, its key's.
+
+        ``old`` is deleted as of now.  Under ``new`` the row sends every cell
+        with the time it was edited and its key as of now.  Where ``new`` is
+        known here already (a row deleted, or one that swapped keys with
+        this one), a value that differs from its synced one is an edit made
+        now: the row stays as cc shows it, on every device.  Rows that refer
+        to it send their new reference.
+        """
+        hlc = self._hlc_tick()
+        shadow = self._shadow(info.name, old)
+        mine = self._dirty_cells(info.name, rid)
+        synced = shadow[2] if shadow else {}
+        cells = {c: latest(mine.get(c), synced.get(c)) or [0, self.device_id]
+                 for c in info.tracked}
+        cells.update({c: [hlc, self.device_id] for c in info.spec.key})
+        target = self._shadow(info.name, new)
+        if target is not None:
+            row = self.conn.execute(f"SELECT rowid AS _rid, * FROM {_q(info.name)} "
+                                    f"WHERE rowid = ?", (rid,)).fetchone()
+            values = self._wire_rows(info, [row])[0]
+            for col in info.tracked:
+                same = col in target[1] and target[1][col] == values.get(col)
+                cells[col] = latest(cells[col], target[2].get(col)) if same \
+                    else [hlc, self.device_id]
+        self._suppress(True)
+        self.conn.execute(f"UPDATE {_q(info.name)} SET sync_id = ? WHERE rowid = ?", (new, rid))
+        self._suppress(False)
+        self.conn.execute("DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ?", (info.name, rid))
+        self.conn.execute("UPDATE _ccsync_shadow SET rid = NULL WHERE tbl = ? AND sid = ?",
+                          (info.name, old))
+        self.conn.execute("INSERT INTO _ccsync_gone (tbl, rid, sid, key, hlc) "
+                          "VALUES (?, NULL, ?, NULL, ?)", (info.name, old, hlc))
+        if target is not None:
+            self._relink_if_back(info.name, new, rid)
+            self.conn.execute("UPDATE _ccsync_shadow SET rid = ? WHERE tbl = ? AND sid = ?",
+                              (rid, info.name, new))
+        self._mark_dirty(info.name, rid, {c: clock[0] for c, clock in cells.items()})
+        self._mark_referrers(info, rid, hlc)
+
+    def _key_twin(self, info: TableInfo, rid: int | None,
+                  values: dict) -> tuple[int, str | None] | None:
+        """Another local row that has the natural key this row is about to get."""
+        cols = [c for c in info.spec.key if c in info.columns]
+        if not cols or not any(c in values for c in cols):
+            return None
+        current = self.conn.execute(f"SELECT * FROM {_q(info.name)} WHERE rowid = ?",
+                                    (rid,)).fetchone() if rid is not None else None
+        key = [values[c] if c in values else (current[c] if current else None) for c in cols]
+        if all(v is None for v in key):
+            return None
+        where = " AND ".join(f"{_q(c)} IS ?" for c in cols)
+        row = self.conn.execute(f"SELECT rowid, sync_id FROM {_q(info.name)} WHERE {where} "
+                                f"AND rowid IS NOT ?", (*key, rid)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def _meet(self, info: TableInfo, sid: str, rid: int | None, twin_rid: int,
+              twin_sid: str | None) -> str:
+        """Two ids on one natural key here: which one the key's row has.
+
+        The local row is this row if it has no id yet, or if its id is not its
+        key's (it moves to it).  Otherwise the incoming id is the one not
+        derived from the key: its later cells go to the local row and it is
+        deleted (on every device that meets it, so all agree).
+        """
+        if twin_sid is None:                       # not stamped yet: it simply is this row
+            self.conn.execute(f"UPDATE {_q(info.name)} SET sync_id = ? WHERE rowid = ?",
+                              (sid, twin_rid))
+            return sid
+        row = self.conn.execute(f"SELECT rowid AS _rid, * FROM {_q(info.name)} WHERE rowid = ?",
+                                (twin_rid,)).fetchone()
+        want = self._key_sid(info, row, self._wire_rows(info, [row])[0])
+        if want is not None and want != twin_sid and self._rid_for_sid(info.name, want) is None:
+            self._rekey(info, twin_rid, twin_sid, want)
+            if want == sid:
+                return sid
+            twin_sid = want
+        if rid is not None:
+            raise RecordRefused("conflicts with a local row of the same natural key")
+        self._fold(info, sid, twin_rid, twin_sid)
+        return twin_sid
+
+    def _fold(self, info: TableInfo, sid: str, rid: int, into: str) -> None:
+        """The row ``sid`` is the local row ``rid`` (id ``into``): move its later
+        cells there, to be sent under ``into``, and delete ``sid``."""
+        _old_rid, vals, clocks = self._shadow(info.name, sid)
+        target = self._shadow(info.name, into)
+        synced = target[2] if target else {}
+        mine = self._dirty_cells(info.name, rid)
+        current = {c: latest(mine.get(c), synced.get(c)) for c in info.tracked}
+        theirs = {c: clocks[c] for c in info.tracked if c in clocks and c in vals}
+        taken = self._write_cells(info, rid, vals, winning_cells(current, theirs))
+        self._mark_dirty(info.name, rid, {c: theirs[c][0] for c in taken})
+        self.conn.execute("INSERT INTO _ccsync_gone (tbl, rid, sid, key, hlc) "
+                          "VALUES (?, NULL, ?, NULL, ?)", (info.name, sid, self._hlc_tick()))
+        self.conn.execute("DELETE FROM _ccsync_pending WHERE tbl = ? AND sid = ?",
+                          (info.name, sid))
+
+    def _write_cells(self, info: TableInfo, rid: int, vals: dict, cols: list[str]) -> list[str]:
+        """Write synced values of ``cols`` onto the local row (not captured); the
+        columns written (a reference that cannot resolve here keeps the local value)."""
+        values = {}
+        for col in cols:
+            value = self._local_value(info, col, vals[col])
+            if value is not self._UNRESOLVED and value is not self._KEEP \
+                    and not isinstance(value, tuple):
+                values[col] = value
+        if values:
+            sets = ", ".join(f"{_q(c)} = ?" for c in values)
+            self._suppress(True)
+            self.conn.execute(f"UPDATE {_q(info.name)} SET {sets} WHERE rowid = ?",
+                              [*values.values(), rid])
+            self._suppress(False)
+        return list(values)
+
+    def _mark_referrers(self, info: TableInfo, rid: int, hlc: int) -> None:
+        """Rows referring to ``rid`` send their reference again (its id changed)."""
+        for spec, col in self._child_refs(info.name):
+            child = self.tables().get(spec.name)
+            if child is not None and col in child.columns:
+                self.conn.execute(
+                    f"INSERT OR REPLACE INTO _ccsync_dirty (tbl, rid, col, hlc, sid) "
+                    f"SELECT ?, rowid, ?, ?, NULL FROM {_q(spec.name)} WHERE {_q(col)} = ?",
+                    (spec.name, col, hlc, rid))
+        for spec in SPEC:
+            child = self.tables().get(spec.name)
+            for col, target in spec.list_refs.items():
+                if child is None or target != info.name or col not in child.columns:
+                    continue
+                hits = [r for r, text in self.conn.execute(
+                    f"SELECT rowid, {_q(col)} FROM {_q(spec.name)} WHERE {_q(col)} IS NOT NULL")
+                    if rid in (parse_id_list(text) or ([], ""))[0]]
+                self.conn.executemany(
+                    "INSERT OR REPLACE INTO _ccsync_dirty (tbl, rid, col, hlc, sid) "
+                    "VALUES (?, ?, ?, ?, NULL)", [(spec.name, r, col, hlc) for r in hits])
+
+
+class Capture(Identity):
+    """Install capture, stamp rows, find what changed while capture was off,
+    and take it all out again."""
 
     def prepare(self) -> int:
         """Install capture (idempotent), diff what happened without it, stamp rows.
@@ -1302,10 +1749,6 @@ class Store:
                    self._triggers_for(info).items()):
                 return False
         return True
-
-    def _fingerprint(self) -> str:
-        path = self.path
-        return f"{socket.gethostname()}:{os.path.realpath(path) if path else ''}"
 
     def _install(self) -> None:
         """Create bookkeeping, add missing columns, (re)install triggers.
@@ -1370,17 +1813,6 @@ class Store:
             self.conn.executemany("UPDATE _ccsync_shadow SET rid = NULL WHERE tbl = ? AND sid = ?",
                                   [(info.name, sid) for sid, _rid in self._vanished(info)])
         self.set_meta("bookkeeping", BOOKKEEPING_VERSION)
-
-    def _check_device(self) -> None:
-        # A cc_cli.db copied onto another machine must not keep the source's
-        # device id; re-pulling from 0 is always safe (merges are idempotent).
-        fingerprint = self._fingerprint()
-        if self.meta("device_id") and self.meta("fingerprint") == fingerprint:
-            return
-        if self.meta("device_id"):
-            self.set_meta("cursor", "0")
-        self.set_meta("device_id", uuid.uuid4().hex[:16])   # 64 bits: short clocks
-        self.set_meta("fingerprint", fingerprint)
 
     def _add_sync_columns(self) -> None:
         self._tables = None
@@ -1462,19 +1894,6 @@ class Store:
                     if old in part:
                         part[new] = part.pop(old)
                 self._put_shadow(info.name, sid, rid, vals, clocks)
-
-    def _by_rowid(self, table: str, columns: str, rids: Iterable[Any]) -> Iterator[sqlite3.Row]:
-        """``SELECT rowid AS _rid, <columns>`` for the given rowids, in chunks."""
-        rids = sorted({r for r in rids if isinstance(r, int)})
-        for chunk in _chunks(rids, 500):
-            marks = ",".join("?" * len(chunk))
-            yield from self.conn.execute(f"SELECT rowid AS _rid, {columns} FROM {_q(table)} "
-                                         f"WHERE rowid IN ({marks})", chunk)
-
-    def _parent_sids(self, table: str, rids: Iterable[Any]) -> dict[int, str | None]:
-        if table not in self.tables():
-            return {}
-        return {row[0]: row[1] for row in self._by_rowid(table, "sync_id", rids)}
 
     def stamp_rows(self) -> int:
         """Give every row without a sync_id one: a uuid5 of its natural key.
@@ -1562,7 +1981,7 @@ class Store:
             for col in columns:
                 if vals.get(col) is None:
                     continue
-                value = self._local_value(info, col, vals[col], revive=False)
+                value = self._local_value(info, col, vals[col])
                 if value is not self._UNRESOLVED and value is not self._KEEP \
                         and not isinstance(value, tuple):
                     cells.append((col, value, sid))
@@ -1600,177 +2019,6 @@ class Store:
             if gone:
                 with self._write():
                     self._record_gone(info, gone, self._hlc_tick())
-
-    def remove(self) -> None:
-        """Take out everything ccsync added except cc's sync_id/synced_at columns."""
-        with self._write():
-            for name, kind in self.conn.execute(
-                    "SELECT name, type FROM sqlite_master WHERE type IN ('trigger', 'index') "
-                    "AND name LIKE '\\_ccsync\\_%' ESCAPE '\\'").fetchall():
-                self.conn.execute(f"DROP {kind.upper()} IF EXISTS {_q(name)}")
-            for name in BOOKKEEPING_TABLES + RETIRED_TABLES:
-                self.conn.execute(f"DROP TABLE IF EXISTS {_q(name)}")
-        self._tables = None
-
-    def remove_triggers(self) -> int:
-        """Drop only the capture triggers (before ``ALTER TABLE ... DROP COLUMN``).
-
-        The next :meth:`prepare` (``stamp`` or a sync) puts them back and
-        records what changed meanwhile, timed when it is found.  Returns how
-        many triggers were dropped.
-        """
-        with self._write():
-            names = [n for (n,) in self.conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'trigger' "
-                "AND name LIKE '\\_ccsync\\_%' ESCAPE '\\'").fetchall()]
-            for name in names:
-                self.conn.execute(f"DROP TRIGGER IF EXISTS {_q(name)}")
-        return len(names)
-
-    # -- local values <-> wire values ------------------------------------
-
-    def _wire_rows(self, info: TableInfo, rows: list[sqlite3.Row]) -> list[dict[str, Any]]:
-        """Each row's tracked and local columns in wire form (refs as sync_ids)."""
-        spec = info.spec
-        parents = {col: self._parent_sids(parent, (r[col] for r in rows))
-                   for col, parent in spec.refs.items() if col in info.columns}
-        lists = {col: self._list_sids(info, col, rows) for col in spec.list_refs
-                 if col in info.columns}
-        names = {col: self._names_for(target, name_col, (r[col] for r in rows))
-                 for col, (target, name_col) in spec.name_refs.items() if col in info.columns}
-        out = []
-        for row in rows:
-            values = {}
-            for col in info.tracked + info.local:
-                value = row[col]
-                if col in parents:
-                    value = parents[col].get(value) if value is not None else None
-                elif col in lists:
-                    value = lists[col].get(row["_rid"], encode_value(value))
-                elif col in names:
-                    value = names[col].get(value) if value is not None else None
-                else:
-                    value = encode_value(value)
-                values[col] = value
-            out.append(values)
-        return out
-
-    def _list_sids(self, info: TableInfo, col: str, rows: list[sqlite3.Row]) -> dict[int, Any]:
-        parsed = {r["_rid"]: parse_id_list(r[col]) for r in rows}
-        all_ids = [i for p in parsed.values() if p for i in p[0]]
-        sids = self._parent_sids(info.spec.list_refs[col], all_ids)
-        return {rid: {"ids": [sids.get(i) for i in p[0] if sids.get(i)], "fmt": p[1]}
-                for rid, p in parsed.items() if p is not None}
-
-    def _names_for(self, table: str, name_col: str, ids: Iterable[Any]) -> dict[int, str]:
-        if not self.has_table(table):
-            return {}
-        return {row[0]: row[1] for row in self._by_rowid(table, _q(name_col), ids)}
-
-    def _rid_for_sid(self, table: str, sid: str | None) -> int | None:
-        if sid is None or table not in self.tables():
-            return None
-        row = self.conn.execute(f"SELECT rowid FROM {_q(table)} WHERE sync_id = ?",
-                                (sid,)).fetchone()
-        return None if row is None else row[0]
-
-    _UNRESOLVED = object()   # a reference whose parent has not arrived yet
-    _KEEP = object()         # a name reference with no local match: keep local value
-
-    def _local_value(self, info: TableInfo, col: str, value: Any, revive: bool = True) -> Any:
-        """The value to write locally for a wire value.
-
-        A reference to a row known as deleted reads as NULL, or, in a required
-        column (NOT NULL, or a time entry's environment), brings that row back
-        (with ``revive``).
-        """
-        spec = info.spec
-        if col in spec.refs:
-            if value is None:
-                return None
-            parent = spec.refs[col]
-            rid = self._rid_for_sid(parent, value)
-            if rid is None and self._is_dead(parent, value):
-                if col not in info.required:
-                    return None
-                if revive:
-                    rid = self._revive(parent, value)
-            return self._UNRESOLVED if rid is None else rid
-        if col in spec.list_refs and isinstance(value, dict) and "ids" in value:
-            rids = [self._rid_for_sid(spec.list_refs[col], s) for s in value["ids"]]
-            text = format_id_list([r for r in rids if r is not None], value["fmt"])
-            return (self._UNRESOLVED, text) if None in rids else text
-        if col in spec.name_refs:
-            target, name_col = spec.name_refs[col]
-            if value is None or not self.has_table(target):
-                return self._KEEP
-            row = self.conn.execute(f"SELECT rowid FROM {_q(target)} WHERE {_q(name_col)} = ?",
-                                    (value,)).fetchone()
-            return self._KEEP if row is None else row[0]
-        return decode_value(value)
-
-    # -- status ------------------------------------------------------------
-
-    def pending(self) -> dict[str, dict[str, int]]:
-        """Pending local changes per table: {"insert": n, "update": n, "delete": n}.
-
-        Read-only; before the first ``stamp`` every row counts as an insert.
-        """
-        counts = {}
-        installed = self.installed()
-        for info in self.tables().values():
-            counts[info.name] = c = {"insert": 0, "update": 0, "delete": 0}
-            if not installed:
-                for row in self.conn.execute(f"SELECT * FROM {_q(info.name)}").fetchall():
-                    c["insert"] += not self._skip_row(info, row)
-                continue
-            query = (f"SELECT d.rid, group_concat(d.col, char(31)) AS cols, "
-                     f"t.rowid IS NOT NULL AS present, s.sid IS NOT NULL AS synced, t.* "
-                     f"FROM _ccsync_dirty d LEFT JOIN {_q(info.name)} t ON t.rowid = d.rid "
-                     f"LEFT JOIN _ccsync_shadow s ON s.tbl = d.tbl AND s.sid = t.sync_id "
-                     f"WHERE d.tbl = ? GROUP BY d.rid")
-            for row in self.conn.execute(query, (info.name,)).fetchall():
-                cols = set(row["cols"].split("\x1f")) - {MOVED}
-                if cols and row["present"] and not self._skip_row(info, row):
-                    c["update" if row["synced"] and INSERTED not in cols else "insert"] += 1
-            c["delete"] = sum(1 for sid, key in self.conn.execute(
-                "SELECT sid, max(key) FROM _ccsync_gone WHERE tbl = ? AND sid IS NOT NULL "
-                "GROUP BY sid", (info.name,)).fetchall() if self._tombstone_wanted(info, sid, key))
-        return counts
-
-    def refused(self) -> list[dict[str, str]]:
-        """Rows the server refused, with the reason (they stay pending)."""
-        if not self.installed():
-            return []
-        return [dict(r) for r in self.conn.execute(
-            'SELECT tbl AS "table", sid AS sync_id, reason, at FROM _ccsync_refused '
-            "ORDER BY tbl, sid")]
-
-    def _skip_row(self, info: TableInfo, row: Any) -> bool:
-        """True for rows that never leave this device (secret or local settings)."""
-        if info.name != "setting":
-            return False
-        return setting_policy(row["name"], self._local_setting_names()) is not None
-
-    def _local_setting_names(self) -> tuple[str, ...]:
-        names = self.extra_local
-        if {"name", "value"} <= set(getattr(self.tables().get("setting"), "columns", ())):
-            row = self.conn.execute("SELECT value FROM setting WHERE name = ?",
-                                    (LOCAL_SETTINGS_SETTING,)).fetchone()
-            if row is not None:
-                names += split_names(row[0])
-        return names
-
-    def _tombstone_wanted(self, info: TableInfo, sid: str, key: str | None = None) -> bool:
-        # A setting never synced may be a secret: send its id only when its
-        # name (kept by the delete trigger) is known to sync.
-        if info.name != "setting" or self._shadow(info.name, sid) is not None:
-            return True
-        name = self._gone_key(info, key).get("name")
-        return isinstance(name, str) and self._setting_syncs(name)
-
-    def _setting_syncs(self, name: Any) -> bool:
-        return setting_policy(name, self._local_setting_names()) is None
 
     @staticmethod
     def _gone_key(info: TableInfo, key: str | None) -> dict[str, Any]:
@@ -1829,255 +2077,224 @@ class Store:
                                 (table, rid)).fetchone()
         return row[0] if row else None
 
-    # -- capture (outgoing) ----------------------------------------------
-
-    def capture(self, after: tuple[int, int, int] | None = None,
-                limit: int = PUSH_BATCH) -> Batch:
-        """Up to ``limit`` pending deletes or rows as outgoing records, after ``after``.
-
-        Per table, deletes come first, then edited rows; the position is a
-        keyset (table, part, last id).  Reads only; ack() settles what the
-        server said about them.
-        """
-        tables = list(self.tables().values())
-        start = tuple(after) if after else (0, 0, -(2 ** 63))
-        for index in range(start[0], len(tables)):
-            info = tables[index]
-            for part in (0, 1):
-                if (index, part) < start[:2]:
-                    continue
-                lower = start[2] if (index, part) == start[:2] else -(2 ** 63)
-                if part == 0:
-                    rows = self.conn.execute(
-                        "SELECT rowid, sid, key, hlc, rid FROM _ccsync_gone WHERE tbl = ? AND "
-                        "rowid > ? ORDER BY rowid LIMIT ?", (info.name, lower, limit)).fetchall()
-                    if rows:
-                        return Batch(*self._gone_records(info, rows), (index, 0, rows[-1][0]))
-                    continue
-                rids = [r[0] for r in self.conn.execute(
-                    "SELECT DISTINCT rid FROM _ccsync_dirty WHERE tbl = ? AND rid > ? "
-                    "ORDER BY rid LIMIT ?", (info.name, lower, limit))]
-                if rids:
-                    return Batch(*self._records_for(info, rids), (index, 1, rids[-1]))
-        return Batch([], [], None)
-
-    def _gone_records(self, info: TableInfo, rows: list) -> tuple[list, list]:
-        """One tombstone per deleted sync_id (the latest delete), settling the rest."""
-        latest: dict[str, list] = {}
-        unsent = []
-        for gid, sid, key, hlc, rid in rows:
-            # A row live here under that sync_id came back (re-created, which
-            # sends the row itself) or was never gone: a table renamed aside
-            # takes its triggers along, and a natural id may name a renamed row.
-            if sid is None or self._rid_for_sid(info.name, sid) is not None \
-                    or not self._tombstone_wanted(info, sid, key):
-                unsent.append(gid)
-                continue
-            entry = latest.setdefault(sid, [0, [], None])
-            if hlc >= entry[0]:
-                entry[0], entry[2] = hlc, rid
-            entry[1].append(gid)
-        records: list = [None] if unsent else []
-        tokens = [Outgoing(info.name, None, {}, tuple(unsent))] if unsent else []
-        for sid, (hlc, gids, rid) in latest.items():
-            records.append(self._tombstone_record(info, sid, hlc))
-            tokens.append(Outgoing(info.name, None, {}, tuple(gids), rid))
-        return records, tokens
-
-    def _records_for(self, info: TableInfo, rids: list[int]) -> tuple[list, list]:
-        dirty: dict[int, dict[str, int]] = defaultdict(dict)
-        for row in self.conn.execute(
-                "SELECT rid, col, hlc FROM _ccsync_dirty WHERE tbl = ? AND rid BETWEEN ? AND ?",
-                (info.name, rids[0], rids[-1])).fetchall():
-            dirty[row["rid"]][row["col"]] = row["hlc"]
-        rows = {row["_rid"]: row for row in self._by_rowid(info.name, "*", rids)}
-        present = [rows[r] for r in rids if r in rows]
-        wire = dict(zip((r["_rid"] for r in present), self._wire_rows(info, present)))
-        records, tokens = [], []
-        for rid in rids:
-            cells = dirty.get(rid, {})
-            if rid in rows and rows[rid]["sync_id"] is None:
-                continue                       # inserted after stamping: next sync
-            record = None                      # a row gone (its delete went on its own)
-            if rid in rows and not self._skip_row(info, rows[rid]):
-                record = self._row_record(info, rows[rid], wire[rid], cells)
-            tokens.append(Outgoing(info.name, rid, cells))
-            records.append(record)
-        return records, tokens
-
-    def _row_record(self, info: TableInfo, row: sqlite3.Row, values: dict,
-                    cells: dict) -> dict | None:
-        sid = row["sync_id"]
-        shadow = self._shadow(info.name, sid)
-        new_row = INSERTED in cells or shadow is None
-        base = cells.get(INSERTED, 0)
-        if new_row:
-            clocks = {c: max(base, cells.get(c, 0)) for c in info.tracked}
-        else:
-            clocks = {c: cells[c] for c in info.tracked if c in cells}
-        if not clocks:
-            return None                    # only its rowid changed: nothing to send
-        return {
-            "t": info.name, "id": sid, "dev": self.device_id, "c": clocks,
-            "p": {"v": {c: values[c] for c in clocks},
-                  "l": {c: values[c] for c in info.local},
-                  "k": self._key_wire(info, values, row)},
-        }
-
-    def _key_wire(self, info: TableInfo, values: dict, row: sqlite3.Row) -> dict:
-        return {c: values[c] if c in values else encode_value(row[c])
-                for c in info.spec.key if c in info.columns}
-
-    def _tombstone_record(self, info: TableInfo, sid: str, hlc: int) -> dict:
-        shadow = self._shadow(info.name, sid)
-        key = {c: shadow[1].get(c) for c in info.spec.key} if shadow else {}
-        return {"t": info.name, "id": sid, "dev": self.device_id, "c": {TOMBSTONE: hlc},
-                "p": {"v": {}, "l": {}, "k": key}}
-
-    def _shadow(self, table: str, sid: str) -> tuple[int | None, dict, dict] | None:
-        row = self.conn.execute("SELECT rid, vals, clocks FROM _ccsync_shadow "
-                                "WHERE tbl = ? AND sid = ?", (table, sid)).fetchone()
-        return None if row is None else (row[0], json.loads(row[1]), json.loads(row[2]))
-
-    def _put_shadow(self, table: str, sid: str, rid: int | None, vals: dict, clocks: dict) -> None:
-        self.conn.execute("INSERT OR REPLACE INTO _ccsync_shadow (tbl, sid, rid, vals, clocks) "
-                          "VALUES (?, ?, ?, ?, ?)",
-                          (table, sid, rid, json.dumps(vals, separators=(",", ":")),
-                           json.dumps(clocks, separators=(",", ":"))))
-
-    def reseed_records(self, after: tuple[str, str] | None = None,
-                       limit: int = PUSH_BATCH) -> tuple[list[dict], tuple[str, str] | None]:
-        """The synced state (shadow) as records with their original clocks.
-
-        Used when the server's store is new (rebuilt, or another server): every
-        device hands back what it knows, and per-column clocks merge it as before.
-        Returns (records, next position or None when done).
-        """
-        lower = after or ("", "")
-        rows = self.conn.execute(
-            "SELECT tbl, sid, vals, clocks FROM _ccsync_shadow WHERE (tbl, sid) > (?, ?) "
-            "ORDER BY tbl, sid LIMIT ?", (*lower, limit)).fetchall()
-        records = []
-        for table, sid, vals, clocks in rows:
-            info, vals = self.tables().get(table), json.loads(vals)
-            if info is not None and not self._skip_row(info, vals):
-                records += self._shadow_records(info, sid, vals, json.loads(clocks))
-        return records, ((rows[-1][0], rows[-1][1]) if len(rows) == limit else None)
-
-    def _shadow_records(self, info: TableInfo, sid: str, vals: dict, clocks: dict) -> list[dict]:
-        by_device: dict[str, dict[str, int]] = defaultdict(dict)
-        for col, (hlc, dev) in clocks.items():
-            if col == TOMBSTONE or col in vals:
-                by_device[dev][col] = hlc
-        payload_l = {c: vals[c] for c in info.local if c in vals}
-        payload_k = {c: vals[c] for c in info.spec.key if c in vals}
-        return [{"t": info.name, "id": sid, "dev": dev, "c": cells,
-                 "p": {"v": {c: vals[c] for c in cells if c != TOMBSTONE},
-                       "l": payload_l, "k": payload_k}}
-                for dev, cells in by_device.items()]
-
-    def server_changed(self, store_id: Any) -> bool:
-        """True when the server's store differs from the one this device synced with.
-
-        The first store seen is remembered; later ones count as a change.
-        """
-        if not isinstance(store_id, str) or not store_id:
-            return False
-        known = self.meta("server_store")
-        if known is None:
-            with self._write():
-                self.set_meta("server_store", store_id)
-            return False
-        return known != store_id
-
-    def adopt_server(self, store_id: str) -> None:
-        """Start over with a new server store: cursor 0, remember its id."""
+    def remove(self) -> None:
+        """Take out everything ccsync added except cc's sync_id/synced_at columns."""
         with self._write():
-            self.set_meta("server_store", store_id)
-            self.set_meta("cursor", "0")
+            for name, kind in self.conn.execute(
+                    "SELECT name, type FROM sqlite_master WHERE type IN ('trigger', 'index') "
+                    "AND name LIKE '\\_ccsync\\_%' ESCAPE '\\'").fetchall():
+                self.conn.execute(f"DROP {kind.upper()} IF EXISTS {_q(name)}")
+            for name in BOOKKEEPING_TABLES + RETIRED_TABLES:
+                self.conn.execute(f"DROP TABLE IF EXISTS {_q(name)}")
+        self._tables = None
 
-    # -- acknowledgement -------------------------------------------------
+    def remove_triggers(self) -> int:
+        """Drop only the capture triggers (before ``ALTER TABLE ... DROP COLUMN``).
 
-    def ack(self, batch: Batch, results: list[dict],
-            cursor: int | None = None) -> tuple[Counter, Counter]:
-        """Settle a pushed batch: clear what the server took, keep refusals pending.
-
-        ``results`` has one entry per non-None record, in order.  A row edited
-        again while the push was in flight stays dirty (its clock is newer).
-        Returns (counts by status, counts of refusal reasons).
+        The next :meth:`prepare` (``stamp`` or a sync) puts them back and
+        records what changed meanwhile, timed when it is found.  Returns how
+        many triggers were dropped.
         """
-        sent = [(r, t) for r, t in zip(batch.records, batch.tokens) if r is not None]
-        if len(results) != len(sent):
-            raise RemoteError("server answered a push with the wrong number of results")
-        counts: Counter = Counter()
-        reasons: Counter = Counter()
-        stamp = iso_utc(self.clock)
-        settled = [(None, t, None) for r, t in zip(batch.records, batch.tokens) if r is None]
+        with self._write():
+            names = [n for (n,) in self.conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'trigger' "
+                "AND name LIKE '\\_ccsync\\_%' ESCAPE '\\'").fetchall()]
+            for name in names:
+                self.conn.execute(f"DROP TRIGGER IF EXISTS {_q(name)}")
+        return len(names)
 
-        def settle(item: tuple) -> None:
-            record, token, result = item
-            if record is None:                 # nothing to send (a local-only row)
-                self._clear_outgoing(token)
-                return
-            status = result.get("status") if isinstance(result, dict) else None
-            counts[status] += 1
-            if status in ("accepted", "superseded"):
-                self._settle_sent(record, token, status, stamp)
-            else:
-                reason = str(result.get("reason") if isinstance(result, dict) else "")[:200]
-                reasons[reason or "refused"] += 1
-                self.conn.execute(
-                    "INSERT OR REPLACE INTO _ccsync_refused (tbl, sid, reason, at) "
-                    "VALUES (?, ?, ?, ?)", (token.table, record["id"], reason or "refused", stamp))
 
-        items = settled + [(r, t, res) for (r, t), res in zip(sent, results)]
-        self._sliced(items, settle, quiet=True,
-                     last=(lambda: self.set_meta("cursor", str(cursor))) if cursor is not None
-                     else None)
-        return counts, reasons
+class RowWriter(Capture):
+    """Make a table row match its synced state: insert, update or delete it,
+    keep a deleted row that a live row needs, resolve and re-link references,
+    and retry rows that wait for a parent."""
 
-    def _clear_outgoing(self, token: Outgoing) -> None:
-        if token.rid is not None:
-            self._clear_dirty(token.table, token.rid, token.cells)
-        self.conn.executemany("DELETE FROM _ccsync_gone WHERE rowid = ?",
-                              [(gid,) for gid in token.gone])
+    def _materialize(self, info: TableInfo, sid: str, cols: list[str] | None,
+                     keep: bool = False, rowid: int | None = None) -> int | None:
+        """Make the table row match the shadow for ``cols`` (all, if None); its rowid.
 
-    def _settle_sent(self, record: dict, token: Outgoing, status: str, stamp: str) -> None:
-        table, sid = token.table, record["id"]
-        self._clear_outgoing(token)
-        rid = token.rid if token.rid is not None else self._rid_for_sid(table, sid)
-        self._settle_shadow(record, rid)
-        self.conn.execute("DELETE FROM _ccsync_refused WHERE tbl = ? AND sid = ?", (table, sid))
-        if TOMBSTONE not in record["c"]:
-            self.conn.execute(f"UPDATE {_q(table)} SET synced_at = ? WHERE rowid = ?",
-                              (stamp, token.rid))
-        elif status == "accepted" and rid is None:
-            self._after_local_delete(table, sid, token.deleted_rid)
-
-    def _after_local_delete(self, table: str, sid: str, rid: int | None) -> None:
-        # The same rules other devices apply to this delete: a row that live
-        # rows still need comes back (same rowid); nullable references read NULL.
-        if rid is None or self._rid_for_sid(table, sid) is not None:
-            return
-        if self._needed_by_children(table, rid):
-            self._materialize(self.tables()[table], sid, None, keep=True, rowid=rid)
+        Deletes it if a tombstone is the latest edit -- unless a live row needs
+        it as its parent (or ``keep``): then it stays, so every device keeps
+        the same rows.  Inserts it if new here, and parks unresolved references
+        in ``_ccsync_pending`` for later.
+        """
+        _rid, vals, clocks = self._shadow(info.name, sid)
+        rid = self._rid_for_sid(info.name, sid)
+        local_cells = self._dirty_cells(info.name, rid, sid)
+        deleted = is_deleted({c: latest(clocks.get(c), local_cells.get(c))
+                              for c in {*clocks, *local_cells}})
+        if deleted and not keep and not self._needed_by_children(info.name, rid):
+            if rid is not None:
+                self._null_references_to(info.name, rid)
+                self.conn.execute(f"DELETE FROM {_q(info.name)} WHERE rowid = ?", (rid,))
+                self.conn.execute("DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ?",
+                                  (info.name, rid))
+                self.conn.execute("UPDATE _ccsync_shadow SET rid = NULL WHERE tbl = ? "
+                                  "AND sid = ?", (info.name, sid))
+            self.conn.execute("DELETE FROM _ccsync_pending WHERE tbl = ? AND sid = ?",
+                              (info.name, sid))
+            return None
+        # Only a write of every reference settles a row waiting for a parent
+        # (a later edit of one column must not drop a queued re-link).
+        refs = {c for c in (*info.spec.refs, *info.spec.list_refs) if c in info.columns}
+        settles = rid is None or cols is None or refs - set(local_cells) <= set(cols)
+        if rid is None:
+            cols = [c for c in info.tracked if c in vals]
+        elif cols is None:
+            cols = [c for c in info.tracked if c in vals and c not in local_cells]
         else:
-            self._null_references_to(table, rid)
+            cols = [c for c in cols if c in vals and c in info.tracked]
+        values, unresolved = {}, False
+        for col in cols:
+            value = self._incoming_value(info, col, vals[col])
+            if isinstance(value, tuple) and value and value[0] is self._UNRESOLVED:
+                unresolved, value = True, value[1]
+            if value is self._UNRESOLVED:
+                unresolved = True
+                if col in info.required and rid is None:
+                    self._mark_pending(info.name, sid)
+                    return None       # a row needing its parent waits for it
+                value = None
+            if value is not self._KEEP:
+                values[col] = value
+        twin = self._key_twin(info, rid, values)
+        if twin is not None:          # this write would give the row another's key
+            if self._meet(info, sid, rid, *twin) == sid:
+                return self._materialize(info, sid, None)
+            return twin[0]
+        if rid is None:
+            rid = self._insert_row(info, sid, vals, values, rowid)
+            self._put_shadow(info.name, sid, rid, vals, clocks)
+            if TOMBSTONE in clocks:
+                self._relink_children(info.name, sid)
+        elif values:
+            sets = ", ".join(f"{_q(c)} = ?" for c in values)
+            self.conn.execute(f"UPDATE {_q(info.name)} SET {sets}, synced_at = ? WHERE rowid = ?",
+                              [*values.values(), iso_utc(self.clock), rid])
+        if unresolved:
+            self._mark_pending(info.name, sid)
+        elif deleted:                 # kept for its children: re-checked after each pull
+            self._mark_pending(info.name, sid, "keep")
+        elif settles:
+            self.conn.execute("DELETE FROM _ccsync_pending WHERE tbl = ? AND sid = ?",
+                              (info.name, sid))
+        return rid
 
-    def _clear_dirty(self, table: str, rid: int, cells: dict[str, int]) -> None:
-        self.conn.executemany(
-            "DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ? AND col = ? AND hlc <= ?",
-            [(table, rid, col, hlc) for col, hlc in cells.items()])
+    def _needed_by_children(self, table: str, rid: int | None) -> bool:
+        """True when a live row holds ``rid`` in a required (e.g. NOT NULL) reference."""
+        if rid is None:
+            return False
+        for spec, col in self._child_refs(table):
+            child = self.tables().get(spec.name)
+            if child is not None and col in child.required and self.conn.execute(
+                    f"SELECT 1 FROM {_q(spec.name)} WHERE {_q(col)} = ? LIMIT 1",
+                    (rid,)).fetchone():
+                return True
+        return False
 
-    def _settle_shadow(self, record: dict, rid: int) -> None:
-        old = self._shadow(record["t"], record["id"])
-        vals, clocks = (old[1], old[2]) if old else ({}, {})
-        merge_cells(vals, clocks, record["p"]["v"],
-                    {col: [hlc, record["dev"]] for col, hlc in record["c"].items()})
-        vals.update(record["p"]["l"])
-        self._put_shadow(record["t"], record["id"], rid, vals, clocks)
+    def _null_references_to(self, table: str, rid: int) -> None:
+        # A nullable reference to a deleted row reads as NULL on every device.
+        for spec, col in self._child_refs(table):
+            child = self.tables().get(spec.name)
+            if child is not None and col in child.columns and col not in child.required:
+                self.conn.execute(f"UPDATE {_q(spec.name)} SET {_q(col)} = NULL "
+                                  f"WHERE {_q(col)} = ?", (rid,))
 
-    # -- merge (incoming) ------------------------------------------------
+    def _incoming_value(self, info: TableInfo, col: str, value: Any) -> Any:
+        """:meth:`_local_value`, bringing back a deleted row that a required
+        reference names (so no live row loses its parent)."""
+        local = self._local_value(info, col, value)
+        parent = info.spec.refs.get(col)
+        if local is self._UNRESOLVED and parent and self._is_dead(parent, value):
+            return self._revive(parent, value) or self._UNRESOLVED
+        return local
+
+    def _revive(self, table: str, sid: str) -> int | None:
+        """Bring back a deleted row that a live row needs as its parent."""
+        info = self.tables().get(table)
+        if info is None or self._shadow(table, sid) is None:
+            return None
+        return self._materialize(info, sid, None, keep=True)
+
+    def _insert_row(self, info: TableInfo, sid: str, vals: dict, values: dict,
+                    rowid: int | None = None) -> int:
+        row = dict(values)
+        if rowid is not None and info.pk:
+            row[info.pk] = rowid
+        for col in info.local:
+            if vals.get(col) is not None:
+                row[col] = decode_value(vals[col])
+        for col in info.notnull:
+            if col != info.pk and row.get(col) is None:
+                numeric = any(t in info.types.get(col, "") for t in ("INT", "REAL", "BOOL", "NUM"))
+                row[col] = 0 if numeric else ""
+        row["sync_id"], row["synced_at"] = sid, iso_utc(self.clock)
+        try:
+            with transaction(self.conn):
+                return self._insert(info.name, row)
+        except sqlite3.IntegrityError:
+            hinted = [c for c in info.local if vals.get(c) is not None]
+            if not hinted:
+                raise
+        # Another device's path collides with a UNIQUE path here: the hint was
+        # only a starting point, so mark it for `resolve` instead.
+        for col in hinted:
+            row[col] = f"{row[col]} (from another device, {sid[:8]})" \
+                if col in info.notnull else None
+        return self._insert(info.name, row)
+
+    def _insert(self, table: str, row: dict) -> int:
+        cols = ", ".join(_q(c) for c in row)
+        marks = ", ".join("?" * len(row))
+        cur = self.conn.execute(f"INSERT INTO {_q(table)} ({cols}) VALUES ({marks})",
+                                list(row.values()))
+        return cur.lastrowid
+
+    def resolve_pending(self) -> int:
+        """Retry rows whose references waited for a parent; returns how many remain.
+
+        Run once after the last page of a pull (retrying after every page
+        would cost pages x pending rows), in lock slices.
+        """
+        if not self.installed():
+            return 0
+        pending = self.conn.execute("SELECT tbl, sid, kind FROM _ccsync_pending").fetchall()
+        # Waiting rows parents first (a child needs its parent written); deleted
+        # rows kept for their children children first (a parent can go once
+        # the kept child that needed it went).
+        pending.sort(key=lambda r: (r[2] == "keep", (-1 if r[2] == "keep" else 1)
+                                    * TABLE_ORDER.get(r[0], len(SPEC))))
+        self._sliced(pending, lambda row: self._retry_pending(row[0], row[1]), quiet=True)
+        return self.pending_references()
+
+    def _retry_pending(self, table: str, sid: str) -> None:
+        info = self.tables().get(table)
+        if info is None or self._shadow(table, sid) is None:
+            self.conn.execute("DELETE FROM _ccsync_pending WHERE tbl = ? AND sid = ?",
+                              (table, sid))
+            return
+        refs = [c for c in (*info.spec.refs, *info.spec.list_refs) if c in info.columns]
+        try:
+            with transaction(self.conn):
+                rid = self._rid_for_sid(table, sid)
+                self._materialize(info, sid, None if rid is None else
+                                  [c for c in refs if c not in self._dirty_cells(table, rid)])
+        except Exception as exc:               # noqa: BLE001 -- stays pending, retried later
+            if environment_error(exc):
+                raise
+            LOG.info("row %s/%s still cannot be written here: %s", table, sid, exc)
+
+    def pending_references(self) -> int:
+        """How many rows still wait for a parent that has not arrived."""
+        if not self.installed():
+            return 0
+        return self.conn.execute("SELECT count(*) FROM _ccsync_pending WHERE kind = 'ref'"
+                                 ).fetchone()[0]
+
+
+class Incoming(RowWriter):
+    """Merge pulled records: per column the later edit wins (merge rules), a
+    record that cannot apply is refused on its own and kept for later."""
 
     def apply_page(self, records: list, cursor: int | None) -> ApplyResult:
         """Merge one page of incoming records, then advance the cursor.
@@ -2095,7 +2312,7 @@ class Store:
             return result             # nothing new: no write lock for nothing
         ordered = sorted(records, key=_table_rank)
         self._sliced(ordered, lambda raw: self._apply_one(raw, result), quiet=True,
-                     last=(lambda: self.set_meta("cursor", str(cursor))) if cursor is not None
+                     last=(lambda: self._set_cursor(cursor)) if cursor is not None
                      else None)
         return result
 
@@ -2235,42 +2452,11 @@ class Store:
                 refusal.keep = False
                 raise refusal
 
-    def _dirty_cells(self, table: str, rid: int | None, sid: str | None = None) -> dict[str, list]:
-        """This device's pending cells for a row, as cell clocks.
-
-        A row deleted here is found by its sync_id (its rowid is gone).
-        """
-        cells = {}
-        if rid is not None:
-            cells = {r[0]: [r[1], self.device_id] for r in self.conn.execute(
-                "SELECT col, hlc FROM _ccsync_dirty WHERE tbl = ? AND rid = ?", (table, rid))}
-        elif sid is not None:
-            row = self.conn.execute("SELECT max(hlc) FROM _ccsync_gone WHERE tbl = ? AND sid = ?",
-                                    (table, sid)).fetchone()
-            if row[0] is not None:
-                cells[TOMBSTONE] = [row[0], self.device_id]
-        if INSERTED in cells:
-            inserted = cells.pop(INSERTED)
-            for col in self.tables()[table].tracked:
-                if col not in cells or newer(inserted, cells[col]):
-                    cells[col] = inserted
-        return cells
-
     def _settle_local_delete(self, table: str, sid: str, tomb: list | None,
                              stamps: list[list]) -> None:
         # A pending delete made here loses to any later remote edit or delete.
         if tomb is not None and any(newer(stamp, tomb) for stamp in stamps):
             self.conn.execute("DELETE FROM _ccsync_gone WHERE tbl = ? AND sid = ?", (table, sid))
-
-    def _expand_inserted(self, table: str, columns: Iterable[str],
-                         rid: int | None = None) -> None:
-        """Turn pending inserts (of one row, or all) into cells of ``columns``."""
-        where = "tbl = ? AND col = ?" + ("" if rid is None else " AND rid = ?")
-        args = (table, INSERTED) + (() if rid is None else (rid,))
-        self.conn.execute(f"INSERT OR IGNORE INTO _ccsync_dirty (tbl, rid, col, hlc) "
-                          f"SELECT tbl, rid, c.value, hlc FROM _ccsync_dirty, json_each(?) c "
-                          f"WHERE {where}", (json.dumps(list(columns)), *args))
-        self.conn.execute(f"DELETE FROM _ccsync_dirty WHERE {where}", args)
 
     def _drop_dirty_cells(self, table: str, rid: int, won: list[str], info: TableInfo) -> None:
         # Expand a pending insert into per-column cells first, so only the
@@ -2279,429 +2465,277 @@ class Store:
         self.conn.executemany("DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ? AND col = ?",
                               [(table, rid, c) for c in won if c != TOMBSTONE])
 
-    def _materialize(self, info: TableInfo, sid: str, cols: list[str] | None,
-                     keep: bool = False, rowid: int | None = None) -> int | None:
-        """Make the table row match the shadow for ``cols`` (all, if None); its rowid.
 
-        Deletes it if a tombstone is the latest edit -- unless a live row needs
-        it as its parent (or ``keep``): then it stays, so every device keeps
-        the same rows.  Inserts it if new here, and parks unresolved references
-        in ``_ccsync_pending`` for later.
+class Sending(Incoming):
+    """Pending changes as records to push, and settling what the server said."""
+
+    def pending(self) -> dict[str, dict[str, int]]:
+        """Pending local changes per table: {"insert": n, "update": n, "delete": n}.
+
+        Read-only; before the first ``stamp`` every row counts as an insert.
         """
-        _rid, vals, clocks = self._shadow(info.name, sid)
-        rid = self._rid_for_sid(info.name, sid)
-        local_cells = self._dirty_cells(info.name, rid, sid)
-        deleted = is_deleted({c: latest(clocks.get(c), local_cells.get(c))
-                              for c in {*clocks, *local_cells}})
-        if deleted and not keep and not self._needed_by_children(info.name, rid):
-            if rid is not None:
-                self._null_references_to(info.name, rid)
-                self.conn.execute(f"DELETE FROM {_q(info.name)} WHERE rowid = ?", (rid,))
-                self.conn.execute("DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ?",
-                                  (info.name, rid))
-                self.conn.execute("UPDATE _ccsync_shadow SET rid = NULL WHERE tbl = ? "
-                                  "AND sid = ?", (info.name, sid))
-            self.conn.execute("DELETE FROM _ccsync_pending WHERE tbl = ? AND sid = ?",
-                              (info.name, sid))
-            return None
-        # Only a write of every reference settles a row waiting for a parent
-        # (a later edit of one column must not drop a queued re-link).
-        refs = {c for c in (*info.spec.refs, *info.spec.list_refs) if c in info.columns}
-        settles = rid is None or cols is None or refs - set(local_cells) <= set(cols)
-        if rid is None:
-            cols = [c for c in info.tracked if c in vals]
-        elif cols is None:
-            cols = [c for c in info.tracked if c in vals and c not in local_cells]
-        else:
-            cols = [c for c in cols if c in vals and c in info.tracked]
-        values, unresolved = {}, False
-        for col in cols:
-            value = self._local_value(info, col, vals[col])
-            if isinstance(value, tuple) and value and value[0] is self._UNRESOLVED:
-                unresolved, value = True, value[1]
-            if value is self._UNRESOLVED:
-                unresolved = True
-                if col in info.required and rid is None:
-                    self._mark_pending(info.name, sid)
-                    return None       # a row needing its parent waits for it
-                value = None
-            if value is not self._KEEP:
-                values[col] = value
-        twin = self._key_twin(info, rid, values)
-        if twin is not None:          # this write would give the row another's key
-            if self._meet(info, sid, rid, *twin) == sid:
-                return self._materialize(info, sid, None)
-            return twin[0]
-        if rid is None:
-            rid = self._insert_row(info, sid, vals, values, rowid)
-            self._put_shadow(info.name, sid, rid, vals, clocks)
-            if TOMBSTONE in clocks:
-                self._relink_children(info.name, sid)
-        elif values:
-            sets = ", ".join(f"{_q(c)} = ?" for c in values)
-            self.conn.execute(f"UPDATE {_q(info.name)} SET {sets}, synced_at = ? WHERE rowid = ?",
-                              [*values.values(), iso_utc(self.clock), rid])
-        if unresolved:
-            self._mark_pending(info.name, sid)
-        elif deleted:                 # kept for its children: re-checked after each pull
-            self._mark_pending(info.name, sid, "keep")
-        elif settles:
-            self.conn.execute("DELETE FROM _ccsync_pending WHERE tbl = ? AND sid = ?",
-                              (info.name, sid))
-        return rid
-
-    def _key_twin(self, info: TableInfo, rid: int | None,
-                  values: dict) -> tuple[int, str | None] | None:
-        """Another local row that has the natural key this row is about to get."""
-        cols = [c for c in info.spec.key if c in info.columns]
-        if not cols or not any(c in values for c in cols):
-            return None
-        current = self.conn.execute(f"SELECT * FROM {_q(info.name)} WHERE rowid = ?",
-                                    (rid,)).fetchone() if rid is not None else None
-        key = [values[c] if c in values else (current[c] if current else None) for c in cols]
-        if all(v is None for v in key):
-            return None
-        where = " AND ".join(f"{_q(c)} IS ?" for c in cols)
-        row = self.conn.execute(f"SELECT rowid, sync_id FROM {_q(info.name)} WHERE {where} "
-                                f"AND rowid IS NOT ?", (*key, rid)).fetchone()
-        return None if row is None else (row[0], row[1])
-
-    # -- identity ---------------------------------------------------------
-    # A keyed row's id is its key's (row_identity): rows created apart are one
-    # row, and a row whose key changes takes its new key's id.  Ids stamped
-    # otherwise (older ccsync, another tool) move to their key's at a sync.
-
-    def _key_sid(self, info: TableInfo, row: Any, values: dict) -> str | None:
-        """The id a row's current natural key derives (None: no usable key here)."""
-        cols = info.spec.key
-        if not cols or any(c not in info.columns for c in cols):
-            return None
-        return row_identity(info.name, {c: values[c] if c in values else encode_value(row[c])
-                                        for c in cols}, cols)
-
-    def _settle_identity(self) -> int:
-        """Move rows whose natural key changed (a rename, a re-keyed parent) to
-        their new key's id; returns how many moved.  Parents first: a child's
-        key names its parent's id."""
-        moved = 0
-        every = self.meta("identity") == "all"
+        counts = {}
+        installed = self.installed()
         for info in self.tables().values():
-            if not info.spec.key or any(c not in info.columns for c in info.spec.key):
+            counts[info.name] = c = {"insert": 0, "update": 0, "delete": 0}
+            if not installed:
+                for row in self.conn.execute(f"SELECT * FROM {_q(info.name)}").fetchall():
+                    c["insert"] += not self._skip_row(info, row)
                 continue
-            if every:
-                query, args = (f"SELECT rowid FROM {_q(info.name)} WHERE sync_id IS NOT NULL",
-                               ())
+            query = (f"SELECT d.rid, group_concat(d.col, char(31)) AS cols, "
+                     f"t.rowid IS NOT NULL AS present, s.sid IS NOT NULL AS synced, t.* "
+                     f"FROM _ccsync_dirty d LEFT JOIN {_q(info.name)} t ON t.rowid = d.rid "
+                     f"LEFT JOIN _ccsync_shadow s ON s.tbl = d.tbl AND s.sid = t.sync_id "
+                     f"WHERE d.tbl = ? GROUP BY d.rid")
+            for row in self.conn.execute(query, (info.name,)).fetchall():
+                cols = set(row["cols"].split("\x1f")) - {MOVED}
+                if cols and row["present"] and not self._skip_row(info, row):
+                    c["update" if row["synced"] and INSERTED not in cols else "insert"] += 1
+            c["delete"] = sum(1 for sid, key in self.conn.execute(
+                "SELECT sid, max(key) FROM _ccsync_gone WHERE tbl = ? AND sid IS NOT NULL "
+                "GROUP BY sid", (info.name,)).fetchall() if self._tombstone_wanted(info, sid, key))
+        return counts
+
+    def refused(self) -> list[dict[str, str]]:
+        """Rows the server refused, with the reason (they stay pending)."""
+        if not self.installed():
+            return []
+        return [dict(r) for r in self.conn.execute(
+            'SELECT tbl AS "table", sid AS sync_id, reason, at FROM _ccsync_refused '
+            "ORDER BY tbl, sid")]
+
+    def _tombstone_wanted(self, info: TableInfo, sid: str, key: str | None = None) -> bool:
+        # A setting never synced may be a secret: send its id only when its
+        # name (kept by the delete trigger) is known to sync.
+        if info.name != "setting" or self._shadow(info.name, sid) is not None:
+            return True
+        name = self._gone_key(info, key).get("name")
+        return isinstance(name, str) and self._setting_syncs(name)
+
+    def capture(self, after: tuple[int, int, int] | None = None,
+                limit: int = PUSH_BATCH) -> Batch:
+        """Up to ``limit`` pending deletes or rows as outgoing records, after ``after``.
+
+        Per table, deletes come first, then edited rows; the position is a
+        keyset (table, part, last id).  Reads only; ack() settles what the
+        server said about them.
+        """
+        tables = list(self.tables().values())
+        start = tuple(after) if after else (0, 0, -(2 ** 63))
+        for index in range(start[0], len(tables)):
+            info = tables[index]
+            for part in (0, 1):
+                if (index, part) < start[:2]:
+                    continue
+                lower = start[2] if (index, part) == start[:2] else -(2 ** 63)
+                if part == 0:
+                    rows = self.conn.execute(
+                        "SELECT rowid, sid, key, hlc, rid FROM _ccsync_gone WHERE tbl = ? AND "
+                        "rowid > ? ORDER BY rowid LIMIT ?", (info.name, lower, limit)).fetchall()
+                    if rows:
+                        return Batch(*self._gone_records(info, rows), (index, 0, rows[-1][0]))
+                    continue
+                rids = [r[0] for r in self.conn.execute(
+                    "SELECT DISTINCT rid FROM _ccsync_dirty WHERE tbl = ? AND rid > ? "
+                    "ORDER BY rid LIMIT ?", (info.name, lower, limit))]
+                if rids:
+                    return Batch(*self._records_for(info, rids), (index, 1, rids[-1]))
+        return Batch([], [], None)
+
+    def _gone_records(self, info: TableInfo, rows: list) -> tuple[list, list]:
+        """One tombstone per deleted sync_id (the latest delete), settling the rest."""
+        latest: dict[str, list] = {}
+        unsent = []
+        for gid, sid, key, hlc, rid in rows:
+            # A row live here under that sync_id came back (re-created, which
+            # sends the row itself) or was never gone: a table renamed aside
+            # takes its triggers along, and a natural id may name a renamed row.
+            if sid is None or self._rid_for_sid(info.name, sid) is not None \
+                    or not self._tombstone_wanted(info, sid, key):
+                unsent.append(gid)
+                continue
+            entry = latest.setdefault(sid, [0, [], None])
+            if hlc >= entry[0]:
+                entry[0], entry[2] = hlc, rid
+            entry[1].append(gid)
+        records: list = [None] if unsent else []
+        tokens = [Outgoing(info.name, None, {}, tuple(unsent))] if unsent else []
+        for sid, (hlc, gids, rid) in latest.items():
+            records.append(self._tombstone_record(info, sid, hlc))
+            tokens.append(Outgoing(info.name, None, {}, tuple(gids), rid))
+        return records, tokens
+
+    def _records_for(self, info: TableInfo, rids: list[int]) -> tuple[list, list]:
+        dirty: dict[int, dict[str, int]] = defaultdict(dict)
+        for row in self.conn.execute(
+                "SELECT rid, col, hlc FROM _ccsync_dirty WHERE tbl = ? AND rid BETWEEN ? AND ?",
+                (info.name, rids[0], rids[-1])).fetchall():
+            dirty[row["rid"]][row["col"]] = row["hlc"]
+        rows = {row["_rid"]: row for row in self._by_rowid(info.name, "*", rids)}
+        present = [rows[r] for r in rids if r in rows]
+        wire = dict(zip((r["_rid"] for r in present), self._wire_rows(info, present)))
+        records, tokens = [], []
+        for rid in rids:
+            cells = dirty.get(rid, {})
+            if rid in rows and rows[rid]["sync_id"] is None:
+                continue                       # inserted after stamping: next sync
+            record = None                      # a row gone (its delete went on its own)
+            if rid in rows and not self._skip_row(info, rows[rid]):
+                record = self._row_record(info, rows[rid], wire[rid], cells)
+            tokens.append(Outgoing(info.name, rid, cells))
+            records.append(record)
+        return records, tokens
+
+    def _row_record(self, info: TableInfo, row: sqlite3.Row, values: dict,
+                    cells: dict) -> dict | None:
+        sid = row["sync_id"]
+        shadow = self._shadow(info.name, sid)
+        new_row = INSERTED in cells or shadow is None
+        base = cells.get(INSERTED, 0)
+        if new_row:
+            clocks = {c: max(base, cells.get(c, 0)) for c in info.tracked}
+        else:
+            clocks = {c: cells[c] for c in info.tracked if c in cells}
+        if not clocks:
+            return None                    # only its rowid changed: nothing to send
+        return {
+            "t": info.name, "id": sid, "dev": self.device_id, "c": clocks,
+            "p": {"v": {c: values[c] for c in clocks},
+                  "l": {c: values[c] for c in info.local},
+                  "k": self._key_wire(info, values, row)},
+        }
+
+    def _key_wire(self, info: TableInfo, values: dict, row: sqlite3.Row) -> dict:
+        return {c: values[c] if c in values else encode_value(row[c])
+                for c in info.spec.key if c in info.columns}
+
+    def _tombstone_record(self, info: TableInfo, sid: str, hlc: int) -> dict:
+        shadow = self._shadow(info.name, sid)
+        key = {c: shadow[1].get(c) for c in info.spec.key} if shadow else {}
+        return {"t": info.name, "id": sid, "dev": self.device_id, "c": {TOMBSTONE: hlc},
+                "p": {"v": {}, "l": {}, "k": key}}
+
+    def reseed_records(self, after: tuple[str, str] | None = None,
+                       limit: int = PUSH_BATCH) -> tuple[list[dict], tuple[str, str] | None]:
+        """The synced state (shadow) as records with their original clocks.
+
+        Used when the server's store is new (rebuilt, or another server): every
+        device hands back what it knows, and per-column clocks merge it as before.
+        Returns (records, next position or None when done).
+        """
+        lower = after or ("", "")
+        rows = self.conn.execute(
+            "SELECT tbl, sid, vals, clocks FROM _ccsync_shadow WHERE (tbl, sid) > (?, ?) "
+            "ORDER BY tbl, sid LIMIT ?", (*lower, limit)).fetchall()
+        records = []
+        for table, sid, vals, clocks in rows:
+            info, vals = self.tables().get(table), json.loads(vals)
+            if info is not None and not self._skip_row(info, vals):
+                records += self._shadow_records(info, sid, vals, json.loads(clocks))
+        return records, ((rows[-1][0], rows[-1][1]) if len(rows) == limit else None)
+
+    def _shadow_records(self, info: TableInfo, sid: str, vals: dict, clocks: dict) -> list[dict]:
+        by_device: dict[str, dict[str, int]] = defaultdict(dict)
+        for col, (hlc, dev) in clocks.items():
+            if col == TOMBSTONE or col in vals:
+                by_device[dev][col] = hlc
+        payload_l = {c: vals[c] for c in info.local if c in vals}
+        payload_k = {c: vals[c] for c in info.spec.key if c in vals}
+        return [{"t": info.name, "id": sid, "dev": dev, "c": cells,
+                 "p": {"v": {c: vals[c] for c in cells if c != TOMBSTONE},
+                       "l": payload_l, "k": payload_k}}
+                for dev, cells in by_device.items()]
+
+    def ack(self, batch: Batch, results: list[dict],
+            cursor: int | None = None) -> tuple[Counter, Counter]:
+        """Settle a pushed batch: clear what the server took, keep refusals pending.
+
+        ``results`` has one entry per non-None record, in order.  A row edited
+        again while the push was in flight stays dirty (its clock is newer).
+        Returns (counts by status, counts of refusal reasons).
+        """
+        sent = [(r, t) for r, t in zip(batch.records, batch.tokens) if r is not None]
+        if len(results) != len(sent):
+            raise RemoteError("server answered a push with the wrong number of results")
+        counts: Counter = Counter()
+        reasons: Counter = Counter()
+        stamp = iso_utc(self.clock)
+        settled = [(None, t, None) for r, t in zip(batch.records, batch.tokens) if r is None]
+
+        def settle(item: tuple) -> None:
+            record, token, result = item
+            if record is None:                 # nothing to send (a local-only row)
+                self._clear_outgoing(token)
+                return
+            status = result.get("status") if isinstance(result, dict) else None
+            counts[status] += 1
+            if status in ("accepted", "superseded"):
+                self._settle_sent(record, token, status, stamp)
             else:
-                marks = ",".join("?" * len(info.spec.key))
-                query, args = (f"SELECT DISTINCT rid FROM _ccsync_dirty WHERE tbl = ? "
-                               f"AND col IN ({marks})", (info.name, *info.spec.key))
-            rids = [r[0] for r in self.conn.execute(query, args).fetchall()]
-            moves = self._stale_ids(info, rids)
-            for chunk in _chunks(moves, STAMP_CHUNK):
-                with self._write():
-                    moved += self._move_ids(info, chunk, {rid for rid, _old, _new in moves})
-        if every:
-            with self._write():
-                self.set_meta("identity", None)
-        return moved
-
-    def _stale_ids(self, info: TableInfo, rids: list[int]) -> list[tuple[int, str, str]]:
-        """(rowid, id, its key's id) of the rows whose id is not their key's."""
-        stale = []
-        for chunk in _chunks(rids, STAMP_CHUNK):
-            rows = list(self._by_rowid(info.name, "*", chunk))
-            for row, values in zip(rows, self._wire_rows(info, rows)):
-                if row["sync_id"] is None or self._skip_row(info, row):
-                    continue
-                want = self._key_sid(info, row, values)
-                if want is not None and want != row["sync_id"]:
-                    stale.append((row["_rid"], row["sync_id"], want))
-        return stale
-
-    def _move_ids(self, info: TableInfo, moves: list[tuple[int, str, str]],
-                  moving: set[int]) -> int:
-        # Rows that swapped keys (a -> tmp, b -> a, tmp -> b) each want the
-        # other's id: the holder steps aside to a fresh id first.  A key that
-        # two live rows share (where cc allows it) keeps the second apart.
-        moved = 0
-        for rid, _old, want in moves:
-            current = self.conn.execute(f"SELECT sync_id FROM {_q(info.name)} WHERE rowid = ?",
-                                        (rid,)).fetchone()
-            if current is None or current[0] == want:
-                continue
-            holder = self._rid_for_sid(info.name, want)
-            if holder is not None and holder in moving:
-                self._rekey(info, holder, want, str(uuid.uuid4()))
-                holder = None
-            if holder is None:
-                self._rekey(info, rid, current[0], want)
-                moved += 1
-        return moved
-
-    def _rekey(self, info: TableInfo, rid: int, old: str, new: str) -> None:
-        """Move the row at ``rid`` from id ``old`` to ``new``, its key's.
-
-        ``old`` is deleted as of now.  Under ``new`` the row sends every cell
-        with the time it was edited and its key as of now.  Where ``new`` is
-        known here already (a row deleted, or one that swapped keys with
-        this one), a value that differs from its synced one is an edit made
-        now: the row stays as cc shows it, on every device.  Rows that refer
-        to it send their new reference.
-        """
-        hlc = self._hlc_tick()
-        shadow = self._shadow(info.name, old)
-        mine = self._dirty_cells(info.name, rid)
-        synced = shadow[2] if shadow else {}
-        cells = {c: latest(mine.get(c), synced.get(c)) or [0, self.device_id]
-                 for c in info.tracked}
-        cells.update({c: [hlc, self.device_id] for c in info.spec.key})
-        target = self._shadow(info.name, new)
-        if target is not None:
-            row = self.conn.execute(f"SELECT rowid AS _rid, * FROM {_q(info.name)} "
-                                    f"WHERE rowid = ?", (rid,)).fetchone()
-            values = self._wire_rows(info, [row])[0]
-            for col in info.tracked:
-                same = col in target[1] and target[1][col] == values.get(col)
-                cells[col] = latest(cells[col], target[2].get(col)) if same \
-                    else [hlc, self.device_id]
-        self._suppress(True)
-        self.conn.execute(f"UPDATE {_q(info.name)} SET sync_id = ? WHERE rowid = ?", (new, rid))
-        self._suppress(False)
-        self.conn.execute("DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ?", (info.name, rid))
-        self.conn.execute("UPDATE _ccsync_shadow SET rid = NULL WHERE tbl = ? AND sid = ?",
-                          (info.name, old))
-        self.conn.execute("INSERT INTO _ccsync_gone (tbl, rid, sid, key, hlc) "
-                          "VALUES (?, NULL, ?, NULL, ?)", (info.name, old, hlc))
-        if target is not None:
-            self._relink_if_back(info.name, new, rid)
-            self.conn.execute("UPDATE _ccsync_shadow SET rid = ? WHERE tbl = ? AND sid = ?",
-                              (rid, info.name, new))
-        self._mark_dirty(info.name, rid, {c: clock[0] for c, clock in cells.items()})
-        self._mark_referrers(info, rid, hlc)
-
-    def _meet(self, info: TableInfo, sid: str, rid: int | None, twin_rid: int,
-              twin_sid: str | None) -> str:
-        """Two ids on one natural key here: which one the key's row has.
-
-        The local row is this row if it has no id yet, or if its id is not its
-        key's (it moves to it).  Otherwise the incoming id is the one not
-        derived from the key: its later cells go to the local row and it is
-        deleted (on every device that meets it, so all agree).
-        """
-        if twin_sid is None:                       # not stamped yet: it simply is this row
-            self.conn.execute(f"UPDATE {_q(info.name)} SET sync_id = ? WHERE rowid = ?",
-                              (sid, twin_rid))
-            return sid
-        row = self.conn.execute(f"SELECT rowid AS _rid, * FROM {_q(info.name)} WHERE rowid = ?",
-                                (twin_rid,)).fetchone()
-        want = self._key_sid(info, row, self._wire_rows(info, [row])[0])
-        if want is not None and want != twin_sid and self._rid_for_sid(info.name, want) is None:
-            self._rekey(info, twin_rid, twin_sid, want)
-            if want == sid:
-                return sid
-            twin_sid = want
-        if rid is not None:
-            raise RecordRefused("conflicts with a local row of the same natural key")
-        self._fold(info, sid, twin_rid, twin_sid)
-        return twin_sid
-
-    def _fold(self, info: TableInfo, sid: str, rid: int, into: str) -> None:
-        """The row ``sid`` is the local row ``rid`` (id ``into``): move its later
-        cells there, to be sent under ``into``, and delete ``sid``."""
-        _old_rid, vals, clocks = self._shadow(info.name, sid)
-        target = self._shadow(info.name, into)
-        synced = target[2] if target else {}
-        mine = self._dirty_cells(info.name, rid)
-        current = {c: latest(mine.get(c), synced.get(c)) for c in info.tracked}
-        theirs = {c: clocks[c] for c in info.tracked if c in clocks and c in vals}
-        taken = self._write_cells(info, rid, vals, winning_cells(current, theirs))
-        self._mark_dirty(info.name, rid, {c: theirs[c][0] for c in taken})
-        self.conn.execute("INSERT INTO _ccsync_gone (tbl, rid, sid, key, hlc) "
-                          "VALUES (?, NULL, ?, NULL, ?)", (info.name, sid, self._hlc_tick()))
-        self.conn.execute("DELETE FROM _ccsync_pending WHERE tbl = ? AND sid = ?",
-                          (info.name, sid))
-
-    def _write_cells(self, info: TableInfo, rid: int, vals: dict, cols: list[str]) -> list[str]:
-        """Write synced values of ``cols`` onto the local row (not captured); the
-        columns written (a reference that cannot resolve here keeps the local value)."""
-        values = {}
-        for col in cols:
-            value = self._local_value(info, col, vals[col], revive=False)
-            if value is not self._UNRESOLVED and value is not self._KEEP \
-                    and not isinstance(value, tuple):
-                values[col] = value
-        if values:
-            sets = ", ".join(f"{_q(c)} = ?" for c in values)
-            self._suppress(True)
-            self.conn.execute(f"UPDATE {_q(info.name)} SET {sets} WHERE rowid = ?",
-                              [*values.values(), rid])
-            self._suppress(False)
-        return list(values)
-
-    def _mark_dirty(self, table: str, rid: int, cells: dict[str, int]) -> None:
-        """Record cells of a local row as edited here at the given clocks."""
-        self.conn.executemany(
-            "INSERT OR REPLACE INTO _ccsync_dirty (tbl, rid, col, hlc, sid) "
-            "VALUES (?, ?, ?, ?, NULL)", [(table, rid, c, hlc) for c, hlc in cells.items()])
-
-    def _mark_referrers(self, info: TableInfo, rid: int, hlc: int) -> None:
-        """Rows referring to ``rid`` send their reference again (its id changed)."""
-        for spec, col in self._child_refs(info.name):
-            child = self.tables().get(spec.name)
-            if child is not None and col in child.columns:
+                reason = str(result.get("reason") if isinstance(result, dict) else "")[:200]
+                reasons[reason or "refused"] += 1
                 self.conn.execute(
-                    f"INSERT OR REPLACE INTO _ccsync_dirty (tbl, rid, col, hlc, sid) "
-                    f"SELECT ?, rowid, ?, ?, NULL FROM {_q(spec.name)} WHERE {_q(col)} = ?",
-                    (spec.name, col, hlc, rid))
-        for spec in SPEC:
-            child = self.tables().get(spec.name)
-            for col, target in spec.list_refs.items():
-                if child is None or target != info.name or col not in child.columns:
-                    continue
-                hits = [r for r, text in self.conn.execute(
-                    f"SELECT rowid, {_q(col)} FROM {_q(spec.name)} WHERE {_q(col)} IS NOT NULL")
-                    if rid in (parse_id_list(text) or ([], ""))[0]]
-                self.conn.executemany(
-                    "INSERT OR REPLACE INTO _ccsync_dirty (tbl, rid, col, hlc, sid) "
-                    "VALUES (?, ?, ?, ?, NULL)", [(spec.name, r, col, hlc) for r in hits])
+                    "INSERT OR REPLACE INTO _ccsync_refused (tbl, sid, reason, at) "
+                    "VALUES (?, ?, ?, ?)", (token.table, record["id"], reason or "refused", stamp))
 
-    @staticmethod
-    def _child_refs(table: str) -> Iterator[tuple[TableSpec, str]]:
-        """(child spec, column) for every single-id reference to ``table``."""
-        for spec in SPEC:
-            for col, parent in spec.refs.items():
-                if parent == table:
-                    yield spec, col
+        items = settled + [(r, t, res) for (r, t), res in zip(sent, results)]
+        self._sliced(items, settle, quiet=True,
+                     last=(lambda: self._set_cursor(cursor)) if cursor is not None
+                     else None)
+        return counts, reasons
 
-    def _needed_by_children(self, table: str, rid: int | None) -> bool:
-        """True when a live row holds ``rid`` in a required (e.g. NOT NULL) reference."""
-        if rid is None:
-            return False
-        for spec, col in self._child_refs(table):
-            child = self.tables().get(spec.name)
-            if child is not None and col in child.required and self.conn.execute(
-                    f"SELECT 1 FROM {_q(spec.name)} WHERE {_q(col)} = ? LIMIT 1",
-                    (rid,)).fetchone():
-                return True
-        return False
+    def _clear_outgoing(self, token: Outgoing) -> None:
+        if token.rid is not None:
+            self._clear_dirty(token.table, token.rid, token.cells)
+        self.conn.executemany("DELETE FROM _ccsync_gone WHERE rowid = ?",
+                              [(gid,) for gid in token.gone])
 
-    def _null_references_to(self, table: str, rid: int) -> None:
-        # A nullable reference to a deleted row reads as NULL on every device.
-        for spec, col in self._child_refs(table):
-            child = self.tables().get(spec.name)
-            if child is not None and col in child.columns and col not in child.required:
-                self.conn.execute(f"UPDATE {_q(spec.name)} SET {_q(col)} = NULL "
-                                  f"WHERE {_q(col)} = ?", (rid,))
+    def _settle_sent(self, record: dict, token: Outgoing, status: str, stamp: str) -> None:
+        table, sid = token.table, record["id"]
+        self._clear_outgoing(token)
+        rid = token.rid if token.rid is not None else self._rid_for_sid(table, sid)
+        self._settle_shadow(record, rid)
+        self.conn.execute("DELETE FROM _ccsync_refused WHERE tbl = ? AND sid = ?", (table, sid))
+        if TOMBSTONE not in record["c"]:
+            self.conn.execute(f"UPDATE {_q(table)} SET synced_at = ? WHERE rowid = ?",
+                              (stamp, token.rid))
+        elif status == "accepted" and rid is None:
+            self._after_local_delete(table, sid, token.deleted_rid)
 
-    def _relink_if_back(self, table: str, sid: str, rid: int) -> None:
-        # cc re-created a row deleted here (same key, so the same id): this
-        # device's own children that lost their reference to it get it back.
-        row = self.conn.execute("SELECT rid FROM _ccsync_shadow WHERE tbl = ? AND sid = ?",
-                                (table, sid)).fetchone()
-        if row is not None and row[0] != rid:
-            self._relink_children(table, sid)
-
-    def _relink_children(self, table: str, sid: str) -> None:
-        # A row back from the dead: children whose reference read as NULL retry.
-        for spec, col in self._child_refs(table):
-            if spec.name in self.tables():
-                self.conn.execute(
-                    "INSERT OR IGNORE INTO _ccsync_pending (tbl, sid) SELECT tbl, sid "
-                    "FROM _ccsync_shadow WHERE tbl = ? AND json_extract(vals, ?) = ?",
-                    (spec.name, f'$."{col}"', sid))
-
-    def _revive(self, table: str, sid: str) -> int | None:
-        """Bring back a deleted row that a live row needs as its parent."""
-        info = self.tables().get(table)
-        if info is None or self._shadow(table, sid) is None:
-            return None
-        return self._materialize(info, sid, None, keep=True)
-
-    def _is_dead(self, table: str, sid: str) -> bool:
-        """True when ``sid`` is known here as a deleted row."""
-        shadow = self._shadow(table, sid)
-        return shadow is not None and is_deleted(shadow[2])
-
-    def _insert_row(self, info: TableInfo, sid: str, vals: dict, values: dict,
-                    rowid: int | None = None) -> int:
-        row = dict(values)
-        if rowid is not None and info.pk:
-            row[info.pk] = rowid
-        for col in info.local:
-            if vals.get(col) is not None:
-                row[col] = decode_value(vals[col])
-        for col in info.notnull:
-            if col != info.pk and row.get(col) is None:
-                numeric = any(t in info.types.get(col, "") for t in ("INT", "REAL", "BOOL", "NUM"))
-                row[col] = 0 if numeric else ""
-        row["sync_id"], row["synced_at"] = sid, iso_utc(self.clock)
-        try:
-            with transaction(self.conn):
-                return self._insert(info.name, row)
-        except sqlite3.IntegrityError:
-            hinted = [c for c in info.local if vals.get(c) is not None]
-            if not hinted:
-                raise
-        # Another device's path collides with a UNIQUE path here: the hint was
-        # only a starting point, so mark it for `resolve` instead.
-        for col in hinted:
-            row[col] = f"{row[col]} (from another device, {sid[:8]})" \
-                if col in info.notnull else None
-        return self._insert(info.name, row)
-
-    def _insert(self, table: str, row: dict) -> int:
-        cols = ", ".join(_q(c) for c in row)
-        marks = ", ".join("?" * len(row))
-        cur = self.conn.execute(f"INSERT INTO {_q(table)} ({cols}) VALUES ({marks})",
-                                list(row.values()))
-        return cur.lastrowid
-
-    def _mark_pending(self, table: str, sid: str, kind: str = "ref") -> None:
-        """Retry this row after the pull: 'ref' waits for a parent, 'keep' is a
-        deleted row kept because a live row needs it."""
-        self.conn.execute("INSERT OR REPLACE INTO _ccsync_pending (tbl, sid, kind) "
-                          "VALUES (?, ?, ?)", (table, sid, kind))
-
-    def resolve_pending(self) -> int:
-        """Retry rows whose references waited for a parent; returns how many remain.
-
-        Run once after the last page of a pull (retrying after every page
-        would cost pages x pending rows), in lock slices.
-        """
-        if not self.installed():
-            return 0
-        pending = self.conn.execute("SELECT tbl, sid, kind FROM _ccsync_pending").fetchall()
-        # Waiting rows parents first (a child needs its parent written); deleted
-        # rows kept for their children children first (a parent can go once
-        # the kept child that needed it went).
-        pending.sort(key=lambda r: (r[2] == "keep", (-1 if r[2] == "keep" else 1)
-                                    * TABLE_ORDER.get(r[0], len(SPEC))))
-        self._sliced(pending, lambda row: self._retry_pending(row[0], row[1]), quiet=True)
-        return self.pending_references()
-
-    def _retry_pending(self, table: str, sid: str) -> None:
-        info = self.tables().get(table)
-        if info is None or self._shadow(table, sid) is None:
-            self.conn.execute("DELETE FROM _ccsync_pending WHERE tbl = ? AND sid = ?",
-                              (table, sid))
+    def _after_local_delete(self, table: str, sid: str, rid: int | None) -> None:
+        # The same rules other devices apply to this delete: a row that live
+        # rows still need comes back (same rowid); nullable references read NULL.
+        if rid is None or self._rid_for_sid(table, sid) is not None:
             return
-        refs = [c for c in (*info.spec.refs, *info.spec.list_refs) if c in info.columns]
-        try:
-            with transaction(self.conn):
-                rid = self._rid_for_sid(table, sid)
-                self._materialize(info, sid, None if rid is None else
-                                  [c for c in refs if c not in self._dirty_cells(table, rid)])
-        except Exception as exc:               # noqa: BLE001 -- stays pending, retried later
-            if environment_error(exc):
-                raise
-            LOG.info("row %s/%s still cannot be written here: %s", table, sid, exc)
+        if self._needed_by_children(table, rid):
+            self._materialize(self.tables()[table], sid, None, keep=True, rowid=rid)
+        else:
+            self._null_references_to(table, rid)
 
-    def pending_references(self) -> int:
-        """How many rows still wait for a parent that has not arrived."""
-        if not self.installed():
-            return 0
-        return self.conn.execute("SELECT count(*) FROM _ccsync_pending WHERE kind = 'ref'"
-                                 ).fetchone()[0]
+    def _clear_dirty(self, table: str, rid: int, cells: dict[str, int]) -> None:
+        self.conn.executemany(
+            "DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ? AND col = ? AND hlc <= ?",
+            [(table, rid, col, hlc) for col, hlc in cells.items()])
+
+    def _settle_shadow(self, record: dict, rid: int) -> None:
+        old = self._shadow(record["t"], record["id"])
+        vals, clocks = (old[1], old[2]) if old else ({}, {})
+        merge_cells(vals, clocks, record["p"]["v"],
+                    {col: [hlc, record["dev"]] for col, hlc in record["c"].items()})
+        vals.update(record["p"]["l"])
+        self._put_shadow(record["t"], record["id"], rid, vals, clocks)
+
+
+class Store(Sending):
+    """A device's cc database, seen by ccsync.
+
+    Build one with :func:`open_store`.  ``clock`` returns epoch seconds;
+    ``local_settings`` adds setting names (or globs) that stay on this device.
+
+    The store is built in layers, in the order data flows: :class:`SyncState`,
+    :class:`LocalRows`, :class:`Identity`, :class:`Capture`,
+    :class:`RowWriter`, :class:`Incoming`, :class:`Sending`.
+    """
 
 
 def open_store(path: str, *, clock: Callable[[], float] = time.time,
