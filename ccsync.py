@@ -1757,16 +1757,21 @@ class Capture(Identity):
         meanwhile are found by a full diff against the shadow.  The first
         install backs the database up before changing anything.
         """
-        if not self.installed():
+        first = not self.installed()
+        if first:
             self.backup_path = self._backup()
         with self._write():
             _run_script(self.conn, _BOOKKEEPING_SQL)
+            resumed = first and self._restore_state()
             self._check_device()
             self._add_sync_columns()
             self._migrate_bookkeeping()
             self._drop_stray_triggers()
             for info in self.tables().values():
                 self._install_triggers(info)
+        if resumed:
+            with contextlib.suppress(OSError):
+                os.unlink(self._state_path())
 
     def _backup(self) -> str | None:
         """An online backup of this database beside it (mode 600); its path."""
@@ -2077,8 +2082,14 @@ class Capture(Identity):
                                 (table, rid)).fetchone()
         return row[0] if row else None
 
-    def remove(self) -> None:
-        """Take out everything ccsync added except cc's sync_id/synced_at columns."""
+    def remove(self) -> str | None:
+        """Take out everything ccsync added except cc's sync_id/synced_at columns.
+
+        The synced state is kept beside the database (``<db>.ccsync-state``,
+        mode 600; returns its path), so that a later ``stamp`` finds what cc
+        changed meanwhile (timed when found) instead of starting over.
+        """
+        kept = self._save_state() if self.installed() else None
         with self._write():
             for name, kind in self.conn.execute(
                     "SELECT name, type FROM sqlite_master WHERE type IN ('trigger', 'index') "
@@ -2087,6 +2098,66 @@ class Capture(Identity):
             for name in BOOKKEEPING_TABLES + RETIRED_TABLES:
                 self.conn.execute(f"DROP TABLE IF EXISTS {_q(name)}")
         self._tables = None
+        return kept
+
+    # What a removed install leaves beside the database to resume from.
+    STATE_TABLES = {"_ccsync_shadow": "tbl, sid, rid, vals, clocks", "_ccsync_meta": "key, value",
+                    "_ccsync_clock": "id, hlc, suppress"}
+
+    def _state_path(self) -> str | None:
+        return f"{self.path}.ccsync-state" if self.path else None
+
+    def _save_state(self) -> str | None:
+        target = self._state_path()
+        if target is None:
+            return None
+        temp = _new_private_file(target + ".new")
+        try:
+            dest = sqlite3.connect(temp)
+            try:
+                with dest:
+                    for table, cols in self.STATE_TABLES.items():
+                        dest.execute(f"CREATE TABLE {table} ({cols})")
+                        dest.executemany(
+                            f"INSERT INTO {table} VALUES ({','.join('?' * len(cols.split(',')))})",
+                            self.conn.execute(f"SELECT {cols} FROM {table}"))
+            finally:
+                dest.close()
+            os.replace(temp, target)
+        except (OSError, sqlite3.Error) as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise StoreError(f"cannot keep the synced state beside {self.path} ({exc}); "
+                             f"nothing was removed") from None
+        return target
+
+    def _restore_state(self) -> bool:
+        """On a first install, take back the state a ``stamp --remove`` kept.
+
+        Every table then counts as having had capture off: the full diff
+        finds edits and deletes made meanwhile.  Runs inside the install.
+        """
+        source = self._state_path()
+        if source is None or not os.path.exists(source):
+            return False
+        try:
+            kept = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+            try:
+                rows = {t: kept.execute(f"SELECT {c} FROM {t}").fetchall()
+                        for t, c in self.STATE_TABLES.items()}
+            finally:
+                kept.close()
+        except sqlite3.Error as exc:
+            LOG.warning("ignoring %s: %s", source, exc)
+            return False
+        self.conn.execute("DELETE FROM _ccsync_clock")
+        for table, cols in self.STATE_TABLES.items():
+            self.conn.executemany(
+                f"INSERT OR REPLACE INTO {table} ({cols}) "
+                f"VALUES ({','.join('?' * len(cols.split(',')))})", rows[table])
+        self.conn.execute("UPDATE _ccsync_clock SET suppress = 0")
+        self.conn.execute("DELETE FROM _ccsync_meta WHERE key LIKE 'diff:%'")
+        return True
 
     def remove_triggers(self) -> int:
         """Drop only the capture triggers (before ``ALTER TABLE ... DROP COLUMN``).
@@ -4088,8 +4159,11 @@ def cmd_stamp(args: argparse.Namespace) -> int:
     """stamp [--remove | --remove-triggers]: install change capture and give rows a sync_id."""
     store = _store_from_args(args)
     if args.remove:
-        store.remove()
-        _emit(args, {"removed": True}, ["removed ccsync's triggers and bookkeeping tables"])
+        kept = store.remove()
+        _emit(args, {"removed": True, "state": kept},
+              ["removed ccsync's triggers and bookkeeping tables"]
+              + ([f"kept the synced state in {kept}: the next `ccsync stamp` takes edits made "
+                  f"meanwhile as new ones (delete it to start over)"] if kept else []))
         return EXIT_OK
     if args.remove_triggers:
         count = store.remove_triggers()

@@ -94,7 +94,7 @@ def test_stamp_remove_takes_out_ccsync_but_keeps_sync_ids(tmp_path, capsys):
 
     code, out, _ = run_main(capsys, "stamp", "--remove", "--db", str(db), "--json")
 
-    assert code == 0 and json.loads(out) == {"removed": True}
+    assert code == 0 and json.loads(out) == {"removed": True, "state": f"{db}.ccsync-state"}
     conn = sqlite3.connect(str(db))
     assert conn.execute("SELECT name FROM sqlite_master WHERE name LIKE '\\_ccsync\\_%' "
                         "ESCAPE '\\'").fetchall() == []
