@@ -38,7 +38,7 @@ needs ``pycryptodomex`` (``ccsync enable`` installs it), imported lazily.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     "CcsyncError", "UsageError", "ConfigError", "StoreError", "RemoteError",
     "CryptoUnavailable", "SyncBusy", "SyncCancelled",
