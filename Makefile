@@ -4,7 +4,7 @@ VENV_PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test pyz bench stress demo clean venv
+.PHONY: test pyz bench stress demo clean venv hunt
 
 test: $(STAMP)
 	$(VENV_PY) -m pytest -q tests $(PYTEST_ARGS)
@@ -22,6 +22,10 @@ pyz:
 
 bench: $(STAMP)
 	$(VENV_PY) bench/bench_sync.py
+
+# Model-based hunt: 10,000 fresh random programs judged by the oracle (tests/model_sim.py).
+hunt: $(STAMP)
+	$(VENV_PY) bench/hunt.py --count 10000
 
 stress: $(STAMP)
 	$(VENV_PY) bench/stress_lockout.py --rows 100000 --modes delete,wal

@@ -533,12 +533,11 @@ def test_regression_recreate_a_deleted_version_while_another_device_deletes_it()
 
 
 
-# Found by test_random_programs_converge after the merge work: environments
+# Found by test_random_programs_converge on an earlier ccsync: environments
 # merged on one device (their switch_logs merging in cascade) while another
 # device saw one environment deleted first (its switch_log's reference read as
-# NULL, so no twin matched).  Merges of natural-key twins depend on arrival
-# order here; see the README's merge rules and the closing note.  Strict: when
-# this starts passing, drop the mark.
+# NULL, so no twin matched): merges of natural-key twins depended on arrival
+# order.  Identity now comes from the natural key alone, so nothing merges.
 KNOWN_MERGE_ORDER_CASE = (4,
     [2, 2, 0, 0],
     [('version', 0, '17.0', '8069'),
