@@ -974,6 +974,9 @@ CREATE TABLE IF NOT EXISTS _ccsync_refused (
 CREATE TABLE IF NOT EXISTS _ccsync_gone (
     tbl TEXT NOT NULL, rid INTEGER, sid TEXT, key TEXT, hlc INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS _ccsync_gone_row ON _ccsync_gone (tbl, sid);
+CREATE TABLE IF NOT EXISTS _ccsync_base (
+    tbl TEXT NOT NULL, rid INTEGER NOT NULL, vals TEXT NOT NULL,
+    PRIMARY KEY (tbl, rid)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS _ccsync_held (
     digest TEXT PRIMARY KEY, tbl TEXT, sid TEXT, kind TEXT NOT NULL, reason TEXT NOT NULL,
     record TEXT NOT NULL, version TEXT NOT NULL, at TEXT NOT NULL);
@@ -981,7 +984,7 @@ CREATE TABLE IF NOT EXISTS _ccsync_held (
 BOOKKEEPING_VERSION = "3"            # _ccsync_meta 'bookkeeping': the layout below
 BOOKKEEPING_TABLES = ("_ccsync_meta", "_ccsync_clock", "_ccsync_dirty", "_ccsync_shadow",
                       "_ccsync_pending", "_ccsync_refused", "_ccsync_link",
-                      "_ccsync_gone", "_ccsync_held")
+                      "_ccsync_gone", "_ccsync_held", "_ccsync_base")
 RETIRED_TABLES = ("_ccsync_alias",)     # bookkeeping of older versions
 
 _SQL_NOW_HLC = f"(CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER) * {HLC_PER_MS})"
@@ -1957,22 +1960,48 @@ class Capture(Identity):
         if added:
             self._back_fill(info, added, shadow)
         rows = self.conn.execute(f"SELECT rowid AS _rid, * FROM {_q(table)}").fetchall()
+        deleted = {sid for (sid,) in self.conn.execute(
+            "SELECT DISTINCT sid FROM _ccsync_gone WHERE tbl = ? AND sid IS NOT NULL", (table,))}
+        base = {rid: json.loads(vals) for rid, vals in self.conn.execute(
+            "SELECT rid, vals FROM _ccsync_base WHERE tbl = ?", (table,))}
         dirty: list[tuple] = []
+        later: list[tuple] = []       # edited again after capture went off: timed now
         columns = [c for c in info.tracked if only is None or c in only]
         for row, values in zip(rows, self._wire_rows(info, rows)):
+            if row["_rid"] in base:
+                later += [(table, row["_rid"], c, hlc) for c in columns
+                          if values.get(c) != base[row["_rid"]].get(c)]
             old = shadow.pop(row["sync_id"], None)
+            if row["sync_id"] in deleted:
+                old = None            # deleted here, then created again: a new row
             if old is None:
-                if only is None:
-                    dirty.append((table, row["_rid"], INSERTED, hlc))
+                if only is None:      # a new row; columns cc added since were not written
+                    dirty += [(table, row["_rid"], c, hlc) for c in info.tracked
+                              if c not in added or values.get(c) is not None] if added \
+                        else [(table, row["_rid"], INSERTED, hlc)]
                 continue
             dirty += [(table, row["_rid"], c, hlc) for c in columns
-                      if values.get(c) != old.get(c)]
+                      if values.get(c) != old.get(c)
+                      and not (values.get(c) is None and self._lost_parent(info, c, row, old))]
         gone = [] if only is not None else self._vanished(info)
         self._sliced(dirty, lambda cell: self.conn.execute(
             "INSERT OR IGNORE INTO _ccsync_dirty (tbl, rid, col, hlc) VALUES (?, ?, ?, ?)", cell))
+        self._sliced(later, lambda cell: self.conn.execute(
+            "INSERT INTO _ccsync_dirty (tbl, rid, col, hlc) VALUES (?, ?, ?, ?) ON CONFLICT "
+            "(tbl, rid, col) DO UPDATE SET hlc = max(hlc, excluded.hlc)", cell))
         with self._write():
             self._record_gone(info, gone, hlc)
+            self.conn.execute("DELETE FROM _ccsync_base WHERE tbl = ?", (table,))
             self.set_meta(f"diff:{table}", None)
+
+    def _lost_parent(self, info: TableInfo, col: str, row: Any, synced: dict) -> bool:
+        """True when a reference that reads NULL does so only because its parent is not here
+        (cc's version.delete leaves the old id; a delete from elsewhere read as
+        NULL): not an edit of this row."""
+        parent = info.spec.refs.get(col)
+        if parent is None or synced.get(col) is None:
+            return False
+        return row[col] is not None or self._rid_for_sid(parent, synced[col]) is None
 
     def _back_fill(self, info: TableInfo, columns: list[str], shadow: dict[str, dict]) -> None:
         """Fill columns cc just added from the synced state kept for them.
@@ -2163,10 +2192,20 @@ class Capture(Identity):
         """Drop only the capture triggers (before ``ALTER TABLE ... DROP COLUMN``).
 
         The next :meth:`prepare` (``stamp`` or a sync) puts them back and
-        records what changed meanwhile, timed when it is found.  Returns how
-        many triggers were dropped.
+        records what changed meanwhile, timed when it is found.  Rows with
+        edits not yet sent keep their values as of now (``_ccsync_base``), so
+        those edits keep their times and only later ones are timed when found.
+        Returns how many triggers were dropped.
         """
         with self._write():
+            for info in self.tables().values():
+                rids = [r for (r,) in self.conn.execute(
+                    "SELECT DISTINCT rid FROM _ccsync_dirty WHERE tbl = ?", (info.name,))]
+                rows = list(self._by_rowid(info.name, "*", rids))
+                self.conn.executemany(
+                    "INSERT OR REPLACE INTO _ccsync_base (tbl, rid, vals) VALUES (?, ?, ?)",
+                    [(info.name, row["_rid"], json.dumps(values, separators=(",", ":")))
+                     for row, values in zip(rows, self._wire_rows(info, rows))])
             names = [n for (n,) in self.conn.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'trigger' "
                 "AND name LIKE '\\_ccsync\\_%' ESCAPE '\\'").fetchall()]
@@ -2463,10 +2502,12 @@ class Incoming(RowWriter):
         return out
 
     def _apply_record(self, info: TableInfo, record: Record) -> bool:
-        """Merge one record into shadow and table; True if anything changed.
+        """Merge one record into shadow and table; True if the table changed.
 
-        Columns this device's table lacks are merged into the shadow all the
-        same (kept aside for when cc adds them); only the others are written.
+        The synced state (shadow) takes every cell later than its own; the
+        table only those also later than this device's pending edit.  Columns
+        this device's table lacks are merged into the shadow all the same
+        (kept aside for when cc adds them); only the others are written.
         """
         if info.name == "setting":
             self._check_setting(record)
@@ -2477,16 +2518,14 @@ class Incoming(RowWriter):
         local_cells = self._dirty_cells(info.name, rid, sid)
         self._hlc_observe(max(record.clocks.values()))
         stamps = {col: [hlc, record.dev] for col, hlc in record.clocks.items()}
-        won = winning_cells({c: latest(local_cells.get(c), clocks.get(c)) for c in stamps},
-                            stamps)
-        for col in won:
-            clocks[col] = stamps[col]
-            if col != TOMBSTONE:
-                vals[col] = record.values[col]
+        synced = merge_cells(vals, clocks, record.values, stamps)
+        won = [c for c in synced if newer(stamps[c], local_cells.get(c))]
         for col, value in record.local.items():
             if col in info.local and col not in vals:
                 vals[col] = value       # a starting point for a row new here
         if not won and old is not None:
+            if synced:
+                self._put_shadow(info.name, sid, rid, vals, clocks)
             return False
         if won and rid is None:
             self._settle_local_delete(info.name, sid, local_cells.get(TOMBSTONE),
