@@ -974,6 +974,8 @@ CREATE TABLE IF NOT EXISTS _ccsync_refused (
 CREATE TABLE IF NOT EXISTS _ccsync_gone (
     tbl TEXT NOT NULL, rid INTEGER, sid TEXT, key TEXT, hlc INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS _ccsync_gone_row ON _ccsync_gone (tbl, sid);
+CREATE TABLE IF NOT EXISTS _ccsync_outbox (
+    tbl TEXT NOT NULL, sid TEXT NOT NULL, UNIQUE (tbl, sid));
 CREATE TABLE IF NOT EXISTS _ccsync_base (
     tbl TEXT NOT NULL, rid INTEGER NOT NULL, vals TEXT NOT NULL,
     PRIMARY KEY (tbl, rid)) WITHOUT ROWID;
@@ -984,7 +986,7 @@ CREATE TABLE IF NOT EXISTS _ccsync_held (
 BOOKKEEPING_VERSION = "3"            # _ccsync_meta 'bookkeeping': the layout below
 BOOKKEEPING_TABLES = ("_ccsync_meta", "_ccsync_clock", "_ccsync_dirty", "_ccsync_shadow",
                       "_ccsync_pending", "_ccsync_refused", "_ccsync_link",
-                      "_ccsync_gone", "_ccsync_held", "_ccsync_base")
+                      "_ccsync_gone", "_ccsync_held", "_ccsync_base", "_ccsync_outbox")
 RETIRED_TABLES = ("_ccsync_alias",)     # bookkeeping of older versions
 
 _SQL_NOW_HLC = f"(CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER) * {HLC_PER_MS})"
@@ -1101,6 +1103,7 @@ class Outgoing:
     cells: dict[str, int]               # the pending cells sent, with their clocks
     gone: tuple[int, ...] = ()          # the _ccsync_gone entries a delete settles
     deleted_rid: int | None = None      # the rowid the deleted row had here
+    outbox: tuple[int, ...] = ()        # the _ccsync_outbox entries it settles
 
 
 @dataclass
@@ -2129,9 +2132,10 @@ class Capture(Identity):
         self._tables = None
         return kept
 
-    # What a removed install leaves beside the database to resume from.
-    STATE_TABLES = {"_ccsync_shadow": "tbl, sid, rid, vals, clocks", "_ccsync_meta": "key, value",
-                    "_ccsync_clock": "id, hlc, suppress"}
+    # What a removed install leaves beside the database to resume from: all
+    # but the pending cells, which the diff finds again (timed when found).
+    STATE_TABLES = tuple(t for t in BOOKKEEPING_TABLES if t not in ("_ccsync_dirty",
+                                                                   "_ccsync_base"))
 
     def _state_path(self) -> str | None:
         return f"{self.path}.ccsync-state" if self.path else None
@@ -2145,11 +2149,10 @@ class Capture(Identity):
             dest = sqlite3.connect(temp)
             try:
                 with dest:
-                    for table, cols in self.STATE_TABLES.items():
-                        dest.execute(f"CREATE TABLE {table} ({cols})")
-                        dest.executemany(
-                            f"INSERT INTO {table} VALUES ({','.join('?' * len(cols.split(',')))})",
-                            self.conn.execute(f"SELECT {cols} FROM {table}"))
+                    _run_script(dest, _BOOKKEEPING_SQL)
+                    dest.execute("DELETE FROM _ccsync_clock")
+                    for table in self.STATE_TABLES:
+                        self._copy_rows(self.conn, dest, table)
             finally:
                 dest.close()
             os.replace(temp, target)
@@ -2160,6 +2163,12 @@ class Capture(Identity):
                              f"nothing was removed") from None
         return target
 
+    @staticmethod
+    def _copy_rows(source: sqlite3.Connection, dest: sqlite3.Connection, table: str) -> None:
+        cursor = source.execute(f"SELECT * FROM {table}")
+        marks = ",".join("?" * len(cursor.description))
+        dest.executemany(f"INSERT OR REPLACE INTO {table} VALUES ({marks})", cursor)
+
     def _restore_state(self) -> bool:
         """On a first install, take back the state a ``stamp --remove`` kept.
 
@@ -2169,22 +2178,22 @@ class Capture(Identity):
         source = self._state_path()
         if source is None or not os.path.exists(source):
             return False
+        kept = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+        self.conn.execute("SAVEPOINT ccsync_resume")
         try:
-            kept = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
-            try:
-                rows = {t: kept.execute(f"SELECT {c} FROM {t}").fetchall()
-                        for t, c in self.STATE_TABLES.items()}
-            finally:
-                kept.close()
-        except sqlite3.Error as exc:
+            self.conn.execute("DELETE FROM _ccsync_clock")
+            for table in self.STATE_TABLES:
+                self._copy_rows(kept, self.conn, table)
+        except sqlite3.Error as exc:          # not a state file of ours: start afresh
+            self.conn.execute("ROLLBACK TO ccsync_resume")
             LOG.warning("ignoring %s: %s", source, exc)
             return False
-        self.conn.execute("DELETE FROM _ccsync_clock")
-        for table, cols in self.STATE_TABLES.items():
-            self.conn.executemany(
-                f"INSERT OR REPLACE INTO {table} ({cols}) "
-                f"VALUES ({','.join('?' * len(cols.split(',')))})", rows[table])
+        finally:
+            self.conn.execute("RELEASE ccsync_resume")
+            kept.close()
         self.conn.execute("UPDATE _ccsync_clock SET suppress = 0")
+        # cc may have reused a deleted row's rowid meanwhile: deletes keep their ids only.
+        self.conn.execute("UPDATE _ccsync_gone SET rid = NULL")
         self.conn.execute("DELETE FROM _ccsync_meta WHERE key LIKE 'diff:%'")
         return True
 
@@ -2198,7 +2207,7 @@ class Capture(Identity):
         Returns how many triggers were dropped.
         """
         with self._write():
-            for info in self.tables().values():
+            for info in self.tables().values() if self.installed() else ():
                 rids = [r for (r,) in self.conn.execute(
                     "SELECT DISTINCT rid FROM _ccsync_dirty WHERE tbl = ?", (info.name,))]
                 rows = list(self._by_rowid(info.name, "*", rids))
@@ -2235,6 +2244,7 @@ class RowWriter(Capture):
                               for c in {*clocks, *local_cells}})
         if deleted and not keep and not self._needed_by_children(info.name, rid):
             if rid is not None:
+                self._keep_lost_edits(info, sid, rid, vals, clocks, local_cells)
                 self._null_references_to(info.name, rid)
                 self.conn.execute(f"DELETE FROM {_q(info.name)} WHERE rowid = ?", (rid,))
                 self.conn.execute("DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ?",
@@ -2289,6 +2299,24 @@ class RowWriter(Capture):
             self.conn.execute("DELETE FROM _ccsync_pending WHERE tbl = ? AND sid = ?",
                               (info.name, sid))
         return rid
+
+    def _keep_lost_edits(self, info: TableInfo, sid: str, rid: int, vals: dict, clocks: dict,
+                         local_cells: dict) -> None:
+        """Edits made here to a row a later delete removes before they were sent.
+
+        They still are the latest edits of their columns, and the row comes
+        back if a live row needs it: they go into the synced state and out
+        (``_ccsync_outbox``), as if they had been sent before the delete came.
+        """
+        cells = {c: stamp for c, stamp in local_cells.items() if c in info.tracked}
+        if not cells:
+            return
+        row = self.conn.execute(f"SELECT rowid AS _rid, * FROM {_q(info.name)} WHERE rowid = ?",
+                                (rid,)).fetchone()
+        if merge_cells(vals, clocks, self._wire_rows(info, [row])[0], cells):
+            self._put_shadow(info.name, sid, rid, vals, clocks)
+            self.conn.execute("INSERT OR IGNORE INTO _ccsync_outbox (tbl, sid) VALUES (?, ?)",
+                              (info.name, sid))
 
     def _needed_by_children(self, table: str, rid: int | None) -> bool:
         """True when a live row holds ``rid`` in a required (e.g. NOT NULL) reference."""
@@ -2601,6 +2629,8 @@ class Sending(Incoming):
                 cols = set(row["cols"].split("\x1f")) - {MOVED}
                 if cols and row["present"] and not self._skip_row(info, row):
                     c["update" if row["synced"] and INSERTED not in cols else "insert"] += 1
+            c["update"] += self.conn.execute("SELECT count(*) FROM _ccsync_outbox WHERE tbl = ?",
+                                             (info.name,)).fetchone()[0]
             c["delete"] = sum(1 for sid, key in self.conn.execute(
                 "SELECT sid, max(key) FROM _ccsync_gone WHERE tbl = ? AND sid IS NOT NULL "
                 "GROUP BY sid", (info.name,)).fetchall() if self._tombstone_wanted(info, sid, key))
@@ -2626,7 +2656,8 @@ class Sending(Incoming):
                 limit: int = PUSH_BATCH) -> Batch:
         """Up to ``limit`` pending deletes or rows as outgoing records, after ``after``.
 
-        Per table, deletes come first, then edited rows; the position is a
+        Per table, deletes come first, then edited rows, then edits of rows a
+        delete from elsewhere removed before they were sent; the position is a
         keyset (table, part, last id).  Reads only; ack() settles what the
         server said about them.
         """
@@ -2634,7 +2665,7 @@ class Sending(Incoming):
         start = tuple(after) if after else (0, 0, -(2 ** 63))
         for index in range(start[0], len(tables)):
             info = tables[index]
-            for part in (0, 1):
+            for part in (0, 1, 2):
                 if (index, part) < start[:2]:
                     continue
                 lower = start[2] if (index, part) == start[:2] else -(2 ** 63)
@@ -2645,11 +2676,18 @@ class Sending(Incoming):
                     if rows:
                         return Batch(*self._gone_records(info, rows), (index, 0, rows[-1][0]))
                     continue
-                rids = [r[0] for r in self.conn.execute(
-                    "SELECT DISTINCT rid FROM _ccsync_dirty WHERE tbl = ? AND rid > ? "
-                    "ORDER BY rid LIMIT ?", (info.name, lower, limit))]
-                if rids:
-                    return Batch(*self._records_for(info, rids), (index, 1, rids[-1]))
+                if part == 1:
+                    rids = [r[0] for r in self.conn.execute(
+                        "SELECT DISTINCT rid FROM _ccsync_dirty WHERE tbl = ? AND rid > ? "
+                        "ORDER BY rid LIMIT ?", (info.name, lower, limit))]
+                    if rids:
+                        return Batch(*self._records_for(info, rids), (index, 1, rids[-1]))
+                    continue
+                kept = self.conn.execute(
+                    "SELECT rowid, sid FROM _ccsync_outbox WHERE tbl = ? AND rowid > ? "
+                    "ORDER BY rowid LIMIT ?", (info.name, lower, limit)).fetchall()
+                if kept:
+                    return Batch(*self._outbox_records(info, kept), (index, 2, kept[-1][0]))
         return Batch([], [], None)
 
     def _gone_records(self, info: TableInfo, rows: list) -> tuple[list, list]:
@@ -2673,6 +2711,17 @@ class Sending(Incoming):
         for sid, (hlc, gids, rid) in latest.items():
             records.append(self._tombstone_record(info, sid, hlc))
             tokens.append(Outgoing(info.name, None, {}, tuple(gids), rid))
+        return records, tokens
+
+    def _outbox_records(self, info: TableInfo, rows: list) -> tuple[list, list]:
+        """This device's cells of rows deleted before it sent them (see _keep_lost_edits)."""
+        records, tokens = [], []
+        for oid, sid in rows:
+            shadow = self._shadow(info.name, sid)
+            mine = [r for r in self._shadow_records(info, sid, shadow[1], shadow[2])
+                    if r["dev"] == self.device_id] if shadow else []
+            records.append(mine[0] if mine else None)
+            tokens.append(Outgoing(info.name, None, {}, outbox=(oid,)))
         return records, tokens
 
     def _records_for(self, info: TableInfo, rids: list[int]) -> tuple[list, list]:
@@ -2799,6 +2848,8 @@ class Sending(Incoming):
             self._clear_dirty(token.table, token.rid, token.cells)
         self.conn.executemany("DELETE FROM _ccsync_gone WHERE rowid = ?",
                               [(gid,) for gid in token.gone])
+        self.conn.executemany("DELETE FROM _ccsync_outbox WHERE rowid = ?",
+                              [(oid,) for oid in token.outbox])
 
     def _settle_sent(self, record: dict, token: Outgoing, status: str, stamp: str) -> None:
         table, sid = token.table, record["id"]

@@ -95,6 +95,19 @@ def content(conn: sqlite3.Connection) -> dict:
     return out
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Start the model-based programs early, on the other cores (see test_model.py)."""
+    if any(item.name == "test_model_programs" for item in items):
+        import test_model
+        test_model.start_programs()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    model = sys.modules.get("test_model")
+    if model is not None:
+        model.stop_programs()
+
+
 @pytest.fixture
 def server(tmp_path):
     store = ccsync.ServerStore.open(str(tmp_path / "server.db"))

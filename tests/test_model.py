@@ -1,0 +1,157 @@
+"""Model-based test: random cc programs on several devices, judged by an oracle.
+
+The programs, the causal model (vector clocks per device, events per logical
+row) and the oracle's four checks are described in ``tests/model_sim.py``.
+Each program comes from ``random.Random(seed)``: replay one with
+
+    .venv/bin/python bench/hunt.py --seed N --verbose
+
+``test_model_programs`` runs seeds 0..N-1 (N = CCSYNC_MODEL_PROGRAMS, default
+500 when CI is set, else 100), spread over the machine's cores, and lists
+every failing seed with its first complaint.  ``FOUND_SEEDS`` are programs a
+hunt (``make hunt``) found failing; each runs as its own test case until
+ccsync passes it.  Seeds only replay on the same generator: changing
+model_sim's generation changes every program.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import pytest
+
+import ccsync
+import model_sim
+
+# Failing programs found by bench/hunt.py: (seed, renames, what went wrong).
+# Not xfail: ccsync is being fixed so that they pass.
+FOUND_SEEDS = [
+    # (seed, renames, removes, what went wrong on the ccsync that failed it)
+    (1514, False, False, "a deletes version 17.0 while b edits it (17.0 survives): a re-link "
+                         "queued for environment.version_id was dropped by a later edit of "
+                         "the environment in the same pull"),
+    (63, False, False, "version.delete leaves environment.version_id at the deleted id; cc "
+                       "re-creates 17.0 on the same device, which never re-linked its own child"),
+    (1766, False, False, "divergence on a copied database (the same re-link)"),
+    (1485, False, False, "a row inserted on an old schema and pushed after ALTER TABLE ADD "
+                         "COLUMN sent NULL for the new column, beating an earlier value"),
+    (1017, False, False, "remove_triggers + ALTER TABLE ADD COLUMN: the full diff took the "
+                         "added NULL columns for edits"),
+    (1218, False, False, "the same revived a deleted switch_log"),
+    (205, False, False, "a pending edit of a row that a later delete from elsewhere removed "
+                        "was dropped unsent; the row came back for a child without it"),
+    (229, False, False, "a reference reading NULL because cc's version.delete left the old id "
+                        "was taken for an edit by the capture-off diff, reviving a deleted row"),
+    (1328, False, False, "the same, beating the environment's re-link"),
+    (611, False, False, "a row deleted and created again while capture was off was not seen "
+                        "as new: the old delete removed it everywhere"),
+    (1956, False, False, "copy + old schema + remove_triggers (added columns)"),
+    (1686, True, False, "divergence with renames"),
+    (62, None, False, "edits made with capture off to a row whose insert was not sent yet "
+                      "went out with the insert's old time and lost"),
+    (377, None, False, "the capture-off diff nulled a reference to a deleted parent"),
+    (597, None, False, "the same"),
+    (891, None, False, "the same"),
+    (2011, None, False, "a reference ccsync itself read as NULL (parent deleted elsewhere) was "
+                        "sent as an edit, beating the re-link after cc re-created the parent"),
+    (2642, None, False, "incoming cells that lost to a pending insert were left out of the "
+                        "synced state; the row later came back from it half empty"),
+    (2796, None, False, "a row found new by the diff while cc added columns wrote them NULL"),
+    (2907, None, False, "capture-off diff and a deleted parent"),
+]
+
+PROGRAMS = int(os.environ.get("CCSYNC_MODEL_PROGRAMS", "500" if os.environ.get("CI") else "100"))
+
+
+def _run(seed: int) -> tuple[int, list]:
+    return seed, model_sim.run_seed(seed).failures
+
+
+def _report(results: list) -> str:
+    lines = []
+    for seed, failures in results:
+        if failures:
+            kinds = sorted({k for k, _ in failures})
+            lines.append(f"seed {seed} [{' '.join(kinds)}]: {failures[0][1].splitlines()[0][:300]}")
+    return "\n".join(lines)
+
+
+# The programs run in worker processes that start when the session's tests are
+# collected (conftest.py), so they use the machine's other cores while the
+# rest of the suite runs; test_model_programs collects their results.
+_BACKGROUND: dict = {}
+
+
+def start_programs() -> None:
+    """Start running the seeds in the background (idempotent)."""
+    if _BACKGROUND or "fork" not in multiprocessing.get_all_start_methods():
+        return
+    workers = max(1, min((os.cpu_count() or 1) - 1, 4))
+    pool = multiprocessing.get_context("fork").Pool(workers)
+    _BACKGROUND["pool"] = pool
+    _BACKGROUND["result"] = pool.map_async(_run, range(PROGRAMS), chunksize=8)
+
+
+def stop_programs() -> None:
+    """Stop the background workers (at the end of the session, or after collecting)."""
+    pool = _BACKGROUND.pop("pool", None)
+    if pool is not None:
+        pool.terminate()
+        pool.join()
+
+
+def test_model_programs():
+    if "result" in _BACKGROUND:
+        results = _BACKGROUND.pop("result").get(timeout=1800)
+        stop_programs()
+    else:
+        results = [_run(s) for s in range(PROGRAMS)]
+    bad = [r for r in results if r[1]]
+    assert not bad, (f"{len(bad)} of {PROGRAMS} programs failed (replay: bench/hunt.py "
+                     f"--seed N --verbose):\n" + _report(bad))
+
+
+@pytest.mark.parametrize("seed,renames,removes,what", FOUND_SEEDS,
+                         ids=[f"seed{s}" for s, *_rest in FOUND_SEEDS])
+def test_found_program(seed, renames, removes, what):
+    out = model_sim.run_seed(seed, renames=renames, removes=removes)
+    assert not out.failures, f"{what}\n" + "\n".join(f"[{k}] {m}" for k, m in out.failures)
+
+
+def test_oracle_passes_a_quiet_program():
+    """A program with no conflicts at all passes (the oracle is not trigger-happy)."""
+    program = model_sim.Program(0, 3, [0, 0, 0], {}, [
+        ("project", 0, "acme", "master"), ("version", 0, "17.0", "8069"),
+        ("environment", 0, 0, "main", 0, "x"), ("switch", 0, 0, 0), ("punch", 0, 0),
+        ("sync", 0, "sync"), ("sync", 1, "sync"),
+        ("update", 1, "project", "main_branch", 0, "y", "orm"), ("sync", 1, "sync"),
+        ("delete", 0, "environment", 0), ("sync", 0, "sync")])
+    out = model_sim.run(program)
+    assert out.failures == []
+    assert len(out.model.rows) == 5
+
+
+def inverted_newer(a, b):
+    """The wrong rule: the older edit wins (None handling as ccsync's)."""
+    if a is None:
+        return False
+    return b is None or tuple(a) < tuple(b)
+
+
+def test_wrong_rule_is_caught(monkeypatch):
+    """With ccsync.newer inverted (the older edit wins), programs that pass with
+    the real rule fail: the oracle sees the merge rule, not just crashes."""
+    flipped, tried = [], []
+    for seed in range(80):
+        if model_sim.run_seed(seed, renames=False, removes=False).failures:
+            continue                    # failing today anyway: proves nothing here
+        with monkeypatch.context() as m:
+            m.setattr(ccsync, "newer", inverted_newer)
+            out = model_sim.run_seed(seed, renames=False, removes=False)
+        tried.append(seed)
+        if out.failures:
+            flipped.append((seed, sorted({k for k, _ in out.failures})))
+            if len(flipped) >= 3:
+                break
+    assert len(flipped) >= 3, (flipped, tried)
