@@ -1929,6 +1929,13 @@ class Capture(Identity):
                         sid = self._fresh_sid(info, wanted)
                         self.conn.execute(f"UPDATE {_q(info.name)} SET sync_id = ? "
                                           f"WHERE rowid = ?", (sid, row["_rid"]))
+                        if sid != wanted and info.spec.key and wanted == self._key_sid(
+                                info, row, values):
+                            # Its key's id is taken, maybe by a row renamed away
+                            # meanwhile: identity looks at it again after the diff.
+                            self.conn.execute(
+                                "INSERT OR IGNORE INTO _ccsync_dirty (tbl, rid, col, hlc) "
+                                "VALUES (?, ?, ?, 0)", (info.name, row["_rid"], info.spec.key[0]))
                         self._relink_if_back(info.name, sid, row["_rid"])
                 total += len(rows)
         return total

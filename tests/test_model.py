@@ -59,6 +59,10 @@ FOUND_SEEDS = [
                         "synced state; the row later came back from it half empty"),
     (2796, None, False, "a row found new by the diff while cc added columns wrote them NULL"),
     (2907, None, False, "capture-off diff and a deleted parent"),
+    (710, None, None, "stamp --remove dropped a row waiting for its parent (_ccsync_pending): "
+                      "it never arrived after the next stamp"),
+    (1777, None, None, "with capture off, cc renamed acme and created a new acme: the new "
+                       "row got a random id (acme's was still held) and kept it"),
 ]
 
 PROGRAMS = int(os.environ.get("CCSYNC_MODEL_PROGRAMS", "500" if os.environ.get("CI") else "100"))
