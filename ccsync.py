@@ -2558,6 +2558,9 @@ class Incoming(RowWriter):
         for col, value in record.local.items():
             if col in info.local and col not in vals:
                 vals[col] = value       # a starting point for a row new here
+        for col, value in record.key.items():
+            if col in info.spec.key and col not in vals:
+                vals[col] = value       # its key, when it arrives by an edit of other columns
         if not won and old is not None:
             if synced:
                 self._put_shadow(info.name, sid, rid, vals, clocks)

@@ -63,6 +63,8 @@ FOUND_SEEDS = [
                       "it never arrived after the next stamp"),
     (1777, None, None, "with capture off, cc renamed acme and created a new acme: the new "
                        "row got a random id (acme's was still held) and kept it"),
+    (203492211, None, None, "a row first seen through an edit of one column was written "
+                            "without its key (name ''), so the next one hit UNIQUE"),
 ]
 
 PROGRAMS = int(os.environ.get("CCSYNC_MODEL_PROGRAMS", "500" if os.environ.get("CI") else "100"))
