@@ -602,6 +602,25 @@ def is_deleted(clocks: dict) -> bool:
                                     if k != TOMBSTONE)
 
 
+def missing_parent(required: bool, parent_deleted: bool) -> str:
+    """What a reference to a row that is not here becomes.
+
+    'wait': the parent has not arrived (the row waits, or keeps its value);
+    'empty': a nullable reference to a deleted row reads NULL on every device;
+    'revive': a required one (NOT NULL, a time entry's environment) brings the
+    deleted row back, so no live row loses its parent (and no time entry
+    becomes a punch-out).
+    """
+    if not parent_deleted:
+        return "wait"
+    return "revive" if required else "empty"
+
+
+def stays(deleted: bool, needed: bool) -> bool:
+    """A row stays unless its delete is the latest edit and no live row needs it."""
+    return not deleted or needed
+
+
 def surviving_versions(versions: list[tuple[Any, str, dict]]) -> set:
     """Of (id, device, {column: hlc}) versions of one row, the ids that still
     hold the winning clock of some column (the others are superseded)."""
@@ -1377,9 +1396,10 @@ class LocalRows(SyncState):
                 return None
             parent = spec.refs[col]
             rid = self._rid_for_sid(parent, value)
-            if rid is None and col not in info.required and self._is_dead(parent, value):
-                return None
-            return self._UNRESOLVED if rid is None else rid
+            if rid is not None:
+                return rid
+            outcome = missing_parent(col in info.required, self._is_dead(parent, value))
+            return None if outcome == "empty" else self._UNRESOLVED
         if col in spec.list_refs and isinstance(value, dict) and "ids" in value:
             rids = [self._rid_for_sid(spec.list_refs[col], s) for s in value["ids"]]
             text = format_id_list([r for r in rids if r is not None], value["fmt"])
@@ -2249,7 +2269,7 @@ class RowWriter(Capture):
         local_cells = self._dirty_cells(info.name, rid, sid)
         deleted = is_deleted({c: latest(clocks.get(c), local_cells.get(c))
                               for c in {*clocks, *local_cells}})
-        if deleted and not keep and not self._needed_by_children(info.name, rid):
+        if not stays(deleted, keep or self._needed_by_children(info.name, rid)):
             if rid is not None:
                 self._keep_lost_edits(info, sid, rid, vals, clocks, local_cells)
                 self._null_references_to(info.name, rid)
@@ -2350,7 +2370,8 @@ class RowWriter(Capture):
         reference names (so no live row loses its parent)."""
         local = self._local_value(info, col, value)
         parent = info.spec.refs.get(col)
-        if local is self._UNRESOLVED and parent and self._is_dead(parent, value):
+        if local is self._UNRESOLVED and parent and missing_parent(
+                col in info.required, self._is_dead(parent, value)) == "revive":
             return self._revive(parent, value) or self._UNRESOLVED
         return local
 
