@@ -1726,7 +1726,77 @@ class Identity(LocalRows):
                     "VALUES (?, ?, ?, ?, NULL)", [(spec.name, r, col, hlc) for r in hits])
 
 
-class Capture(Identity):
+class Resume(Identity):
+    """What ``stamp --remove`` keeps beside the database (``<db>.ccsync-state``)
+    and the next install takes back, so that edits made meanwhile are found."""
+
+    # What a removed install leaves beside the database to resume from: all
+    # but the pending cells, which the diff finds again (timed when found).
+    STATE_TABLES = tuple(t for t in BOOKKEEPING_TABLES if t not in ("_ccsync_dirty",
+                                                                   "_ccsync_base"))
+
+    def _state_path(self) -> str | None:
+        return f"{self.path}.ccsync-state" if self.path else None
+
+    @staticmethod
+    def _copy_rows(source: sqlite3.Connection, dest: sqlite3.Connection, table: str) -> None:
+        cursor = source.execute(f"SELECT * FROM {table}")
+        marks = ",".join("?" * len(cursor.description))
+        dest.executemany(f"INSERT OR REPLACE INTO {table} VALUES ({marks})", cursor)
+
+    def _save_state(self) -> str | None:
+        target = self._state_path()
+        if target is None:
+            return None
+        temp = _new_private_file(target + ".new")
+        try:
+            dest = sqlite3.connect(temp)
+            try:
+                with dest:
+                    _run_script(dest, _BOOKKEEPING_SQL)
+                    dest.execute("DELETE FROM _ccsync_clock")
+                    for table in self.STATE_TABLES:
+                        self._copy_rows(self.conn, dest, table)
+            finally:
+                dest.close()
+            os.replace(temp, target)
+        except (OSError, sqlite3.Error) as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise StoreError(f"cannot keep the synced state beside {self.path} ({exc}); "
+                             f"nothing was removed") from None
+        return target
+
+    def _restore_state(self) -> bool:
+        """On a first install, take back the state a ``stamp --remove`` kept.
+
+        Every table then counts as having had capture off: the full diff
+        finds edits and deletes made meanwhile.  Runs inside the install.
+        """
+        source = self._state_path()
+        if source is None or not os.path.exists(source):
+            return False
+        kept = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+        self.conn.execute("SAVEPOINT ccsync_resume")
+        try:
+            self.conn.execute("DELETE FROM _ccsync_clock")
+            for table in self.STATE_TABLES:
+                self._copy_rows(kept, self.conn, table)
+        except sqlite3.Error as exc:          # not a state file of ours: start afresh
+            self.conn.execute("ROLLBACK TO ccsync_resume")
+            LOG.warning("ignoring %s: %s", source, exc)
+            return False
+        finally:
+            self.conn.execute("RELEASE ccsync_resume")
+            kept.close()
+        self.conn.execute("UPDATE _ccsync_clock SET suppress = 0")
+        # cc may have reused a deleted row's rowid meanwhile: deletes keep their ids only.
+        self.conn.execute("UPDATE _ccsync_gone SET rid = NULL")
+        self.conn.execute("DELETE FROM _ccsync_meta WHERE key LIKE 'diff:%'")
+        return True
+
+
+class Capture(Resume):
     """Install capture, stamp rows, find what changed while capture was off,
     and take it all out again."""
 
@@ -2158,71 +2228,6 @@ class Capture(Identity):
                 self.conn.execute(f"DROP TABLE IF EXISTS {_q(name)}")
         self._tables = None
         return kept
-
-    # What a removed install leaves beside the database to resume from: all
-    # but the pending cells, which the diff finds again (timed when found).
-    STATE_TABLES = tuple(t for t in BOOKKEEPING_TABLES if t not in ("_ccsync_dirty",
-                                                                   "_ccsync_base"))
-
-    def _state_path(self) -> str | None:
-        return f"{self.path}.ccsync-state" if self.path else None
-
-    def _save_state(self) -> str | None:
-        target = self._state_path()
-        if target is None:
-            return None
-        temp = _new_private_file(target + ".new")
-        try:
-            dest = sqlite3.connect(temp)
-            try:
-                with dest:
-                    _run_script(dest, _BOOKKEEPING_SQL)
-                    dest.execute("DELETE FROM _ccsync_clock")
-                    for table in self.STATE_TABLES:
-                        self._copy_rows(self.conn, dest, table)
-            finally:
-                dest.close()
-            os.replace(temp, target)
-        except (OSError, sqlite3.Error) as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise StoreError(f"cannot keep the synced state beside {self.path} ({exc}); "
-                             f"nothing was removed") from None
-        return target
-
-    @staticmethod
-    def _copy_rows(source: sqlite3.Connection, dest: sqlite3.Connection, table: str) -> None:
-        cursor = source.execute(f"SELECT * FROM {table}")
-        marks = ",".join("?" * len(cursor.description))
-        dest.executemany(f"INSERT OR REPLACE INTO {table} VALUES ({marks})", cursor)
-
-    def _restore_state(self) -> bool:
-        """On a first install, take back the state a ``stamp --remove`` kept.
-
-        Every table then counts as having had capture off: the full diff
-        finds edits and deletes made meanwhile.  Runs inside the install.
-        """
-        source = self._state_path()
-        if source is None or not os.path.exists(source):
-            return False
-        kept = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
-        self.conn.execute("SAVEPOINT ccsync_resume")
-        try:
-            self.conn.execute("DELETE FROM _ccsync_clock")
-            for table in self.STATE_TABLES:
-                self._copy_rows(kept, self.conn, table)
-        except sqlite3.Error as exc:          # not a state file of ours: start afresh
-            self.conn.execute("ROLLBACK TO ccsync_resume")
-            LOG.warning("ignoring %s: %s", source, exc)
-            return False
-        finally:
-            self.conn.execute("RELEASE ccsync_resume")
-            kept.close()
-        self.conn.execute("UPDATE _ccsync_clock SET suppress = 0")
-        # cc may have reused a deleted row's rowid meanwhile: deletes keep their ids only.
-        self.conn.execute("UPDATE _ccsync_gone SET rid = NULL")
-        self.conn.execute("DELETE FROM _ccsync_meta WHERE key LIKE 'diff:%'")
-        return True
 
     def remove_triggers(self) -> int:
         """Drop only the capture triggers (before ``ALTER TABLE ... DROP COLUMN``).
@@ -2925,7 +2930,7 @@ class Store(Sending):
     ``local_settings`` adds setting names (or globs) that stay on this device.
 
     The store is built in layers, in the order data flows: :class:`SyncState`,
-    :class:`LocalRows`, :class:`Identity`, :class:`Capture`,
+    :class:`LocalRows`, :class:`Identity`, :class:`Resume`, :class:`Capture`,
     :class:`RowWriter`, :class:`Incoming`, :class:`Sending`.
     """
 

@@ -76,3 +76,15 @@ def test_stamp_remove_on_the_command_line_says_where_the_state_is(devices, tmp_p
                           capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     assert not os.path.exists(f"{a.path}.ccsync-state")
+
+
+def test_a_damaged_kept_state_means_a_fresh_start(devices):
+    a = devices("a")
+    a.sql("INSERT INTO project (name) VALUES ('acme')")
+    a.sync()
+    kept = a.store.remove()
+    with open(kept, "wb") as fh:
+        fh.write(b"not a database" * 100)
+    a.store.prepare()                      # no traceback: starts afresh, rows at clock 0
+    assert a.sql("SELECT name FROM project") == [("acme",)]
+    assert a.store.pending()["project"]["insert"] == 1
