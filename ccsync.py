@@ -2055,10 +2055,15 @@ class Capture(Resume):
             hlc = 0 if mode == "first" else self._hlc_tick()
             if added:     # rows inserted before cc added these columns never wrote them
                 self._expand_inserted(table, [c for c in info.tracked if c not in added])
-        shadow = {r["sid"]: json.loads(r["vals"]) for r in self.conn.execute(
-            "SELECT sid, vals FROM _ccsync_shadow WHERE tbl = ? AND rid IS NOT NULL", (table,))}
-        if added:
+        shadow, here = {}, set()
+        for r in self.conn.execute("SELECT sid, rid, vals FROM _ccsync_shadow WHERE tbl = ?",
+                                   (table,)):
+            shadow[r["sid"]] = json.loads(r["vals"])
+            if r["rid"] is not None:
+                here.add(r["sid"])
+        if added:             # also rows cc created again here: their cells outlive a delete
             self._back_fill(info, added, shadow)
+        shadow = {sid: vals for sid, vals in shadow.items() if sid in here}
         rows = self.conn.execute(f"SELECT rowid AS _rid, * FROM {_q(table)}").fetchall()
         deleted = {sid for (sid,) in self.conn.execute(
             "SELECT DISTINCT sid FROM _ccsync_gone WHERE tbl = ? AND sid IS NOT NULL", (table,))}

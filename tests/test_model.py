@@ -65,6 +65,9 @@ FOUND_SEEDS = [
                        "row got a random id (acme's was still held) and kept it"),
     (203492211, None, None, "a row first seen through an edit of one column was written "
                             "without its key (name ''), so the next one hit UNIQUE"),
+    (203497028, None, None, "a time entry cc created again on an old schema was not "
+                            "back-filled after ALTER TABLE ADD COLUMN; others revived it "
+                            "with the column's synced value"),
 ]
 
 PROGRAMS = int(os.environ.get("CCSYNC_MODEL_PROGRAMS", "500" if os.environ.get("CI") else "100"))
