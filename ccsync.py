@@ -1731,9 +1731,9 @@ class Resume(Identity):
     and the next install takes back, so that edits made meanwhile are found."""
 
     # What a removed install leaves beside the database to resume from: all
-    # but the pending cells, which the diff finds again (timed when found).
-    STATE_TABLES = tuple(t for t in BOOKKEEPING_TABLES if t not in ("_ccsync_dirty",
-                                                                   "_ccsync_base"))
+    # of its bookkeeping, pending cells and their values as of the removal
+    # included (edits made before keep their times; later ones are found).
+    STATE_TABLES = BOOKKEEPING_TABLES
 
     def _state_path(self) -> str | None:
         return f"{self.path}.ccsync-state" if self.path else None
@@ -2223,7 +2223,16 @@ class Capture(Resume):
         mode 600; returns its path), so that a later ``stamp`` finds what cc
         changed meanwhile (timed when found) instead of starting over.
         """
-        kept = self._save_state() if self.installed() else None
+        kept = None
+        if self.installed():
+            with self._write():
+                self._keep_base()
+            try:
+                kept = self._save_state()
+            except CcsyncError:
+                with self._write():
+                    self.conn.execute("DELETE FROM _ccsync_base")
+                raise
         with self._write():
             for name, kind in self.conn.execute(
                     "SELECT name, type FROM sqlite_master WHERE type IN ('trigger', 'index') "
@@ -2233,6 +2242,17 @@ class Capture(Resume):
                 self.conn.execute(f"DROP TABLE IF EXISTS {_q(name)}")
         self._tables = None
         return kept
+
+    def _keep_base(self) -> None:
+        """Keep the values of rows with edits not yet sent, as capture goes off."""
+        for info in self.tables().values():
+            rids = [r for (r,) in self.conn.execute(
+                "SELECT DISTINCT rid FROM _ccsync_dirty WHERE tbl = ?", (info.name,))]
+            rows = list(self._by_rowid(info.name, "*", rids))
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO _ccsync_base (tbl, rid, vals) VALUES (?, ?, ?)",
+                [(info.name, row["_rid"], json.dumps(values, separators=(",", ":")))
+                 for row, values in zip(rows, self._wire_rows(info, rows))])
 
     def remove_triggers(self) -> int:
         """Drop only the capture triggers (before ``ALTER TABLE ... DROP COLUMN``).
@@ -2244,14 +2264,8 @@ class Capture(Resume):
         Returns how many triggers were dropped.
         """
         with self._write():
-            for info in self.tables().values() if self.installed() else ():
-                rids = [r for (r,) in self.conn.execute(
-                    "SELECT DISTINCT rid FROM _ccsync_dirty WHERE tbl = ?", (info.name,))]
-                rows = list(self._by_rowid(info.name, "*", rids))
-                self.conn.executemany(
-                    "INSERT OR REPLACE INTO _ccsync_base (tbl, rid, vals) VALUES (?, ?, ?)",
-                    [(info.name, row["_rid"], json.dumps(values, separators=(",", ":")))
-                     for row, values in zip(rows, self._wire_rows(info, rows))])
+            if self.installed():
+                self._keep_base()
             names = [n for (n,) in self.conn.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'trigger' "
                 "AND name LIKE '\\_ccsync\\_%' ESCAPE '\\'").fetchall()]

@@ -68,6 +68,10 @@ FOUND_SEEDS = [
     (203497028, None, None, "a time entry cc created again on an old schema was not "
                             "back-filled after ALTER TABLE ADD COLUMN; others revived it "
                             "with the column's synced value"),
+    (203496504, None, None, "the same on a copied database"),
+    (203497194, None, None, "edits captured before stamp --remove and not yet sent were "
+                            "timed again at the next stamp and beat a later edit made on a "
+                            "copy of the database"),
 ]
 
 PROGRAMS = int(os.environ.get("CCSYNC_MODEL_PROGRAMS", "500" if os.environ.get("CI") else "100"))
