@@ -1250,6 +1250,16 @@ class SyncState:
     def _suppress(self, on: bool) -> None:
         self.conn.execute("UPDATE _ccsync_clock SET suppress = ?", (1 if on else 0,))
 
+    @contextlib.contextmanager
+    def _quiet(self) -> Iterator[None]:
+        """ccsync's own writes inside: not captured (and capture as before after)."""
+        before = self.conn.execute("SELECT suppress FROM _ccsync_clock").fetchone()[0]
+        self._suppress(True)
+        try:
+            yield
+        finally:
+            self._suppress(bool(before))
+
     def _fingerprint(self) -> str:
         path = self.path
         return f"{socket.gethostname()}:{os.path.realpath(path) if path else ''}"
@@ -1331,9 +1341,18 @@ class LocalRows(SyncState):
                                          f"WHERE rowid IN ({marks})", chunk)
 
     def _parent_sids(self, table: str, rids: Iterable[Any]) -> dict[int, str | None]:
+        """The sync_id of each row id; of a row deleted here, the id it had
+        (cc's version.delete leaves references to it: they name that row)."""
         if table not in self.tables():
             return {}
-        return {row[0]: row[1] for row in self._by_rowid(table, "sync_id", rids)}
+        rids = [r for r in rids if isinstance(r, int)]
+        out = {row[0]: row[1] for row in self._by_rowid(table, "sync_id", rids)}
+        for chunk in _chunks(sorted({r for r in rids if r not in out}), 500):
+            marks = ",".join("?" * len(chunk))
+            out.update(self.conn.execute(
+                f"SELECT rid, sid FROM _ccsync_gone WHERE tbl = ? AND sid IS NOT NULL "
+                f"AND rid IN ({marks}) ORDER BY hlc", (table, *chunk)).fetchall())
+        return out
 
     def _wire_rows(self, info: TableInfo, rows: list[sqlite3.Row]) -> list[dict[str, Any]]:
         """Each row's tracked and local columns in wire form (refs as sync_ids)."""
@@ -1522,6 +1541,18 @@ class LocalRows(SyncState):
                                 (table, sid)).fetchone()
         if row is not None and row[0] != rid:
             self._relink_children(table, sid)
+        olds = [old for (old,) in self.conn.execute(
+            "SELECT DISTINCT rid FROM _ccsync_gone WHERE tbl = ? AND sid = ? AND rid IS NOT NULL "
+            "AND rid != ?", (table, sid, rid)).fetchall()
+            if self.conn.execute(f"SELECT 1 FROM {_q(table)} WHERE rowid = ?",
+                                 (old,)).fetchone() is None]
+        with self._quiet():           # same reference on the wire: not an edit
+            for old in olds:          # and children that never synced (no shadow) too
+                for spec, col in self._child_refs(table):
+                    child = self.tables().get(spec.name)
+                    if child is not None and col in child.columns:
+                        self.conn.execute(f"UPDATE {_q(spec.name)} SET {_q(col)} = ? "
+                                          f"WHERE {_q(col)} = ?", (rid, old))
 
 
 class Identity(LocalRows):
@@ -1614,9 +1645,9 @@ class Identity(LocalRows):
                 same = col in target[1] and target[1][col] == values.get(col)
                 cells[col] = latest(cells[col], target[2].get(col)) if same \
                     else [hlc, self.device_id]
-        self._suppress(True)
-        self.conn.execute(f"UPDATE {_q(info.name)} SET sync_id = ? WHERE rowid = ?", (new, rid))
-        self._suppress(False)
+        with self._quiet():
+            self.conn.execute(f"UPDATE {_q(info.name)} SET sync_id = ? WHERE rowid = ?",
+                              (new, rid))
         self.conn.execute("DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ?", (info.name, rid))
         self.conn.execute("UPDATE _ccsync_shadow SET rid = NULL WHERE tbl = ? AND sid = ?",
                           (info.name, old))
@@ -1698,10 +1729,9 @@ class Identity(LocalRows):
                 values[col] = value
         if values:
             sets = ", ".join(f"{_q(c)} = ?" for c in values)
-            self._suppress(True)
-            self.conn.execute(f"UPDATE {_q(info.name)} SET {sets} WHERE rowid = ?",
-                              [*values.values(), rid])
-            self._suppress(False)
+            with self._quiet():
+                self.conn.execute(f"UPDATE {_q(info.name)} SET {sets} WHERE rowid = ?",
+                                  [*values.values(), rid])
         return list(values)
 
     def _mark_referrers(self, info: TableInfo, rid: int, hlc: int) -> None:
@@ -2079,11 +2109,15 @@ class Capture(Resume):
             old = shadow.pop(row["sync_id"], None)
             if row["sync_id"] in deleted:
                 old = None            # deleted here, then created again: a new row
-            if old is None:
-                if only is None:      # a new row; columns cc added since were not written
+            if old is None:           # a new row: what is in columns cc added was written
+                if only is not None:  # after them (its insert was captured already)
+                    dirty += [(table, row["_rid"], c, hlc) for c in only
+                              if values.get(c) is not None]
+                elif added:
                     dirty += [(table, row["_rid"], c, hlc) for c in info.tracked
-                              if c not in added or values.get(c) is not None] if added \
-                        else [(table, row["_rid"], INSERTED, hlc)]
+                              if c not in added or values.get(c) is not None]
+                else:
+                    dirty.append((table, row["_rid"], INSERTED, hlc))
                 continue
             dirty += [(table, row["_rid"], c, hlc) for c in columns
                       if values.get(c) != old.get(c)

@@ -72,6 +72,12 @@ FOUND_SEEDS = [
     (203497194, None, None, "edits captured before stamp --remove and not yet sent were "
                             "timed again at the next stamp and beat a later edit made on a "
                             "copy of the database"),
+    (203492305, None, None, "a column cc added, then wrote on a row not yet sent, before the "
+                            "triggers knew the column: the edit was never captured"),
+    (203496699, None, None, "cc's version.delete left environment.version_id at the deleted "
+                            "id, cc created 17.0 again: the environment, never synced, was "
+                            "neither sent with 17.0's id nor re-linked"),
+    (203499210, None, None, "a row first seen through an edit of one column (as 203492211)"),
 ]
 
 PROGRAMS = int(os.environ.get("CCSYNC_MODEL_PROGRAMS", "500" if os.environ.get("CI") else "100"))
