@@ -1534,18 +1534,22 @@ class LocalRows(SyncState):
                     "FROM _ccsync_shadow WHERE tbl = ? AND json_extract(vals, ?) = ?",
                     (spec.name, f'$."{col}"', sid))
 
-    def _relink_if_back(self, table: str, sid: str, rid: int) -> None:
-        # cc re-created a row deleted here (same key, so the same id): this
-        # device's own children that lost their reference to it get it back.
+    def _relink_if_back(self, table: str, sid: str, rid: int, was: int | None = None) -> None:
+        """A row deleted here is back at ``rid`` (cc created it again: same key,
+        same id; or a later edit from elsewhere won): children that lost their
+        reference to it get it back, also those that still hold its old rowid
+        (``was``, or the shadow's: cc's version.delete leaves them) and never
+        synced.  Call before the shadow learns the new rowid."""
         row = self.conn.execute("SELECT rid FROM _ccsync_shadow WHERE tbl = ? AND sid = ?",
                                 (table, sid)).fetchone()
         if row is not None and row[0] != rid:
             self._relink_children(table, sid)
-        olds = [old for (old,) in self.conn.execute(
-            "SELECT DISTINCT rid FROM _ccsync_gone WHERE tbl = ? AND sid = ? AND rid IS NOT NULL "
-            "AND rid != ?", (table, sid, rid)).fetchall()
-            if self.conn.execute(f"SELECT 1 FROM {_q(table)} WHERE rowid = ?",
-                                 (old,)).fetchone() is None]
+        olds = {old for (old,) in self.conn.execute(
+            "SELECT DISTINCT rid FROM _ccsync_gone WHERE tbl = ? AND sid = ? AND rid IS NOT NULL",
+            (table, sid)).fetchall()}
+        olds |= {old for old in (was, row[0] if row else None) if old is not None}
+        olds = [old for old in olds - {rid} if self.conn.execute(
+            f"SELECT 1 FROM {_q(table)} WHERE rowid = ?", (old,)).fetchone() is None]
         with self._quiet():           # same reference on the wire: not an edit
             for old in olds:          # and children that never synced (no shadow) too
                 for spec, col in self._child_refs(table):
@@ -2314,7 +2318,8 @@ class RowWriter(Capture):
     and retry rows that wait for a parent."""
 
     def _materialize(self, info: TableInfo, sid: str, cols: list[str] | None,
-                     keep: bool = False, rowid: int | None = None) -> int | None:
+                     keep: bool = False, rowid: int | None = None,
+                     was: int | None = None) -> int | None:
         """Make the table row match the shadow for ``cols`` (all, if None); its rowid.
 
         Deletes it if a tombstone is the latest edit -- unless a live row needs
@@ -2322,7 +2327,7 @@ class RowWriter(Capture):
         the same rows.  Inserts it if new here, and parks unresolved references
         in ``_ccsync_pending`` for later.
         """
-        _rid, vals, clocks = self._shadow(info.name, sid)
+        old_rid, vals, clocks = self._shadow(info.name, sid)
         rid = self._rid_for_sid(info.name, sid)
         local_cells = self._dirty_cells(info.name, rid, sid)
         deleted = is_deleted({c: latest(clocks.get(c), local_cells.get(c))
@@ -2369,9 +2374,9 @@ class RowWriter(Capture):
             return twin[0]
         if rid is None:
             rid = self._insert_row(info, sid, vals, values, rowid)
+            if old_rid is not None or was is not None or TOMBSTONE in clocks:
+                self._relink_if_back(info.name, sid, rid, was)
             self._put_shadow(info.name, sid, rid, vals, clocks)
-            if TOMBSTONE in clocks:
-                self._relink_children(info.name, sid)
         elif values:
             sets = ", ".join(f"{_q(c)} = ?" for c in values)
             self.conn.execute(f"UPDATE {_q(info.name)} SET {sets}, synced_at = ? WHERE rowid = ?",
@@ -2650,7 +2655,10 @@ class Incoming(RowWriter):
         elif won:
             self._drop_dirty_cells(info.name, rid, won, info)
         self._put_shadow(info.name, sid, rid, vals, clocks)
-        self._materialize(info, sid, [c for c in won if c in info.columns])
+        # A row deleted here may come back: children cc left at its old rowid
+        # are re-linked then.
+        self._materialize(info, sid, [c for c in won if c in info.columns],
+                          was=old[0] if old and rid is None else None)
         return True
 
     def _check_setting(self, record: Record) -> None:

@@ -78,6 +78,9 @@ FOUND_SEEDS = [
                             "id, cc created 17.0 again: the environment, never synced, was "
                             "neither sent with 17.0's id nor re-linked"),
     (203499210, None, None, "a row first seen through an edit of one column (as 203492211)"),
+    (788746817, None, None, "a version deleted here (cc left the environment at its old id) "
+                            "came back through a later edit from elsewhere before the delete "
+                            "was sent: the environment was not re-linked"),
 ]
 
 PROGRAMS = int(os.environ.get("CCSYNC_MODEL_PROGRAMS", "500" if os.environ.get("CI") else "100"))
