@@ -2422,11 +2422,20 @@ class RowWriter(Capture):
 
     def _null_references_to(self, table: str, rid: int) -> None:
         # A nullable reference to a deleted row reads as NULL on every device.
+        # A pending edit of it here is settled by that (it would otherwise go
+        # out as NULL with the edit's time: a database copied before it was
+        # sent would send it too, and the two could differ).
         for spec, col in self._child_refs(table):
             child = self.tables().get(spec.name)
-            if child is not None and col in child.columns and col not in child.required:
-                self.conn.execute(f"UPDATE {_q(spec.name)} SET {_q(col)} = NULL "
-                                  f"WHERE {_q(col)} = ?", (rid,))
+            if child is None or col not in child.columns or col in child.required:
+                continue
+            for (child_rid,) in self.conn.execute(f"SELECT rowid FROM {_q(spec.name)} "
+                                                  f"WHERE {_q(col)} = ?", (rid,)).fetchall():
+                self._expand_inserted(spec.name, child.tracked, child_rid)
+                self.conn.execute("DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ? "
+                                  "AND col = ?", (spec.name, child_rid, col))
+            self.conn.execute(f"UPDATE {_q(spec.name)} SET {_q(col)} = NULL "
+                              f"WHERE {_q(col)} = ?", (rid,))
 
     def _incoming_value(self, info: TableInfo, col: str, value: Any) -> Any:
         """:meth:`_local_value`, bringing back a deleted row that a required

@@ -81,6 +81,10 @@ FOUND_SEEDS = [
     (788746817, None, None, "a version deleted here (cc left the environment at its old id) "
                             "came back through a later edit from elsewhere before the delete "
                             "was sent: the environment was not re-linked"),
+    (788746901, None, None, "a copy sent the source's unsent edit of a reference after "
+                            "ccsync had nulled it (parent deleted elsewhere) with the same "
+                            "time, and won the tie on device id"),
+    (788752086, None, None, "the same re-link, on a copied database"),
 ]
 
 PROGRAMS = int(os.environ.get("CCSYNC_MODEL_PROGRAMS", "500" if os.environ.get("CI") else "100"))
