@@ -7,11 +7,11 @@ Each program comes from ``random.Random(seed)``: replay one with
     .venv/bin/python bench/hunt.py --seed N --verbose
 
 ``test_model_programs`` runs seeds 0..N-1 (N = CCSYNC_MODEL_PROGRAMS, default
-500 when CI is set, else 100), spread over the machine's cores, and lists
-every failing seed with its first complaint.  ``FOUND_SEEDS`` are programs a
-hunt (``make hunt``) found failing; each runs as its own test case until
-ccsync passes it.  Seeds only replay on the same generator: changing
-model_sim's generation changes every program.
+500 when CI is set, else 100) on the spare cores while the rest of the suite
+runs, and lists every failing seed with its first complaint.
+``FOUND_SEEDS`` are programs a hunt (``make hunt``) found failing, fixed
+since; each runs as its own test case.  Seeds only replay on the same
+generator: changing model_sim's generation changes every program.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import pytest
 import ccsync
 import model_sim
 
-# Failing programs found by bench/hunt.py: (seed, renames, what went wrong).
-# Not xfail: ccsync is being fixed so that they pass.
+# Programs bench/hunt.py found failing, each fixed since and kept as its own
+# case so it stays fixed.  renames/removes: the flags the hunt generated it with
+# (None: as the seed draws it); a program depends on them.
 FOUND_SEEDS = [
     # (seed, renames, removes, what went wrong on the ccsync that failed it)
     (1514, False, False, "a deletes version 17.0 while b edits it (17.0 survives): a re-link "
