@@ -2144,7 +2144,12 @@ class Capture(Resume):
         parent = info.spec.refs.get(col)
         if parent is None or synced.get(col) is None:
             return False
-        return row[col] is not None or self._rid_for_sid(parent, synced[col]) is None
+        if row[col] is not None or self._rid_for_sid(parent, synced[col]) is None:
+            return True
+        # Emptied by ccsync when the parent went, and waiting to be re-linked
+        # now that it is back (the re-link runs after the next pull).
+        return self.conn.execute("SELECT 1 FROM _ccsync_pending WHERE tbl = ? AND sid = ?",
+                                 (info.name, row["sync_id"])).fetchone() is not None
 
     def _back_fill(self, info: TableInfo, columns: list[str], shadow: dict[str, dict]) -> None:
         """Fill columns cc just added from the synced state kept for them.

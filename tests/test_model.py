@@ -86,6 +86,9 @@ FOUND_SEEDS = [
                             "ccsync had nulled it (parent deleted elsewhere) with the same "
                             "time, and won the tie on device id"),
     (788752086, None, None, "the same re-link, on a copied database"),
+    (470867627, None, None, "a reference ccsync emptied (parent deleted here, then created "
+                            "again) and not yet re-linked was taken for an edit by the "
+                            "capture-off diff, bringing back a deleted environment"),
 ]
 
 PROGRAMS = int(os.environ.get("CCSYNC_MODEL_PROGRAMS", "500" if os.environ.get("CI") else "100"))
