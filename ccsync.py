@@ -1497,6 +1497,12 @@ class LocalRows(SyncState):
                           f"WHERE {where}", (json.dumps(list(columns)), *args))
         self.conn.execute(f"DELETE FROM _ccsync_dirty WHERE {where}", args)
 
+    def _record_gone(self, info: TableInfo, gone: list[tuple], hlc: int) -> None:
+        """Record deletes made here: (sync_id, rowid or None) pairs, at ``hlc``."""
+        self.conn.executemany("INSERT INTO _ccsync_gone (tbl, rid, sid, key, hlc) "
+                              "VALUES (?, ?, ?, NULL, ?)",
+                              [(info.name, rid, sid, hlc) for sid, rid in gone])
+
     def _mark_dirty(self, table: str, rid: int, cells: dict[str, int]) -> None:
         """Record cells of a local row as edited here at the given clocks."""
         self.conn.executemany(
@@ -1655,8 +1661,7 @@ class Identity(LocalRows):
         self.conn.execute("DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ?", (info.name, rid))
         self.conn.execute("UPDATE _ccsync_shadow SET rid = NULL WHERE tbl = ? AND sid = ?",
                           (info.name, old))
-        self.conn.execute("INSERT INTO _ccsync_gone (tbl, rid, sid, key, hlc) "
-                          "VALUES (?, NULL, ?, NULL, ?)", (info.name, old, hlc))
+        self._record_gone(info, [(old, None)], hlc)
         if target is not None:
             self._relink_if_back(info.name, new, rid)
             self.conn.execute("UPDATE _ccsync_shadow SET rid = ? WHERE tbl = ? AND sid = ?",
@@ -1717,8 +1722,7 @@ class Identity(LocalRows):
         theirs = {c: clocks[c] for c in info.tracked if c in clocks and c in vals}
         taken = self._write_cells(info, rid, vals, winning_cells(current, theirs))
         self._mark_dirty(info.name, rid, {c: theirs[c][0] for c in taken})
-        self.conn.execute("INSERT INTO _ccsync_gone (tbl, rid, sid, key, hlc) "
-                          "VALUES (?, NULL, ?, NULL, ?)", (info.name, sid, self._hlc_tick()))
+        self._record_gone(info, [(sid, None)], self._hlc_tick())
         self.conn.execute("DELETE FROM _ccsync_pending WHERE tbl = ? AND sid = ?",
                           (info.name, sid))
 
@@ -1752,12 +1756,11 @@ class Identity(LocalRows):
             for col, target in spec.list_refs.items():
                 if child is None or target != info.name or col not in child.columns:
                     continue
-                hits = [r for r, text in self.conn.execute(
-                    f"SELECT rowid, {_q(col)} FROM {_q(spec.name)} WHERE {_q(col)} IS NOT NULL")
-                    if rid in (parse_id_list(text) or ([], ""))[0]]
-                self.conn.executemany(
-                    "INSERT OR REPLACE INTO _ccsync_dirty (tbl, rid, col, hlc, sid) "
-                    "VALUES (?, ?, ?, ?, NULL)", [(spec.name, r, col, hlc) for r in hits])
+                for r, text in self.conn.execute(
+                        f"SELECT rowid, {_q(col)} FROM {_q(spec.name)} "
+                        f"WHERE {_q(col)} IS NOT NULL").fetchall():
+                    if rid in (parse_id_list(text) or ([], ""))[0]:
+                        self._mark_dirty(spec.name, r, {col: hlc})
 
 
 class Resume(Identity):
@@ -2046,23 +2049,40 @@ class Capture(Resume):
                     rows = self.conn.execute(
                         f"SELECT rowid AS _rid, * FROM {_q(info.name)} WHERE sync_id IS NULL "
                         f"LIMIT {STAMP_CHUNK}").fetchall()
-                    for row, values in zip(rows, self._wire_rows(info, rows)):
-                        wanted = self._key_sid(info, row, values) \
-                            or natural_id(info.name + "#content",
-                                          [[c, values[c]] for c in info.tracked])
-                        sid = self._fresh_sid(info, wanted)
-                        self.conn.execute(f"UPDATE {_q(info.name)} SET sync_id = ? "
-                                          f"WHERE rowid = ?", (sid, row["_rid"]))
-                        if sid != wanted and info.spec.key and wanted == self._key_sid(
-                                info, row, values):
-                            # Its key's id is taken, maybe by a row renamed away
-                            # meanwhile: identity looks at it again after the diff.
-                            self.conn.execute(
-                                "INSERT OR IGNORE INTO _ccsync_dirty (tbl, rid, col, hlc) "
-                                "VALUES (?, ?, ?, 0)", (info.name, row["_rid"], info.spec.key[0]))
-                        self._relink_if_back(info.name, sid, row["_rid"])
+                    stamped = [(self._stamp(info, row, values), row["_rid"])
+                                for row, values in zip(rows, self._wire_rows(info, rows))]
+                    known = self._known_sids(info.name, [sid for sid, _rid in stamped])
+                    for sid, rid in stamped:
+                        if sid in known:
+                            self._relink_if_back(info.name, sid, rid)
                 total += len(rows)
         return total
+
+    def _stamp(self, info: TableInfo, row: Any, values: dict) -> str:
+        """Give one row its sync_id (see stamp_rows); returns it."""
+        key_sid = self._key_sid(info, row, values)
+        wanted = key_sid or natural_id(info.name + "#content",
+                                       [[c, values[c]] for c in info.tracked])
+        sid = self._fresh_sid(info, wanted)
+        self.conn.execute(f"UPDATE {_q(info.name)} SET sync_id = ? WHERE rowid = ?",
+                          (sid, row["_rid"]))
+        if key_sid is not None and sid != key_sid:
+            # Its key's id is taken, maybe by a row renamed away meanwhile:
+            # identity looks at it again after the diff.
+            self.conn.execute("INSERT OR IGNORE INTO _ccsync_dirty (tbl, rid, col, hlc) "
+                              "VALUES (?, ?, ?, 0)", (info.name, row["_rid"], info.spec.key[0]))
+        return sid
+
+    def _known_sids(self, table: str, sids: list[str]) -> set[str]:
+        """Of ``sids``, those synced or deleted here before (a row may be back)."""
+        known: set[str] = set()
+        for chunk in _chunks(sids, 400):
+            marks = ",".join("?" * len(chunk))
+            known.update(sid for (sid,) in self.conn.execute(
+                f"SELECT sid FROM _ccsync_shadow WHERE tbl = ? AND sid IN ({marks}) UNION "
+                f"SELECT sid FROM _ccsync_gone WHERE tbl = ? AND sid IN ({marks})",
+                (table, *chunk, table, *chunk)))
+        return known
 
     def _fresh_sid(self, info: TableInfo, wanted: str | None) -> str:
         # A natural id that no row here holds is used, even if a deleted row had
@@ -2178,11 +2198,6 @@ class Capture(Resume):
                  f"AND NOT EXISTS (SELECT 1 FROM _ccsync_gone g WHERE g.tbl = s.tbl "
                  f"AND g.sid = s.sid)")
         return [tuple(r) for r in self.conn.execute(query, (info.name,)).fetchall()]
-
-    def _record_gone(self, info: TableInfo, gone: list[tuple], hlc: int) -> None:
-        self.conn.executemany("INSERT INTO _ccsync_gone (tbl, rid, sid, key, hlc) "
-                              "VALUES (?, ?, ?, NULL, ?)",
-                              [(info.name, rid, sid, hlc) for sid, rid in gone])
 
     def _find_vanished(self) -> None:
         """Record as deleted the synced rows that REPLACE removed unseen.
