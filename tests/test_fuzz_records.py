@@ -67,6 +67,7 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 import ccsync
+from test_transport import signed
 from conftest import SCHEMA, Device, content, make_cc_db
 
 EXAMPLES = int(os.environ.get("CCSYNC_FUZZ_EXAMPLES", "200"))
@@ -1157,16 +1158,9 @@ def sync_server(tmp_path_factory):
 
 
 def _signed(api_key: str, path: str, payload) -> tuple[dict, bytes, str]:
-    """A request built the way Client._request builds one."""
-    keys = ccsync.DeviceKeys.from_api_key(api_key)
-    stamp, nonce = str(int(time.time())), secrets.token_hex(16)
-    context = ccsync.request_context("POST", path, stamp, nonce, keys.key_id)
-    if isinstance(payload, dict) and "protocol" not in payload:
-        payload = {**payload, "protocol": ccsync.PROTOCOL}      # as Client._request does
-    body = ccsync.seal(keys.enc, payload, context)
-    headers = {"Content-Type": ccsync.WIRE_TYPE, ccsync.H_KEY: keys.key_id,
-               ccsync.H_TIME: stamp, ccsync.H_NONCE: nonce,
-               ccsync.H_SIG: ccsync.sign(keys.mac, context, body)}
+    """A request built the way Client._request builds one, and its nonce."""
+    nonce = secrets.token_hex(16)
+    headers, body = signed(api_key, path, payload, nonce=nonce)
     return headers, body, nonce
 
 
