@@ -2130,22 +2130,10 @@ class Capture(Resume):
             if row["_rid"] in base:
                 later += [(table, row["_rid"], c, hlc) for c in columns
                           if values.get(c) != base[row["_rid"]].get(c)]
-            old = shadow.pop(row["sync_id"], None)
-            if row["sync_id"] in deleted:
-                old = None            # deleted here, then created again: a new row
-            if old is None:           # a new row: what is in columns cc added was written
-                if only is not None:  # after them (its insert was captured already)
-                    dirty += [(table, row["_rid"], c, hlc) for c in only
-                              if values.get(c) is not None]
-                elif added:
-                    dirty += [(table, row["_rid"], c, hlc) for c in info.tracked
-                              if c not in added or values.get(c) is not None]
-                else:
-                    dirty.append((table, row["_rid"], INSERTED, hlc))
-                continue
-            dirty += [(table, row["_rid"], c, hlc) for c in columns
-                      if values.get(c) != old.get(c)
-                      and not (values.get(c) is None and self._lost_parent(info, c, row, old))]
+            # Deleted here, then created again: a new row.
+            old = None if row["sync_id"] in deleted else shadow.get(row["sync_id"])
+            dirty += [(table, row["_rid"], c, hlc)
+                      for c in self._found_cells(info, row, values, old, only, added)]
         gone = [] if only is not None else self._vanished(info)
         self._sliced(dirty, lambda cell: self.conn.execute(
             "INSERT OR IGNORE INTO _ccsync_dirty (tbl, rid, col, hlc) VALUES (?, ?, ?, ?)", cell))
@@ -2156,6 +2144,20 @@ class Capture(Resume):
             self._record_gone(info, gone, hlc)
             self.conn.execute("DELETE FROM _ccsync_base WHERE tbl = ?", (table,))
             self.set_meta(f"diff:{table}", None)
+
+    def _found_cells(self, info: TableInfo, row: Any, values: dict, old: dict | None,
+                     only: list | None, added: list) -> list[str]:
+        """The cells a diff finds edited in one row (``old``: its synced values,
+        None for a new row; ``only``: just these columns, cc added them)."""
+        if old is None:           # a new row: what is in columns cc added was written
+            if only is not None:  # after them (its insert was captured already)
+                return [c for c in only if values.get(c) is not None]
+            if added:
+                return [c for c in info.tracked if c not in added or values.get(c) is not None]
+            return [INSERTED]
+        return [c for c in info.tracked if (only is None or c in only)
+                and values.get(c) != old.get(c)
+                and not (values.get(c) is None and self._lost_parent(info, c, row, old))]
 
     def _lost_parent(self, info: TableInfo, col: str, row: Any, synced: dict) -> bool:
         """True when a reference that reads NULL does so only because its parent is not here
