@@ -995,6 +995,9 @@ CREATE TABLE IF NOT EXISTS _ccsync_gone (
 CREATE INDEX IF NOT EXISTS _ccsync_gone_row ON _ccsync_gone (tbl, sid);
 CREATE TABLE IF NOT EXISTS _ccsync_outbox (
     tbl TEXT NOT NULL, sid TEXT NOT NULL, UNIQUE (tbl, sid));
+CREATE TABLE IF NOT EXISTS _ccsync_named (
+    tbl TEXT NOT NULL, rid INTEGER NOT NULL, col TEXT NOT NULL, sid TEXT NOT NULL,
+    hlc INTEGER NOT NULL, PRIMARY KEY (tbl, rid, col)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS _ccsync_base (
     tbl TEXT NOT NULL, rid INTEGER NOT NULL, vals TEXT NOT NULL,
     PRIMARY KEY (tbl, rid)) WITHOUT ROWID;
@@ -1005,7 +1008,8 @@ CREATE TABLE IF NOT EXISTS _ccsync_held (
 BOOKKEEPING_VERSION = "3"            # _ccsync_meta 'bookkeeping': the layout below
 BOOKKEEPING_TABLES = ("_ccsync_meta", "_ccsync_clock", "_ccsync_dirty", "_ccsync_shadow",
                       "_ccsync_pending", "_ccsync_refused", "_ccsync_link",
-                      "_ccsync_gone", "_ccsync_held", "_ccsync_base", "_ccsync_outbox")
+                      "_ccsync_gone", "_ccsync_held", "_ccsync_base", "_ccsync_outbox",
+                      "_ccsync_named")
 RETIRED_TABLES = ("_ccsync_alias",)     # bookkeeping of older versions
 
 _SQL_NOW_HLC = f"(CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER) * {HLC_PER_MS})"
@@ -1556,6 +1560,8 @@ class LocalRows(SyncState):
         olds |= {old for old in (was, row[0] if row else None) if old is not None}
         olds = [old for old in olds - {rid} if self.conn.execute(
             f"SELECT 1 FROM {_q(table)} WHERE rowid = ?", (old,)).fetchone() is None]
+        named = self.conn.execute("SELECT tbl, rid, col, hlc FROM _ccsync_named WHERE sid = ?",
+                                  (sid,)).fetchall()
         with self._quiet():           # same reference on the wire: not an edit
             for old in olds:          # and children that never synced (no shadow) too
                 for spec, col in self._child_refs(table):
@@ -1563,6 +1569,15 @@ class LocalRows(SyncState):
                     if child is not None and col in child.columns:
                         self.conn.execute(f"UPDATE {_q(spec.name)} SET {_q(col)} = ? "
                                           f"WHERE {_q(col)} = ?", (rid, old))
+            refs = {(spec.name, col) for spec, col in self._child_refs(table)}
+            for child, child_rid, col, hlc in named:   # edits not yet sent that name it
+                if (child, col) in refs and child in self.tables():
+                    self.conn.execute(
+                        f"UPDATE {_q(child)} SET {_q(col)} = ? WHERE rowid = ? AND "
+                        f"{_q(col)} IS NULL AND EXISTS (SELECT 1 FROM _ccsync_dirty WHERE "
+                        f"tbl = ? AND rid = ? AND col = ? AND hlc = ?)",
+                        (rid, child_rid, child, child_rid, col, hlc))
+        self.conn.execute("DELETE FROM _ccsync_named WHERE sid = ?", (sid,))
 
 
 class Identity(LocalRows):
@@ -2357,7 +2372,7 @@ class RowWriter(Capture):
         if not stays(deleted, keep or self._needed_by_children(info.name, rid)):
             if rid is not None:
                 self._keep_lost_edits(info, sid, rid, vals, clocks, local_cells)
-                self._null_references_to(info.name, rid)
+                self._null_references_to(info.name, rid, sid)
                 self.conn.execute(f"DELETE FROM {_q(info.name)} WHERE rowid = ?", (rid,))
                 self.conn.execute("DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ?",
                                   (info.name, rid))
@@ -2442,11 +2457,10 @@ class RowWriter(Capture):
                 return True
         return False
 
-    def _null_references_to(self, table: str, rid: int) -> None:
+    def _null_references_to(self, table: str, rid: int, sid: str) -> None:
         # A nullable reference to a deleted row reads as NULL on every device.
-        # A pending edit of it here is settled by that (it would otherwise go
-        # out as NULL with the edit's time: a database copied before it was
-        # sent would send it too, and the two could differ).
+        # An edit of it here not yet sent still names that row (``sid``): it
+        # goes out so (_named_refs), and re-links if the row comes back.
         for spec, col in self._child_refs(table):
             child = self.tables().get(spec.name)
             if child is None or col not in child.columns or col in child.required:
@@ -2454,8 +2468,12 @@ class RowWriter(Capture):
             for (child_rid,) in self.conn.execute(f"SELECT rowid FROM {_q(spec.name)} "
                                                   f"WHERE {_q(col)} = ?", (rid,)).fetchall():
                 self._expand_inserted(spec.name, child.tracked, child_rid)
-                self.conn.execute("DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ? "
-                                  "AND col = ?", (spec.name, child_rid, col))
+            self.conn.execute(
+                f"INSERT OR REPLACE INTO _ccsync_named (tbl, rid, col, sid, hlc) "
+                f"SELECT d.tbl, d.rid, d.col, ?, d.hlc FROM _ccsync_dirty d "
+                f"JOIN {_q(spec.name)} t ON t.rowid = d.rid "
+                f"WHERE d.tbl = ? AND d.col = ? AND t.{_q(col)} = ?",
+                (sid, spec.name, col, rid))
             self.conn.execute(f"UPDATE {_q(spec.name)} SET {_q(col)} = NULL "
                               f"WHERE {_q(col)} = ?", (rid,))
 
@@ -2861,6 +2879,9 @@ class Sending(Incoming):
         rows = {row["_rid"]: row for row in self._by_rowid(info.name, "*", rids)}
         present = [rows[r] for r in rids if r in rows]
         wire = dict(zip((r["_rid"] for r in present), self._wire_rows(info, present)))
+        for (rid, col), (sid, hlc) in self._named_refs(info.name, rids).items():
+            if rid in wire and dirty[rid].get(col) == hlc and rows[rid][col] is None:
+                wire[rid][col] = sid
         records, tokens = [], []
         for rid in rids:
             cells = dirty.get(rid, {})
@@ -2872,6 +2893,13 @@ class Sending(Incoming):
             tokens.append(Outgoing(info.name, rid, cells))
             records.append(record)
         return records, tokens
+
+    def _named_refs(self, table: str, rids: list[int]) -> dict[tuple[int, str], tuple[str, int]]:
+        """Edits of a reference not yet sent whose row a delete removed here:
+        (rowid, column) -> (the sync_id they name, the edit's clock)."""
+        return {(rid, col): (sid, hlc) for rid, col, sid, hlc in self.conn.execute(
+            "SELECT rid, col, sid, hlc FROM _ccsync_named WHERE tbl = ? AND rid BETWEEN ? AND ?",
+            (table, rids[0], rids[-1]))}
 
     def _row_record(self, info: TableInfo, row: sqlite3.Row, values: dict,
                     cells: dict) -> dict | None:
@@ -2999,12 +3027,13 @@ class Sending(Incoming):
         if self._needed_by_children(table, rid):
             self._materialize(self.tables()[table], sid, None, keep=True, rowid=rid)
         else:
-            self._null_references_to(table, rid)
+            self._null_references_to(table, rid, sid)
 
     def _clear_dirty(self, table: str, rid: int, cells: dict[str, int]) -> None:
-        self.conn.executemany(
-            "DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ? AND col = ? AND hlc <= ?",
-            [(table, rid, col, hlc) for col, hlc in cells.items()])
+        for name in ("_ccsync_dirty", "_ccsync_named"):
+            self.conn.executemany(
+                f"DELETE FROM {name} WHERE tbl = ? AND rid = ? AND col = ? AND hlc <= ?",
+                [(table, rid, col, hlc) for col, hlc in cells.items()])
 
     def _settle_shadow(self, record: dict, rid: int) -> None:
         old = self._shadow(record["t"], record["id"])

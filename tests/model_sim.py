@@ -24,7 +24,8 @@ one): 3-4 devices on cc 4.0 databases, each with a clock skew from
 * schema upgrades: a device starts on an older cc schema (switch_log without
   ended_at/note/source/edited, or project without home_repo) and a later step
   runs cc's ``ALTER TABLE ... ADD COLUMN`` (forced before the end if the
-  program did not);
+  program did not); until that device's next sync no trigger names the new
+  columns, so the model treats edits of them as made with capture off;
 * capture off: ``store.remove_triggers()`` (``stamp --remove-triggers``), or in
   a small subset ``store.remove()`` (``stamp --remove``), with cc editing on;
   the next sync re-installs capture.
@@ -313,6 +314,9 @@ class Model:
     # device -> [(key, event)] made while its capture was off: ccsync finds them
     # at that device's next prepare() and times them then (re-stamped by found()).
     deferred: dict = field(default_factory=dict)
+    # device -> {(table, column)} cc added since that device's last prepare():
+    # no trigger names them yet, so edits of them are found by diff, like the above.
+    uncovered: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)      # what happened, for --verbose
 
     def tick(self, dev: str) -> dict:
@@ -320,23 +324,40 @@ class Model:
         clock[dev] = clock.get(dev, 0) + 1
         return dict(clock)
 
-    def found(self, dev: str) -> None:
+    def found(self, dev: str, view: dict | None = None) -> None:
         """prepare() on ``dev`` re-installs capture and diffs: what cc did with
         capture off is an edit timed *now* (README, capture off), so those events
         take the device's clock at this sync, in their order.  This matters for a
         copy made meanwhile: the copy finds the same differences on its own, and
         its events no longer causally follow the source's, which the source only
-        times later (they are concurrent, as ccsync's clocks see them)."""
+        times later (they are concurrent, as ccsync's clocks see them).
+
+        Edits of a column cc added since the last prepare are found the same
+        way; a diff sees where they ended, not how: one that left the column
+        empty again (as ``ADD COLUMN`` made it) is no edit.  ``view`` is the
+        device's logical view just before this prepare."""
         self.capture_off.discard(dev)
+        self.uncovered.pop(dev, None)
         fresh: dict = {}
-        for _key, event in self.deferred.pop(dev, []):
+        for key, event in self.deferred.pop(dev, []):
+            if event.kind == "uncovered":
+                event.kind = "edit"
+                now = (view or {}).get(key, {}).get("val", {})
+                for col in [c for c in event.cols if now.get(c) is None]:
+                    del event.cols[col]
+                    self.notes.append(f"{dev}: {fmt_key(key)}.{col} ends empty as cc added "
+                                      f"it: no edit")
+                if not event.cols:
+                    self.rows[key].remove(event)
+                    continue
             if id(event.vc) not in fresh:
                 fresh[id(event.vc)] = self.tick(dev)
             event.vc = fresh[id(event.vc)]
 
     def copy_deferred(self, src: str, new: str) -> None:
-        """A byte copy made while ``src`` had capture off: the copy finds the
-        same un-captured differences at its own first sync."""
+        """A byte copy made while ``src`` had edits not captured yet (capture
+        off, or columns cc added): the copy finds the same differences at its
+        own first sync."""
         shared: dict = {}
         for key, event in self.deferred.get(src, []):
             vc = shared.setdefault(id(event.vc), dict(event.vc))
@@ -418,6 +439,15 @@ def diff_events(model: Model, before: dict, after: dict, dev: str, step: int) ->
         for col, value in event[1].items():
             if isinstance(value, tuple) and value[0] == "dangling" and col in spec.refs:
                 model.cc_dangling.add((dev, spec.refs[col], value[1]))
+        uncovered = {c: v for c, v in event[1].items() if event[0] == "edit"
+                     and (key[0], c) in model.uncovered.get(dev, ())}
+        if uncovered and dev not in model.capture_off:
+            late = Event("uncovered", dev, vc, uncovered, step)
+            model.rows.setdefault(key, []).append(late)
+            model.deferred.setdefault(dev, []).append((key, late))
+            event = (event[0], {c: v for c, v in event[1].items() if c not in uncovered})
+            if not event[1]:
+                continue
         made = Event(event[0], dev, vc, event[1], step)
         model.rows.setdefault(key, []).append(made)
         if dev in model.capture_off:
@@ -693,15 +723,19 @@ def rename(sim: ModelSim, model: Model, step: tuple) -> None:
     model.tick(sim.devices[d].name)
 
 
-def migrate(sim: ModelSim, d: int) -> None:
-    """cc's sync_schema on an older database: ALTER TABLE ADD COLUMN."""
+def migrate(sim: ModelSim, d: int) -> set:
+    """cc's sync_schema on an older database: ALTER TABLE ADD COLUMN.  The
+    (table, column) pairs it added."""
     dev = sim.devices[d]
+    added = set()
     for table, cols in OLD_SCHEMAS.items():
         have = columns(dev.cc, table)
         for col, type_ in cols:
             if col not in have:
                 dev.cc.execute(f'ALTER TABLE "{table}" ADD COLUMN "{col}" {type_}')
+                added.add((table, col))
     _COLUMNS.clear()                 # after the ALTERs: the cache must see the new columns
+    return added
 
 
 def uncapturable(model: Model, dev: Device, before: dict, after: dict) -> None:
@@ -750,8 +784,9 @@ def run(program: Program, verbose: bool = False, log=print) -> Outcome:
                 elif kind == "sync":
                     _, d, mode = step
                     name = sim.devices[d].name
+                    view = logical_view(sim.devices[d].cc)
                     sim.sync(d, mode)
-                    model.found(name)                    # prepare re-installs capture
+                    model.found(name, view)              # prepare re-installs capture
                     if mode in ("sync", "push"):
                         model.push(name)
                     if mode in ("sync", "pull"):
@@ -760,15 +795,19 @@ def run(program: Program, verbose: bool = False, log=print) -> Outcome:
                     _, d, skew = step
                     new = sim.copy_device(d, skew)
                     model.vc[new.name] = dict(model.vc.get(sim.devices[d].name, {}))
-                    if sim.devices[d].name in model.capture_off:
+                    src = sim.devices[d].name
+                    if src in model.capture_off:
                         model.capture_off.add(new.name)   # the copy has no triggers either
-                        model.copy_deferred(sim.devices[d].name, new.name)
+                    if src in model.uncovered:
+                        model.uncovered[new.name] = set(model.uncovered[src])
+                    model.copy_deferred(src, new.name)
                     model.cc_dangling |= {(new.name, t, rid) for who, t, rid in
                                           model.cc_dangling if who == sim.devices[d].name}
                     if verbose:
                         log(f"      -> device {new.name} (copy of {sim.devices[d].name})")
                 elif kind == "migrate":
-                    migrate(sim, step[1])
+                    name = sim.devices[step[1]].name
+                    model.uncovered.setdefault(name, set()).update(migrate(sim, step[1]))
                 elif kind == "capture_off":
                     _, d, how = step
                     getattr(sim.devices[d].store, how)()
@@ -790,8 +829,9 @@ def run(program: Program, verbose: bool = False, log=print) -> Outcome:
                 errors.append(("cc-error", f"step {i} {step!r}: {type(exc).__name__}: {exc}"))
         for d in range(len(sim.devices)):            # every device ends on the same schema
             migrate(sim, d)
-        for name in sorted(model.capture_off):       # settle's first sync finds them
-            model.found(name)
+        for dev in sim.devices:                      # settle's first sync finds them
+            if dev.name in model.capture_off or dev.name in model.uncovered:
+                model.found(dev.name, logical_view(dev.cc))
         sim.settle(2)
         final = final_state(sim)
     except Exception as exc:                         # noqa: BLE001 - reported, not hidden

@@ -89,6 +89,19 @@ FOUND_SEEDS = [
     (470867627, None, None, "a reference ccsync emptied (parent deleted here, then created "
                             "again) and not yet re-linked was taken for an edit by the "
                             "capture-off diff, bringing back a deleted environment"),
+    (470869322, None, None, "an environment not yet pushed named 17.0 when 17.0's delete "
+                            "arrived from elsewhere: the emptied reference was settled unsent, "
+                            "and a later edit that kept 17.0 alive could not re-link it"),
+    (470866754, None, None, "the same, with the delete made here and settled by the push "
+                            "before the environment went out"),
+    (470867955, None, None, "the same (as 470866754)"),
+    (470869138, None, None, "the same (as 470866754)"),
+    (788752306, None, None, "the same (as 470866754)"),
+    (788747091, None, None, "the model (not ccsync) timed cc's edits of a column it had just "
+                            "added when made; ccsync finds them at its next sync, as with "
+                            "capture off, and one that leaves the column empty is no edit"),
+    (5632, None, None, "the same in the model: a copy made before that sync finds the edit "
+                       "on its own, later than the source's delete of the row"),
 ]
 
 PROGRAMS = int(os.environ.get("CCSYNC_MODEL_PROGRAMS", "500" if os.environ.get("CI") else "100"))
