@@ -2156,8 +2156,13 @@ class Capture(Resume):
         columns = [c for c in info.tracked if only is None or c in only]
         for row, values in zip(rows, self._wire_rows(info, rows)):
             if row["_rid"] in base:
+                kept = base[row["_rid"]]
+                # A reference that reads empty only because its parent went
+                # meanwhile is no edit, as in _found_cells.
                 later += [(table, row["_rid"], c, hlc) for c in columns
-                          if values.get(c) != base[row["_rid"]].get(c)]
+                          if values.get(c) != kept.get(c)
+                          and not (values.get(c) is None
+                                   and self._lost_parent(info, c, row, kept))]
             # Deleted here, then created again: a new row.
             old = None if row["sync_id"] in deleted else shadow.get(row["sync_id"])
             dirty += [(table, row["_rid"], c, hlc)

@@ -102,6 +102,10 @@ FOUND_SEEDS = [
                             "capture off, and one that leaves the column empty is no edit"),
     (5632, None, None, "the same in the model: a copy made before that sync finds the edit "
                        "on its own, later than the source's delete of the row"),
+    (656807960, None, None, "capture off on a copy that held an edit not yet sent: cc's "
+                            "version.delete left environment.version_id at the deleted id, and "
+                            "the diff against the kept values took the reference reading empty "
+                            "for an edit, bringing back a deleted environment"),
 ]
 
 PROGRAMS = int(os.environ.get("CCSYNC_MODEL_PROGRAMS", "500" if os.environ.get("CI") else "100"))
