@@ -3134,42 +3134,62 @@ class Sending(Incoming):
         reasons: Counter = Counter()
         stamp = iso_utc(self.clock)
         settled = [(None, t, None) for r, t in zip(batch.records, batch.tokens) if r is None]
-
-        def settle(item: tuple) -> None:
-            record, token, result = item
-            if record is None:                 # nothing to send (a local-only row)
-                self._clear_outgoing(token)
-                return
-            status = result.get("status") if isinstance(result, dict) else None
-            counts[status] += 1
-            if status in ("accepted", "superseded"):
-                self._settle_sent(record, token, status, stamp)
-            else:
-                reason = str(result.get("reason") if isinstance(result, dict) else "")[:200]
-                reasons[reason or "refused"] += 1
-                self.conn.execute(
-                    "INSERT OR REPLACE INTO _ccsync_refused (tbl, sid, reason, at) "
-                    "VALUES (?, ?, ?, ?)", (token.table, record["id"], reason or "refused", stamp))
-
         items = settled + [(r, t, res) for (r, t), res in zip(sent, results)]
-        self._sliced(items, settle, quiet=True,
+        self._sliced(list(_chunks(items, self.ACK_CHUNK)),
+                     lambda chunk: self._settle_chunk(chunk, stamp, counts, reasons), quiet=True,
                      last=(lambda: self._set_cursor(cursor)) if cursor is not None
                      else None)
         return counts, reasons
 
-    def _clear_outgoing(self, token: Outgoing) -> None:
-        if token.rid is not None:
-            self._clear_dirty(token.table, token.rid, token.cells)
+    ACK_CHUNK = 250            # results settled together (one lock slice at most)
+
+    def _settle_chunk(self, chunk: list, stamp: str, counts: Counter, reasons: Counter) -> None:
+        """Settle (record, token, result) triples: edits of rows here in
+        batches, deletes and rows gone here one by one."""
+        rows, cleared, refused = [], [], []
+        for record, token, result in chunk:
+            if record is None:                 # nothing to send (a local-only row)
+                cleared.append(token)
+                continue
+            status = result.get("status") if isinstance(result, dict) else None
+            counts[status] += 1
+            if status not in ("accepted", "superseded"):
+                reason = str(result.get("reason") if isinstance(result, dict) else "")[:200]
+                reasons[reason or "refused"] += 1
+                refused.append((token.table, record["id"], reason or "refused", stamp))
+            elif TOMBSTONE in record["c"] or token.rid is None:
+                self._settle_sent(record, token, status, stamp)
+            else:
+                rows.append((record, token))
+        self._clear_outgoing(cleared + [token for _record, token in rows])
+        self._settle_shadows([(record, token.rid) for record, token in rows])
+        self.conn.executemany("DELETE FROM _ccsync_refused WHERE tbl = ? AND sid = ?",
+                              [(token.table, record["id"]) for record, token in rows])
+        for table, group in itertools.groupby(rows, key=lambda pair: pair[1].table):
+            self.conn.executemany(f"UPDATE {_q(table)} SET synced_at = ? WHERE rowid = ?",
+                                  [(stamp, token.rid) for _record, token in group])
+        self.conn.executemany("INSERT OR REPLACE INTO _ccsync_refused (tbl, sid, reason, at) "
+                              "VALUES (?, ?, ?, ?)", refused)
+
+    def _clear_outgoing(self, tokens: list[Outgoing]) -> None:
+        """Settle what the server took: pending cells no newer than those sent,
+        and the deletes and kept edits they carried."""
+        cells = [(t.table, t.rid, col, hlc) for t in tokens if t.rid is not None
+                 for col, hlc in t.cells.items()]
+        for name in ("_ccsync_dirty", "_ccsync_named"):
+            self.conn.executemany(
+                f"DELETE FROM {name} WHERE tbl = ? AND rid = ? AND col = ? AND hlc <= ?", cells)
         self.conn.executemany("DELETE FROM _ccsync_gone WHERE rowid = ?",
-                              [(gid,) for gid in token.gone])
+                              [(gid,) for t in tokens for gid in t.gone])
         self.conn.executemany("DELETE FROM _ccsync_outbox WHERE rowid = ?",
-                              [(oid,) for oid in token.outbox])
+                              [(oid,) for t in tokens for oid in t.outbox])
 
     def _settle_sent(self, record: dict, token: Outgoing, status: str, stamp: str) -> None:
+        """Settle one sent delete, or edit of a row no longer here."""
         table, sid = token.table, record["id"]
-        self._clear_outgoing(token)
+        self._clear_outgoing([token])
         rid = token.rid if token.rid is not None else self._rid_for_sid(table, sid)
-        self._settle_shadow(record, rid)
+        self._settle_shadows([(record, rid)])
         self.conn.execute("DELETE FROM _ccsync_refused WHERE tbl = ? AND sid = ?", (table, sid))
         if TOMBSTONE not in record["c"]:
             self.conn.execute(f"UPDATE {_q(table)} SET synced_at = ? WHERE rowid = ?",
@@ -3187,19 +3207,30 @@ class Sending(Incoming):
         else:
             self._null_references_to(table, rid, sid)
 
-    def _clear_dirty(self, table: str, rid: int, cells: dict[str, int]) -> None:
-        for name in ("_ccsync_dirty", "_ccsync_named"):
-            self.conn.executemany(
-                f"DELETE FROM {name} WHERE tbl = ? AND rid = ? AND col = ? AND hlc <= ?",
-                [(table, rid, col, hlc) for col, hlc in cells.items()])
-
-    def _settle_shadow(self, record: dict, rid: int) -> None:
-        old = self._shadow(record["t"], record["id"])
-        vals, clocks = (old[1], old[2]) if old else ({}, {})
-        merge_cells(vals, clocks, record["p"]["v"],
-                    {col: [hlc, record["dev"]] for col, hlc in record["c"].items()})
-        vals.update(record["p"]["l"])
-        self._put_shadow(record["t"], record["id"], rid, vals, clocks)
+    def _settle_shadows(self, sent: list[tuple[dict, int | None]]) -> None:
+        """Merge sent records (with their rowids here) into the synced state:
+        what the server holds now, read and written a batch at a time."""
+        known: dict[tuple[str, str], tuple[dict, dict]] = {}
+        for table, group in itertools.groupby(sent, key=lambda pair: pair[0]["t"]):
+            for chunk in _chunks(sorted({record["id"] for record, _rid in group}), 500):
+                marks = ",".join("?" * len(chunk))
+                known.update(((table, sid), (json.loads(vals), json.loads(clocks)))
+                             for sid, vals, clocks in self.conn.execute(
+                                 f"SELECT sid, vals, clocks FROM _ccsync_shadow WHERE tbl = ? "
+                                 f"AND sid IN ({marks})", (table, *chunk)))
+        rows = {}
+        for record, rid in sent:
+            vals, clocks = known.setdefault((record["t"], record["id"]), ({}, {}))
+            merge_cells(vals, clocks, record["p"]["v"],
+                        {col: [hlc, record["dev"]] for col, hlc in record["c"].items()})
+            vals.update(record["p"]["l"])
+            rows[(record["t"], record["id"])] = rid
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO _ccsync_shadow (tbl, sid, rid, vals, clocks) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [(table, sid, rid, json.dumps(known[(table, sid)][0], separators=(",", ":")),
+              json.dumps(known[(table, sid)][1], separators=(",", ":")))
+             for (table, sid), rid in rows.items()])
 
 
 class Store(Sending):

@@ -324,7 +324,7 @@ class Model:
         clock[dev] = clock.get(dev, 0) + 1
         return dict(clock)
 
-    def found(self, dev: str, view: dict | None = None) -> None:
+    def found(self, dev: str, view: dict) -> None:
         """prepare() on ``dev`` re-installs capture and diffs: what cc did with
         capture off is an edit timed *now* (README, capture off), so those events
         take the device's clock at this sync, in their order.  This matters for a
@@ -342,7 +342,7 @@ class Model:
         for key, event in self.deferred.pop(dev, []):
             if event.kind == "uncovered":
                 event.kind = "edit"
-                now = (view or {}).get(key, {}).get("val", {})
+                now = view.get(key, {}).get("val", {})
                 for col in [c for c in event.cols if now.get(c) is None]:
                     del event.cols[col]
                     self.notes.append(f"{dev}: {fmt_key(key)}.{col} ends empty as cc added "
@@ -651,8 +651,9 @@ def cc_op(sim: ModelSim, model: Model, step: tuple) -> None:
             value = None if value is None else pick(cc, "version", value)
         if kind == "stale":
             rec = orm_read(cc, table, rid)
+            view = logical_view(cc)
             sim.sync(d, "pull")                  # a sync lands between cc's read and write
-            model.found(dev.name)
+            model.found(dev.name, view)
             model.pull(dev.name)
             rec[col] = value
             before = logical_view(cc)
