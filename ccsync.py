@@ -747,10 +747,23 @@ def sign(mac_key: bytes, context: bytes, body: bytes) -> str:
     return hmac.new(mac_key, text, hashlib.sha256).hexdigest()
 
 
+class RawJSON(str):
+    """JSON text already serialised (records as the server stores them),
+    spliced into a message as it is rather than parsed and written again."""
+
+
+def wire_json(data: dict) -> str:
+    """Compact JSON text of a message; its top-level :class:`RawJSON` values go in as is."""
+    if not any(isinstance(v, RawJSON) for v in data.values()):
+        return json.dumps(data, separators=(",", ":"))
+    return "{" + ",".join(f"{json.dumps(k)}:" + (v if isinstance(v, RawJSON) else json.dumps(
+        v, separators=(",", ":"))) for k, v in data.items()) + "}"
+
+
 def seal(enc_key: bytes, data: dict, context: bytes) -> bytes:
     """Compress then AES-256-GCM encrypt ``data`` with a fresh nonce."""
     aes = _aes()
-    plain = zlib.compress(json.dumps(data, separators=(",", ":")).encode("utf-8"), 6)
+    plain = zlib.compress(wire_json(data).encode("utf-8"), 6)
     nonce = secrets.token_bytes(12)
     cipher = aes.new(enc_key, aes.MODE_GCM, nonce=nonce)
     cipher.update(context)
@@ -3390,13 +3403,18 @@ class ServerStore:
         received = iso_utc(self.clock, "microseconds")
         with transaction(self.conn):
             before = self._max_seq()
+            parsed: list[Record | RecordRefused] = []
             for raw in records:
                 try:
-                    record = self._parse(raw)
+                    parsed.append(self._parse(raw))
                 except RecordRefused as exc:
-                    results.append({"status": "refused", "reason": str(exc)})
+                    parsed.append(exc)
+            stored = self._versions([r for r in parsed if isinstance(r, Record)])
+            for item in parsed:
+                if isinstance(item, RecordRefused):
+                    results.append({"status": "refused", "reason": str(item)})
                 else:
-                    results.append(self._store_record(record, device, received))
+                    results.append(self._store_record(item, device, received, stored))
             after = self._max_seq()
         answer = {"results": results, "store": self.store_id}
         if cursor is not None and cursor == before:
@@ -3406,10 +3424,26 @@ class ServerStore:
     def _max_seq(self) -> int:
         return self.conn.execute("SELECT coalesce(max(seq), 0) FROM change").fetchone()[0]
 
-    def _store_record(self, record: Record, device: str, received: str) -> dict:
-        existing = [(seq, dev, json.loads(clocks)) for seq, dev, clocks in self.conn.execute(
-            "SELECT seq, dev, clocks FROM change WHERE tbl = ? AND sid = ?",
-            (record.table, record.sid))]
+    def _versions(self, records: list[Record]) -> dict[tuple[str, str], list]:
+        """The stored versions of each record's row: (table, id) -> [(seq, dev, clocks)]."""
+        out: dict[tuple[str, str], list] = {(r.table, r.sid): [] for r in records}
+        by_table: dict[str, set] = defaultdict(set)
+        for record in records:
+            by_table[record.table].add(record.sid)
+        for table, sids in by_table.items():
+            for chunk in _chunks(sorted(sids), 500):
+                marks = ",".join("?" * len(chunk))
+                for seq, sid, dev, clocks in self.conn.execute(
+                        f"SELECT seq, sid, dev, clocks FROM change WHERE tbl = ? "
+                        f"AND sid IN ({marks}) ORDER BY seq", (table, *chunk)):
+                    out[(table, sid)].append((seq, dev, json.loads(clocks)))
+        return out
+
+    def _store_record(self, record: Record, device: str, received: str,
+                      stored: dict[tuple[str, str], list]) -> dict:
+        """Store one record unless every column of it is superseded; drop the
+        versions it supersedes.  ``stored`` (from :meth:`_versions`) follows."""
+        existing = stored[(record.table, record.sid)]
         new = (None, record.dev, record.clocks)
         winners = surviving_versions(existing + [new])
         if None not in winners:
@@ -3421,6 +3455,8 @@ class ServerStore:
              json.dumps(record.payload(), separators=(",", ":")), received, device))
         losers = [(seq,) for seq, _dev, _c in existing if seq not in winners]
         self.conn.executemany("DELETE FROM change WHERE seq = ?", losers)
+        existing[:] = [v for v in existing if v[0] in winners] + \
+            [(cur.lastrowid, record.dev, record.clocks)]
         return {"status": "accepted", "seq": cur.lastrowid}
 
     def pull(self, cursor: int = 0, limit: int = PULL_PAGE, since: str | None = None,
@@ -3431,6 +3467,13 @@ class ServerStore:
         stored text, but always at least one record, so large rows still
         travel.  Returns ``{"records": [...], "cursor": last seq, "more": bool}``.
         """
+        page = self.pull_raw(cursor, limit, since, max_bytes)
+        return {**page, "records": json.loads(page["records"])}
+
+    def pull_raw(self, cursor: int = 0, limit: int = PULL_PAGE, since: str | None = None,
+                 max_bytes: int = PULL_PAGE_BYTES) -> dict:
+        """:meth:`pull` with the records as :class:`RawJSON`: the stored text
+        as it is, never parsed and written again."""
         query = "SELECT seq, tbl, sid, dev, clocks, payload FROM change WHERE seq > ?"
         args: list[Any] = [int(cursor)]
         if since is not None:
@@ -3443,8 +3486,10 @@ class ServerStore:
                 more = True
                 break
             rows.append(row)
-        records = [{"t": r["tbl"], "id": r["sid"], "dev": r["dev"], "c": json.loads(r["clocks"]),
-                    "p": json.loads(r["payload"])} for r in rows]
+        records = RawJSON("[" + ",".join(
+            f'{{"t":{json.dumps(r["tbl"])},"id":{json.dumps(r["sid"])},'
+            f'"dev":{json.dumps(r["dev"])},"c":{r["clocks"]},"p":{r["payload"]}}}'
+            for r in rows) + "]")
         return {"records": records, "cursor": rows[-1]["seq"] if rows else int(cursor),
                 "more": more, "store": self.store_id}
 
@@ -3500,7 +3545,8 @@ def _op_pull(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
             since = since_key(since[:64])
         except (ValueError, OverflowError):
             raise HttpError(400, "bad_request", "since is not an ISO 8601 timestamp") from None
-    return store.pull(cursor, min(limit, MAX_PULL_PAGE), since, min(max_bytes, PULL_PAGE_BYTES))
+    return store.pull_raw(cursor, min(limit, MAX_PULL_PAGE), since,
+                          min(max_bytes, PULL_PAGE_BYTES))
 
 
 DRAIN_LIMIT = 64 * 1024 * 1024         # oversized bodies read and dropped at most
