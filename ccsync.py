@@ -2170,10 +2170,14 @@ class Capture(Resume):
         for row, values in zip(rows, self._wire_rows(info, rows)):
             if row["_rid"] in base:
                 kept = base[row["_rid"]]
-                # A reference that reads empty only because its parent went
-                # meanwhile is no edit, as in _found_cells.
+                ids = kept.get("~ids", {})
+                # A reference cc left at the same row is no edit, though it may
+                # read otherwise now (a parent not stamped yet when it was kept);
+                # nor is one that reads empty only because its parent went
+                # meanwhile, as in _found_cells.
                 later += [(table, row["_rid"], c, hlc) for c in columns
                           if values.get(c) != kept.get(c)
+                          and not (c in ids and encode_value(row[c]) == ids[c])
                           and not (values.get(c) is None
                                    and self._lost_parent(info, c, row, kept))]
             # Deleted here, then created again: a new row.
@@ -2350,14 +2354,21 @@ class Capture(Resume):
         return kept
 
     def _keep_base(self) -> None:
-        """Keep the values of rows with edits not yet sent, as capture goes off."""
+        """Keep the values of rows with edits not yet sent, as capture goes off.
+
+        References are kept by sync_id, and also as cc's ids here (``~ids``): a
+        parent cc added since the last sync has no sync_id yet, so its
+        reference reads empty now and names it only once it is stamped."""
         for info in self.tables().values():
+            refs = [c for c in (*info.spec.refs, *info.spec.list_refs) if c in info.columns]
             rids = [r for (r,) in self.conn.execute(
                 "SELECT DISTINCT rid FROM _ccsync_dirty WHERE tbl = ?", (info.name,))]
             rows = list(self._by_rowid(info.name, "*", rids))
             self.conn.executemany(
                 "INSERT OR REPLACE INTO _ccsync_base (tbl, rid, vals) VALUES (?, ?, ?)",
-                [(info.name, row["_rid"], json.dumps(values, separators=(",", ":")))
+                [(info.name, row["_rid"], json.dumps(
+                    {**values, "~ids": {c: encode_value(row[c]) for c in refs}},
+                    separators=(",", ":")))
                  for row, values in zip(rows, self._wire_rows(info, rows))])
 
     def remove_triggers(self) -> int:

@@ -106,6 +106,11 @@ FOUND_SEEDS = [
                             "version.delete left environment.version_id at the deleted id, and "
                             "the diff against the kept values took the reference reading empty "
                             "for an edit, bringing back a deleted environment"),
+    (820721549, None, None, "capture off kept a time entry's reference by its parent's sync_id, "
+                            "which an environment cc had just created did not have yet; once "
+                            "stamped, the diff took the id for an edit, timed after a delete"),
+    (820719366, None, None, "the model lost the view a stale write's sync diffs against"),
+    (820722238, None, None, "the same model error, with capture off"),
 ]
 
 PROGRAMS = int(os.environ.get("CCSYNC_MODEL_PROGRAMS", "500" if os.environ.get("CI") else "100"))
