@@ -174,8 +174,8 @@ DEFAULT_DB = os.path.join("~", ".cc-cli", "cc_cli.db")
 # counter, so a burst of a million edits a second runs ~1 s ahead, not minutes.
 HLC_PER_MS = 1000
 MAX_CLOCK_AHEAD_MS = 24 * 3600 * 1000     # incoming clocks further ahead are refused
-PUSH_BATCH = 500                          # rows per push request
-PULL_PAGE = 500                           # records per pull page
+PUSH_BATCH = 2000                         # rows per push request
+PULL_PAGE = 2000                          # records per pull page
 PULL_PAGE_BYTES = 8 * 1024 * 1024         # stored text per pull page (at least one record)
 STAMP_CHUNK = 200                         # rows stamped per write transaction
 
@@ -995,7 +995,7 @@ CREATE TABLE IF NOT EXISTS _ccsync_dirty (
     sid TEXT, PRIMARY KEY (tbl, rid, col)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS _ccsync_shadow (
     tbl TEXT NOT NULL, sid TEXT NOT NULL, rid INTEGER, vals TEXT NOT NULL,
-    clocks TEXT NOT NULL, PRIMARY KEY (tbl, sid)) WITHOUT ROWID;
+    clocks TEXT NOT NULL, UNIQUE (tbl, sid));
 CREATE TABLE IF NOT EXISTS _ccsync_pending (
     tbl TEXT NOT NULL, sid TEXT NOT NULL, kind TEXT NOT NULL DEFAULT 'ref',
     PRIMARY KEY (tbl, sid)) WITHOUT ROWID;
@@ -1019,7 +1019,7 @@ CREATE TABLE IF NOT EXISTS _ccsync_held (
     digest TEXT PRIMARY KEY, tbl TEXT, sid TEXT, kind TEXT NOT NULL, reason TEXT NOT NULL,
     record TEXT NOT NULL, version TEXT NOT NULL, at TEXT NOT NULL);
 """
-BOOKKEEPING_VERSION = "3"            # _ccsync_meta 'bookkeeping': the layout below
+BOOKKEEPING_VERSION = "4"            # _ccsync_meta 'bookkeeping': the layout below
 BOOKKEEPING_TABLES = ("_ccsync_meta", "_ccsync_clock", "_ccsync_dirty", "_ccsync_shadow",
                       "_ccsync_pending", "_ccsync_refused", "_ccsync_link",
                       "_ccsync_gone", "_ccsync_held", "_ccsync_base", "_ccsync_outbox",
@@ -1977,8 +1977,33 @@ class Capture(Resume):
         # a shadow row's rid only while the row is here.  Version 3 derives
         # every keyed row's id from its key: rows stamped otherwise (by an older
         # ccsync, or another tool) move to their key's id at the next sync.
-        if self.meta("bookkeeping") == BOOKKEEPING_VERSION:
+        # Version 4 keeps the shadow in a rowid table (_rebuild_shadow).
+        version = self.meta("bookkeeping")
+        if version == BOOKKEEPING_VERSION:
             return
+        if version != "3":
+            self._migrate_to_3()
+        self._rebuild_shadow()
+        self.set_meta("bookkeeping", BOOKKEEPING_VERSION)
+
+    def _rebuild_shadow(self) -> None:
+        """Move a shadow kept ``WITHOUT ROWID`` (bookkeeping 3) to a rowid table.
+
+        Its rows then append, and a batch of rows with random ids touches only
+        the small pages of the (tbl, sid) index, not a page of the synced
+        state each: a first sync writes about 2.5 times fewer bytes.
+        """
+        row = self.conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' "
+                                "AND name = '_ccsync_shadow'").fetchone()
+        if row is None or "WITHOUT ROWID" not in row[0].upper():
+            return
+        self.conn.execute("ALTER TABLE _ccsync_shadow RENAME TO _ccsync_shadow_old")
+        _run_script(self.conn, _BOOKKEEPING_SQL)
+        self.conn.execute("INSERT INTO _ccsync_shadow (tbl, sid, rid, vals, clocks) "
+                          "SELECT tbl, sid, rid, vals, clocks FROM _ccsync_shadow_old")
+        self.conn.execute("DROP TABLE _ccsync_shadow_old")
+
+    def _migrate_to_3(self) -> None:
         for name in RETIRED_TABLES:
             self.conn.execute(f"DROP TABLE IF EXISTS {_q(name)}")
         if any(self.conn.execute(f"SELECT 1 FROM {_q(info.name)} WHERE sync_id IS NOT NULL "
@@ -1991,7 +2016,6 @@ class Capture(Resume):
         for info in self.tables().values():
             self.conn.executemany("UPDATE _ccsync_shadow SET rid = NULL WHERE tbl = ? AND sid = ?",
                                   [(info.name, sid) for sid, _rid in self._vanished(info)])
-        self.set_meta("bookkeeping", BOOKKEEPING_VERSION)
 
     def _add_sync_columns(self) -> None:
         self._tables = None
@@ -2180,6 +2204,10 @@ class Capture(Resume):
                           and not (c in ids and encode_value(row[c]) == ids[c])
                           and not (values.get(c) is None
                                    and self._lost_parent(info, c, row, kept))]
+                # Its edits up to then were captured and keep their times (an
+                # insert too, though no shadow holds the row yet): the kept
+                # values, not the synced ones, are what this diff starts from.
+                continue
             # Deleted here, then created again: a new row.
             old = None if row["sync_id"] in deleted else shadow.get(row["sync_id"])
             dirty += [(table, row["_rid"], c, hlc)
@@ -2518,6 +2546,18 @@ class RowWriter(Capture):
                 (sid, spec.name, col, rid))
             self.conn.execute(f"UPDATE {_q(spec.name)} SET {_q(col)} = NULL "
                               f"WHERE {_q(col)} = ?", (rid,))
+
+    def _after_local_delete(self, table: str, sid: str, rid: int | None) -> None:
+        """A delete made here has settled (sent, or beaten by a later one from
+        elsewhere): the rules other devices apply to it apply here too.  A row
+        live rows still need comes back (same rowid); nullable references to
+        it read NULL."""
+        if rid is None or self._rid_for_sid(table, sid) is not None:
+            return
+        if self._needed_by_children(table, rid):
+            self._materialize(self.tables()[table], sid, None, keep=True, rowid=rid)
+        else:
+            self._null_references_to(table, rid, sid)
 
     def _incoming_value(self, info: TableInfo, col: str, value: Any) -> Any:
         """:meth:`_local_value`, bringing back a deleted row that a required
@@ -2880,9 +2920,10 @@ class Incoming(RowWriter):
             if synced:
                 self._put_shadow(info.name, sid, rid, vals, clocks)
             return False
+        settled: list[int] = []
         if won and rid is None:
-            self._settle_local_delete(info.name, sid, local_cells.get(TOMBSTONE),
-                                      [clocks[c] for c in won])
+            settled = self._settle_local_delete(info.name, sid, local_cells.get(TOMBSTONE),
+                                                [clocks[c] for c in won])
         elif won:
             self._drop_dirty_cells(info.name, rid, won, info)
         self._put_shadow(info.name, sid, rid, vals, clocks)
@@ -2890,6 +2931,8 @@ class Incoming(RowWriter):
         # are re-linked then.
         self._materialize(info, sid, [c for c in won if c in info.columns],
                           was=old[0] if old and rid is None else None)
+        for gone_rid in settled:      # as if that delete had gone out (see ack)
+            self._after_local_delete(info.name, sid, gone_rid)
         return True
 
     def _check_setting(self, record: Record) -> None:
@@ -2919,10 +2962,19 @@ class Incoming(RowWriter):
                 raise refusal
 
     def _settle_local_delete(self, table: str, sid: str, tomb: list | None,
-                             stamps: list[list]) -> None:
-        # A pending delete made here loses to any later remote edit or delete.
-        if tomb is not None and any(newer(stamp, tomb) for stamp in stamps):
-            self.conn.execute("DELETE FROM _ccsync_gone WHERE tbl = ? AND sid = ?", (table, sid))
+                             stamps: list[list]) -> list[int]:
+        """A pending delete made here loses to any later remote edit or delete.
+
+        Returns the rowids it had here: references cc left at them
+        (version.delete) still name this row, and _parent_sids no longer
+        finds it once the delete is settled."""
+        if tomb is None or not any(newer(stamp, tomb) for stamp in stamps):
+            return []
+        rids = [r for (r,) in self.conn.execute(
+            "SELECT DISTINCT rid FROM _ccsync_gone WHERE tbl = ? AND sid = ? AND rid IS NOT NULL",
+            (table, sid))]
+        self.conn.execute("DELETE FROM _ccsync_gone WHERE tbl = ? AND sid = ?", (table, sid))
+        return rids
 
     def _drop_dirty_cells(self, table: str, rid: int, won: list[str], info: TableInfo) -> None:
         # Expand a pending insert into per-column cells first, so only the
@@ -3220,16 +3272,6 @@ class Sending(Incoming):
                               (stamp, token.rid))
         elif status == "accepted" and rid is None:
             self._after_local_delete(table, sid, token.deleted_rid)
-
-    def _after_local_delete(self, table: str, sid: str, rid: int | None) -> None:
-        # The same rules other devices apply to this delete: a row that live
-        # rows still need comes back (same rowid); nullable references read NULL.
-        if rid is None or self._rid_for_sid(table, sid) is not None:
-            return
-        if self._needed_by_children(table, rid):
-            self._materialize(self.tables()[table], sid, None, keep=True, rowid=rid)
-        else:
-            self._null_references_to(table, rid, sid)
 
     def _settle_shadows(self, sent: list[tuple[dict, int | None]]) -> None:
         """Merge sent records (with their rowids here) into the synced state:

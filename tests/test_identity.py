@@ -71,3 +71,34 @@ def test_ids_stamped_by_another_tool_move_to_their_keys_id(devices):
     assert list(snap["project"]) == [acme]
     assert list(snap["environment"]) == [natural("environment", acme, "main")]
     assert content(a.cc)["project"][acme]["main_branch"] in ("a", "b")
+
+
+def test_bookkeeping_3_moves_its_synced_state_to_a_rowid_table(devices):
+    """A database synced by bookkeeping 3 (shadow WITHOUT ROWID) keeps every synced
+    row through the move, and syncs on as before."""
+    a, b = devices("a", "b")
+    a.sql("INSERT INTO project (name, main_branch) VALUES ('acme', 'master')")
+    a.sql("INSERT INTO environment (name, project_id) VALUES ('main', 1)")
+    converge(a, b)
+    conn = b.store.conn
+    before = conn.execute("SELECT tbl, sid, rid, vals, clocks FROM _ccsync_shadow "
+                          "ORDER BY tbl, sid").fetchall()
+    with ccsync.transaction(conn):                  # lay it out as bookkeeping 3 did
+        conn.execute("ALTER TABLE _ccsync_shadow RENAME TO old_shadow")
+        conn.execute("CREATE TABLE _ccsync_shadow (tbl TEXT NOT NULL, sid TEXT NOT NULL, "
+                     "rid INTEGER, vals TEXT NOT NULL, clocks TEXT NOT NULL, "
+                     "PRIMARY KEY (tbl, sid)) WITHOUT ROWID")
+        conn.execute("INSERT INTO _ccsync_shadow SELECT * FROM old_shadow")
+        conn.execute("DROP TABLE old_shadow")
+        conn.execute("UPDATE _ccsync_meta SET value = '3' WHERE key = 'bookkeeping'")
+    a.sql("UPDATE project SET main_branch = 'develop'")
+    converge(a, b)
+    layout = conn.execute("SELECT sql FROM sqlite_master WHERE name = '_ccsync_shadow'"
+                          ).fetchone()[0]
+    assert "WITHOUT ROWID" not in layout.upper()
+    assert b.store.meta("bookkeeping") == ccsync.BOOKKEEPING_VERSION
+    after = {(r[0], r[1]): r for r in conn.execute(
+        "SELECT tbl, sid, rid, vals, clocks FROM _ccsync_shadow")}
+    assert set(after) == {(r[0], r[1]) for r in before}
+    assert content(b.cc)["project"][natural("project", "acme")]["main_branch"] == "develop"
+    assert_same(a, b)

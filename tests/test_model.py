@@ -111,6 +111,12 @@ FOUND_SEEDS = [
                             "stamped, the diff took the id for an edit, timed after a delete"),
     (820719366, None, None, "the model lost the view a stale write's sync diffs against"),
     (820722238, None, None, "the same model error, with capture off"),
+    (122771096, None, None, "capture off on a row inserted here and never sent: the diff "
+                            "compared it with the (missing) synced state as well as the kept "
+                            "values, and timed its insert again, after a copy's delete"),
+    (122771258, None, None, "a delete made here and not sent lost to a later one from "
+                            "elsewhere: settling it dropped the rowid cc's version.delete left "
+                            "in an unsent environment, which then went out naming nothing"),
 ]
 
 PROGRAMS = int(os.environ.get("CCSYNC_MODEL_PROGRAMS", "500" if os.environ.get("CI") else "100"))
