@@ -4,7 +4,7 @@ VENV_PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test pyz bench stress demo clean venv hunt
+.PHONY: test pyz bench bench-store stress demo clean venv hunt
 
 test: $(STAMP)
 	$(VENV_PY) -m pytest -q tests $(PYTEST_ARGS)
@@ -20,7 +20,13 @@ $(STAMP): requirements-dev.txt
 pyz:
 	$(PYTHON) build_zipapp.py
 
+# The real server process, the pyz and loopback HTTP (bench/bench_real.py --help).
+BENCH_ARGS ?= --rows 100000
 bench: $(STAMP)
+	$(VENV_PY) bench/bench_real.py $(BENCH_ARGS)
+
+# The store alone, in one process (for profiling the merge core).
+bench-store: $(STAMP)
 	$(VENV_PY) bench/bench_sync.py
 
 # Model-based hunt: 10,000 fresh random programs judged by the oracle (tests/model_sim.py).
