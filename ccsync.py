@@ -595,6 +595,18 @@ def merge_cells(vals: dict, clocks: dict, values: dict, stamps: dict) -> list[st
     return won
 
 
+def expand_inserted(cells: dict[str, Any], columns: Iterable[str]) -> dict[str, Any]:
+    """A row's pending cells with a whole-row insert (INSERTED) turned into a
+    cell of every column, unless that column's own cell is later."""
+    cells = dict(cells)
+    if INSERTED in cells:
+        inserted = cells.pop(INSERTED)
+        for col in columns:
+            if col not in cells or newer(inserted, cells[col]):
+                cells[col] = inserted
+    return cells
+
+
 def is_deleted(clocks: dict) -> bool:
     """True when a row's delete is later than every edit of it (an edit after a
     delete brings the row back)."""
@@ -1005,7 +1017,7 @@ CREATE TABLE IF NOT EXISTS _ccsync_refused (
     tbl TEXT NOT NULL, sid TEXT NOT NULL, reason TEXT NOT NULL, at TEXT NOT NULL,
     PRIMARY KEY (tbl, sid)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS _ccsync_gone (
-    tbl TEXT NOT NULL, rid INTEGER, sid TEXT, key TEXT, hlc INTEGER NOT NULL);
+    tbl TEXT NOT NULL, rid INTEGER, sid TEXT, key TEXT, hlc INTEGER NOT NULL, unsent TEXT);
 CREATE INDEX IF NOT EXISTS _ccsync_gone_row ON _ccsync_gone (tbl, sid);
 CREATE TABLE IF NOT EXISTS _ccsync_outbox (
     tbl TEXT NOT NULL, sid TEXT NOT NULL, UNIQUE (tbl, sid));
@@ -1019,7 +1031,7 @@ CREATE TABLE IF NOT EXISTS _ccsync_held (
     digest TEXT PRIMARY KEY, tbl TEXT, sid TEXT, kind TEXT NOT NULL, reason TEXT NOT NULL,
     record TEXT NOT NULL, version TEXT NOT NULL, at TEXT NOT NULL);
 """
-BOOKKEEPING_VERSION = "4"            # _ccsync_meta 'bookkeeping': the layout below
+BOOKKEEPING_VERSION = "5"            # _ccsync_meta 'bookkeeping': the layout below
 BOOKKEEPING_TABLES = ("_ccsync_meta", "_ccsync_clock", "_ccsync_dirty", "_ccsync_shadow",
                       "_ccsync_pending", "_ccsync_refused", "_ccsync_link",
                       "_ccsync_gone", "_ccsync_held", "_ccsync_base", "_ccsync_outbox",
@@ -1039,7 +1051,20 @@ def _sql_key_json(key: Iterable[str]) -> str:
     return f"json_array({', '.join(parts)})" if parts else "NULL"
 
 
-def trigger_sql(table: str, tracked: Iterable[str], key: Iterable[str] = ()) -> dict[str, str]:
+def _sql_unsent_json(table: str, columns: Iterable[str]) -> str:
+    # The row's pending cells (clocks) and its values, or NULL when none are
+    # pending; a blob goes in as hex, named in "b" (a blob in JSON would fail).
+    cols = list(columns)
+    vals = ", ".join(f"{_lit(c)}, CASE WHEN typeof(OLD.{_q(c)}) = 'blob' THEN hex(OLD.{_q(c)}) "
+                     f"ELSE OLD.{_q(c)} END" for c in cols)
+    blobs = ", ".join(f"CASE WHEN typeof(OLD.{_q(c)}) = 'blob' THEN {_lit(c)} END" for c in cols)
+    return (f"(SELECT json_object('c', json_group_object(col, hlc), 'v', json_object({vals}), "
+            f"'b', json_array({blobs})) FROM _ccsync_dirty WHERE tbl = {_lit(table)} "
+            f"AND rid = OLD.rowid AND col != '{MOVED}' HAVING count(*) > 0)")
+
+
+def trigger_sql(table: str, tracked: Iterable[str], key: Iterable[str] = (),
+                local: Iterable[str] = ()) -> dict[str, str]:
     """The three capture triggers for ``table``, by trigger name.
 
     Each edit ticks the hybrid logical clock (max(last + 1, wall-clock ms x
@@ -1050,7 +1075,8 @@ def trigger_sql(table: str, tracked: Iterable[str], key: Iterable[str] = ()) -> 
     a trigger's statements, so each cell is deleted, then inserted afresh, and
     always carries the time of its latest edit.  A delete goes to
     ``_ccsync_gone`` with the row's sync_id and natural key, so a row deleted
-    before it was ever stamped still sends its delete.
+    before it was ever stamped still sends its delete, and with the cells it
+    had pending and their values (``unsent``: see ``_keep_deleted_edits``).
     """
     t, lit = _q(table), _lit(table)
     cols = list(tracked)
@@ -1089,9 +1115,10 @@ def trigger_sql(table: str, tracked: Iterable[str], key: Iterable[str] = ()) -> 
         f"_ccsync_del_{table}":
             f"CREATE TRIGGER {_q('_ccsync_del_' + table)} AFTER DELETE ON {t} "
             f"WHEN {_SQL_LIVE} BEGIN {_SQL_TICK} "
-            f"DELETE FROM _ccsync_dirty WHERE tbl = {lit} AND rid = OLD.rowid; "
-            f"INSERT INTO _ccsync_gone (tbl, rid, sid, key, hlc) VALUES ({lit}, OLD.rowid, "
-            f"OLD.sync_id, {_sql_key_json(key)}, {_SQL_HLC}); END",
+            f"INSERT INTO _ccsync_gone (tbl, rid, sid, key, hlc, unsent) VALUES ({lit}, "
+            f"OLD.rowid, OLD.sync_id, {_sql_key_json(key)}, {_SQL_HLC}, "
+            f"{_sql_unsent_json(table, [*cols, *local])}); "
+            f"DELETE FROM _ccsync_dirty WHERE tbl = {lit} AND rid = OLD.rowid; END",
     }
 
 
@@ -1510,12 +1537,7 @@ class LocalRows(SyncState):
                                     (table, sid)).fetchone()
             if row[0] is not None:
                 cells[TOMBSTONE] = [row[0], self.device_id]
-        if INSERTED in cells:
-            inserted = cells.pop(INSERTED)
-            for col in self.tables()[table].tracked:
-                if col not in cells or newer(inserted, cells[col]):
-                    cells[col] = inserted
-        return cells
+        return expand_inserted(cells, self.tables()[table].tracked)
 
     def _expand_inserted(self, table: str, columns: Iterable[str],
                          rid: int | None = None) -> None:
@@ -1819,8 +1841,9 @@ class Resume(Identity):
     @staticmethod
     def _copy_rows(source: sqlite3.Connection, dest: sqlite3.Connection, table: str) -> None:
         cursor = source.execute(f"SELECT * FROM {table}")
+        names = ", ".join(_q(d[0]) for d in cursor.description)
         marks = ",".join("?" * len(cursor.description))
-        dest.executemany(f"INSERT OR REPLACE INTO {table} VALUES ({marks})", cursor)
+        dest.executemany(f"INSERT OR REPLACE INTO {table} ({names}) VALUES ({marks})", cursor)
 
     def _save_state(self) -> str | None:
         target = self._state_path()
@@ -1898,6 +1921,7 @@ class Capture(Resume):
                 self._full_diff(key[5:])
         self._find_vanished()
         self._name_gone_rows()
+        self._keep_deleted_edits()
         self._settle_identity()       # keys changed while capture was off
         return stamped
 
@@ -1978,12 +2002,15 @@ class Capture(Resume):
         # every keyed row's id from its key: rows stamped otherwise (by an older
         # ccsync, or another tool) move to their key's id at the next sync.
         # Version 4 keeps the shadow in a rowid table (_rebuild_shadow).
+        # Version 5 keeps a deleted row's unsent cells (_ccsync_gone.unsent).
         version = self.meta("bookkeeping")
         if version == BOOKKEEPING_VERSION:
             return
-        if version != "3":
+        if version not in ("3", "4"):
             self._migrate_to_3()
         self._rebuild_shadow()
+        if "unsent" not in {r[1] for r in self.conn.execute("PRAGMA table_info(_ccsync_gone)")}:
+            self.conn.execute("ALTER TABLE _ccsync_gone ADD COLUMN unsent TEXT")
         self.set_meta("bookkeeping", BOOKKEEPING_VERSION)
 
     def _rebuild_shadow(self) -> None:
@@ -2028,7 +2055,7 @@ class Capture(Resume):
         self._tables = None
 
     def _triggers_for(self, info: TableInfo) -> dict[str, str]:
-        return trigger_sql(info.name, info.tracked, info.key_columns)
+        return trigger_sql(info.name, info.tracked, info.key_columns, info.local)
 
     def _drop_stray_triggers(self) -> None:
         # A renamed table takes its triggers along (ALTER TABLE t RENAME TO
@@ -2326,6 +2353,40 @@ class Capture(Resume):
                                       [(sid, gid) for sid, gid in named if sid is not None])
                 self.conn.executemany("DELETE FROM _ccsync_gone WHERE rowid = ?",
                                       [(gid,) for sid, gid in named if sid is None])
+
+    def _keep_deleted_edits(self) -> None:
+        """Edits made here to a synced row that a later delete made here removed
+        before they were sent (the delete trigger kept them, ``unsent``).
+
+        They still are the latest edits of their columns, and the row comes
+        back if a live row needs it: as with a delete from elsewhere
+        (``_keep_lost_edits``), they go into the synced state and out (outbox).
+        """
+        for info in self.tables().values():
+            rows = self.conn.execute("SELECT rowid, rid, sid, unsent FROM _ccsync_gone WHERE "
+                                     "tbl = ? AND unsent IS NOT NULL", (info.name,)).fetchall()
+            if rows:
+                self._sliced(rows, lambda gone, info=info: self._keep_deleted_edit(info, *gone))
+
+    def _keep_deleted_edit(self, info: TableInfo, gid: int, rid: int | None, sid: str | None,
+                           unsent: str) -> None:
+        self.conn.execute("UPDATE _ccsync_gone SET unsent = NULL WHERE rowid = ?", (gid,))
+        shadow = self._shadow(info.name, sid) if sid is not None else None
+        if shadow is None or self._rid_for_sid(info.name, sid) is not None:
+            return                    # never synced, or back here (it sends itself)
+        kept = json.loads(unsent)
+        row = defaultdict(lambda: None, kept["v"], _rid=rid)
+        for col in filter(None, kept["b"]):
+            row[col] = bytes.fromhex(row[col])
+        if self._skip_row(info, row):
+            return
+        cells = expand_inserted({c: [hlc, self.device_id] for c, hlc in kept["c"].items()
+                                 if c in info.tracked or c == INSERTED}, info.tracked)
+        was, vals, clocks = shadow
+        if merge_cells(vals, clocks, self._wire_rows(info, [row])[0], cells):
+            self._put_shadow(info.name, sid, was, vals, clocks)
+            self.conn.execute("INSERT OR IGNORE INTO _ccsync_outbox (tbl, sid) VALUES (?, ?)",
+                              (info.name, sid))
 
     def _natural_gone_sid(self, info: TableInfo, key: str | None) -> str | None:
         values = self._gone_key(info, key)

@@ -117,6 +117,8 @@ FOUND_SEEDS = [
     (122771258, None, None, "a delete made here and not sent lost to a later one from "
                             "elsewhere: settling it dropped the rowid cc's version.delete left "
                             "in an unsent environment, which then went out naming nothing"),
+    (841559978, None, None, "an unsent edit of a row deleted here was dropped with it; the "
+                            "row stayed for a child elsewhere, with an older value"),
 ]
 
 PROGRAMS = int(os.environ.get("CCSYNC_MODEL_PROGRAMS", "500" if os.environ.get("CI") else "100"))

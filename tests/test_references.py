@@ -54,3 +54,18 @@ def test_an_unsent_reference_to_a_row_deleted_for_good_reads_null_everywhere(dev
     b.sql("INSERT INTO version (name, path, port) VALUES ('17.0', '/odoo/17.0', '8069')")
     converge(b, a)
     assert staging_version(assert_same(a, b)) == ccsync.natural_id("version", ["17.0"])
+
+
+def test_an_edit_sent_with_the_delete_made_here_decides_a_row_a_child_keeps(devices):
+    """b edits an environment and deletes it before syncing; a meanwhile records time
+    on it, so it stays everywhere.  b's edit is the latest of its column: it must win."""
+    a, b = devices("a", "b")
+    a.sql("INSERT INTO project (name, main_branch) VALUES ('acme', 'master')")
+    a.sql("INSERT INTO environment (name, project_id, branch_name) VALUES ('main', 1, 'x')")
+    converge(a, b)
+    a.sql("INSERT INTO switch_log (environment_id, switched_at) VALUES (1, '2024-05-01T09:00')")
+    b.sql("UPDATE environment SET branch_name = 'z'")
+    b.sql("DELETE FROM environment WHERE name = 'main'")
+    converge(b, a, b)
+    snap = assert_same(a, b)
+    assert [r["branch_name"] for r in snap["environment"].values()] == ["z"]
