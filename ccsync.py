@@ -2447,8 +2447,17 @@ class Capture(Resume):
 
         References are kept by sync_id, and also as cc's ids here (``~ids``): a
         parent cc added since the last sync has no sync_id yet, so its
-        reference reads empty now and names it only once it is stamped."""
+        reference reads empty now and names it only once it is stamped.
+
+        Only tables whose capture is on: one whose triggers are gone already
+        kept its values when they went, and may hold edits no trigger saw
+        since (a second ``remove_triggers``, or ``remove`` after one)."""
+        capturing = {t for (t,) in self.conn.execute(
+            "SELECT DISTINCT tbl_name FROM sqlite_master WHERE type = 'trigger' "
+            "AND name LIKE '\\_ccsync\\_%' ESCAPE '\\'")}
         for info in self.tables().values():
+            if info.name not in capturing:
+                continue
             refs = [c for c in (*info.spec.refs, *info.spec.list_refs) if c in info.columns]
             rids = [r for (r,) in self.conn.execute(
                 "SELECT DISTINCT rid FROM _ccsync_dirty WHERE tbl = ?", (info.name,))]

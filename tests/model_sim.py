@@ -930,14 +930,14 @@ def check_rows(model: Model, view: dict, who: str) -> list:
             if not writes:
                 continue
             # A delete supersedes the writes before it: a row back from the dead
-            # (a concurrent edit, or a child that needs it) owes nothing to them.
+            # (a concurrent edit, or a child that needs it) owes nothing to them
+            # when they are all the column has.  But a tombstone erases no cell:
+            # once some write of the column is concurrent with the deletes, the
+            # cell is the latest write by clock, and one before a delete can beat
+            # the concurrent one (ccsync knows clocks, not causality: both may be
+            # older than the tombstone).  Any causally maximal write qualifies.
             live = [e for e in writes if not any(dominates(x.vc, e.vc) for x in deletes)]
-            if live and needed(key, view):
-                # A parent kept for its children may be kept *because* the delete
-                # won (its clock beats every write): a tombstone erases no cell,
-                # so each cell is the latest write of it by clock, and a write
-                # before the delete can beat a concurrent one (ccsync knows
-                # clocks, not causality).  Any causally maximal write qualifies.
+            if live:
                 live = writes
             if not live:
                 if value is not None and value not in [e.cols[col] for e in writes] and not (

@@ -88,3 +88,17 @@ def test_a_damaged_kept_state_means_a_fresh_start(devices):
     a.store.prepare()                      # no traceback: starts afresh, rows at clock 0
     assert a.sql("SELECT name FROM project") == [("acme",)]
     assert a.store.pending()["project"]["insert"] == 1
+
+
+def test_an_edit_between_two_remove_triggers_is_still_found(devices):
+    """Capture off twice in a row: the second time must not take what cc changed
+    since the first for values captured before capture went off."""
+    a, b = devices("a", "b")
+    a.sql("INSERT INTO project (name, main_branch) VALUES ('acme', 'master')")
+    converge(a, b)
+    a.sql("UPDATE project SET main_branch = 'y'")        # captured, not sent
+    a.store.remove_triggers()
+    a.sql("UPDATE project SET home_repo = 'git@h:acme.git'")   # no trigger sees this one
+    a.store.remove_triggers()
+    converge(a, b)
+    assert b.sql("SELECT main_branch, home_repo FROM project") == [("y", "git@h:acme.git")]
