@@ -124,6 +124,8 @@ FOUND_SEEDS = [
                             "diff never found the rename"),
     (751934988, None, None, "the model (not ccsync) dropped a write made before a delete when "
                             "a concurrent edit brought the row back; a tombstone erases no cell"),
+    (751935768, None, None, "the same judgement, for an edit a delete made here had kept and "
+                            "sent after its tombstone"),
 ]
 
 PROGRAMS = int(os.environ.get("CCSYNC_MODEL_PROGRAMS", "500" if os.environ.get("CI") else "100"))
