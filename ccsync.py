@@ -2380,8 +2380,12 @@ class Capture(Resume):
             row[col] = bytes.fromhex(row[col])
         if self._skip_row(info, row):
             return
-        cells = expand_inserted({c: [hlc, self.device_id] for c, hlc in kept["c"].items()
-                                 if c in info.tracked or c == INSERTED}, info.tracked)
+        # Not its key: a rename the delete overtook never moved the row (the
+        # row that had the id is gone), so the key it was given names nothing.
+        cells = {c: clock for c, clock in expand_inserted(
+            {c: [hlc, self.device_id] for c, hlc in kept["c"].items()
+             if c in info.tracked or c == INSERTED}, info.tracked).items()
+            if c not in info.spec.key}
         was, vals, clocks = shadow
         if merge_cells(vals, clocks, self._wire_rows(info, [row])[0], cells):
             self._put_shadow(info.name, sid, was, vals, clocks)

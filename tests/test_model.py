@@ -126,6 +126,9 @@ FOUND_SEEDS = [
                             "a concurrent edit brought the row back; a tombstone erases no cell"),
     (751935768, None, None, "the same judgement, for an edit a delete made here had kept and "
                             "sent after its tombstone"),
+    (635862397, None, None, "a rename then a delete made here: the kept edits gave the old "
+                            "id the new name, which another device refused as a key clash"),
+    (635864245, None, None, "the same, with capture off: devices diverged"),
 ]
 
 PROGRAMS = int(os.environ.get("CCSYNC_MODEL_PROGRAMS", "500" if os.environ.get("CI") else "100"))
