@@ -584,6 +584,11 @@ def winning_cells(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
     return [col for col, clock in theirs.items() if newer(clock, mine.get(col))]
 
 
+def cell_clocks(clocks: dict[str, int], dev: str) -> dict[str, list]:
+    """A record's clocks as cell clocks: [hybrid logical clock, device id] by column."""
+    return {col: [hlc, dev] for col, hlc in clocks.items()}
+
+
 def merge_cells(vals: dict, clocks: dict, values: dict, stamps: dict) -> list[str]:
     """Merge incoming cells (``values`` by column, ``stamps`` their clocks) into
     ``vals``/``clocks`` in place; returns the columns that changed."""
@@ -1490,15 +1495,30 @@ class LocalRows(SyncState):
         return decode_value(value)
 
     def _shadow(self, table: str, sid: str) -> tuple[int | None, dict, dict] | None:
-        row = self.conn.execute("SELECT rid, vals, clocks FROM _ccsync_shadow "
-                                "WHERE tbl = ? AND sid = ?", (table, sid)).fetchone()
-        return None if row is None else (row[0], json.loads(row[1]), json.loads(row[2]))
+        """The synced state of one row: (rowid here or None, values, cell clocks)."""
+        return self._shadows(table, [sid]).get(sid)
+
+    def _shadows(self, table: str, sids: Iterable[str]) -> dict[str, tuple[int | None, dict, dict]]:
+        """:meth:`_shadow` of each of ``sids`` that has one (in chunks)."""
+        out = {}
+        for chunk in _chunks(sorted({s for s in sids if isinstance(s, str)}), 500):
+            marks = ",".join("?" * len(chunk))
+            out.update((sid, (rid, json.loads(vals), json.loads(clocks)))
+                       for sid, rid, vals, clocks in self.conn.execute(
+                           f"SELECT sid, rid, vals, clocks FROM _ccsync_shadow WHERE tbl = ? "
+                           f"AND sid IN ({marks})", (table, *chunk)))
+        return out
 
     def _put_shadow(self, table: str, sid: str, rid: int | None, vals: dict, clocks: dict) -> None:
-        self.conn.execute("INSERT OR REPLACE INTO _ccsync_shadow (tbl, sid, rid, vals, clocks) "
-                          "VALUES (?, ?, ?, ?, ?)",
-                          (table, sid, rid, json.dumps(vals, separators=(",", ":")),
-                           json.dumps(clocks, separators=(",", ":"))))
+        self._put_shadows([(table, sid, rid, vals, clocks)])
+
+    def _put_shadows(self, rows: Iterable[tuple[str, str, int | None, dict, dict]]) -> None:
+        """Write synced states, each (table, sync_id, rowid here or None, values, clocks)."""
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO _ccsync_shadow (tbl, sid, rid, vals, clocks) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [(table, sid, rid, json.dumps(vals, separators=(",", ":")),
+              json.dumps(clocks, separators=(",", ":"))) for table, sid, rid, vals, clocks in rows])
 
     def _is_dead(self, table: str, sid: str) -> bool:
         """True when ``sid`` is known here as a deleted row."""
@@ -2881,14 +2901,10 @@ class Incoming(RowWriter):
         rids = self._rids_for_sids(info.name, [r.sid for r, _v in fresh])
         shadows = []
         for record, prep in fresh:
-            vals, clocks = prep["vals"], {}
-            merge_cells({}, clocks, record.values,
-                        {col: [hlc, record.dev] for col, hlc in record.clocks.items()})
-            shadows.append((info.name, record.sid, rids[record.sid],
-                            json.dumps(vals, separators=(",", ":")),
-                            json.dumps(clocks, separators=(",", ":"))))
-        self.conn.executemany("INSERT OR REPLACE INTO _ccsync_shadow (tbl, sid, rid, vals, "
-                              "clocks) VALUES (?, ?, ?, ?, ?)", shadows)
+            clocks: dict = {}
+            merge_cells({}, clocks, record.values, cell_clocks(record.clocks, record.dev))
+            shadows.append((info.name, record.sid, rids[record.sid], prep["vals"], clocks))
+        self._put_shadows(shadows)
 
     def _apply_one(self, raw: Any, result: ApplyResult) -> None:
         """Merge one wire record, or refuse (or keep aside) just that record."""
@@ -2981,7 +2997,7 @@ class Incoming(RowWriter):
         vals, clocks = (old[1], old[2]) if old else ({}, {})
         local_cells = self._dirty_cells(info.name, rid, sid)
         self._hlc_observe(max(record.clocks.values()))
-        stamps = {col: [hlc, record.dev] for col, hlc in record.clocks.items()}
+        stamps = cell_clocks(record.clocks, record.dev)
         synced = merge_cells(vals, clocks, record.values, stamps)
         won = [c for c in synced if newer(stamps[c], local_cells.get(c))]
         for col, value in record.local.items():
@@ -3186,6 +3202,8 @@ class Sending(Incoming):
             dirty[row["rid"]][row["col"]] = row["hlc"]
         rows = {row["_rid"]: row for row in self._by_rowid(info.name, "*", rids)}
         present = [rows[r] for r in rids if r in rows]
+        synced = set(self._shadows(info.name, (r["sync_id"] for r in present
+                                               if r["sync_id"] is not None)))
         wire = dict(zip((r["_rid"] for r in present), self._wire_rows(info, present)))
         for (rid, col), (sid, hlc) in self._named_refs(info.name, rids).items():
             if rid in wire and dirty[rid].get(col) == hlc and rows[rid][col] is None:
@@ -3197,7 +3215,8 @@ class Sending(Incoming):
                 continue                       # inserted after stamping: next sync
             record = None                      # a row gone (its delete went on its own)
             if rid in rows and not self._skip_row(info, rows[rid]):
-                record = self._row_record(info, rows[rid], wire[rid], cells)
+                record = self._row_record(info, rows[rid], wire[rid], cells,
+                                          rows[rid]["sync_id"] in synced)
             tokens.append(Outgoing(info.name, rid, cells))
             records.append(record)
         return records, tokens
@@ -3210,10 +3229,9 @@ class Sending(Incoming):
             (table, rids[0], rids[-1]))}
 
     def _row_record(self, info: TableInfo, row: sqlite3.Row, values: dict,
-                    cells: dict) -> dict | None:
+                    cells: dict, synced: bool) -> dict | None:
         sid = row["sync_id"]
-        shadow = self._shadow(info.name, sid)
-        new_row = INSERTED in cells or shadow is None
+        new_row = INSERTED in cells or not synced
         base = cells.get(INSERTED, 0)
         if new_row:
             clocks = {c: max(base, cells.get(c, 0)) for c in info.tracked}
@@ -3352,25 +3370,16 @@ class Sending(Incoming):
         what the server holds now, read and written a batch at a time."""
         known: dict[tuple[str, str], tuple[dict, dict]] = {}
         for table, group in itertools.groupby(sent, key=lambda pair: pair[0]["t"]):
-            for chunk in _chunks(sorted({record["id"] for record, _rid in group}), 500):
-                marks = ",".join("?" * len(chunk))
-                known.update(((table, sid), (json.loads(vals), json.loads(clocks)))
-                             for sid, vals, clocks in self.conn.execute(
-                                 f"SELECT sid, vals, clocks FROM _ccsync_shadow WHERE tbl = ? "
-                                 f"AND sid IN ({marks})", (table, *chunk)))
+            known.update(((table, sid), (vals, clocks)) for sid, (_rid, vals, clocks) in
+                         self._shadows(table, (record["id"] for record, _rid in group)).items())
         rows = {}
         for record, rid in sent:
             vals, clocks = known.setdefault((record["t"], record["id"]), ({}, {}))
-            merge_cells(vals, clocks, record["p"]["v"],
-                        {col: [hlc, record["dev"]] for col, hlc in record["c"].items()})
+            merge_cells(vals, clocks, record["p"]["v"], cell_clocks(record["c"], record["dev"]))
             vals.update(record["p"]["l"])
             rows[(record["t"], record["id"])] = rid
-        self.conn.executemany(
-            "INSERT OR REPLACE INTO _ccsync_shadow (tbl, sid, rid, vals, clocks) "
-            "VALUES (?, ?, ?, ?, ?)",
-            [(table, sid, rid, json.dumps(known[(table, sid)][0], separators=(",", ":")),
-              json.dumps(known[(table, sid)][1], separators=(",", ":")))
-             for (table, sid), rid in rows.items()])
+        self._put_shadows((table, sid, rid, *known[(table, sid)])
+                          for (table, sid), rid in rows.items())
 
 
 class Store(Sending):
