@@ -3312,32 +3312,37 @@ class Sending(Incoming):
     ACK_CHUNK = 250            # results settled together (one lock slice at most)
 
     def _settle_chunk(self, chunk: list, stamp: str, counts: Counter, reasons: Counter) -> None:
-        """Settle (record, token, result) triples: edits of rows here in
-        batches, deletes and rows gone here one by one."""
-        rows, cleared, refused = [], [], []
+        """Settle (record, token, result) triples a batch at a time; a delete
+        the server took then applies here as it does on other devices."""
+        sent, cleared, refused = [], [], []
         for record, token, result in chunk:
             if record is None:                 # nothing to send (a local-only row)
                 cleared.append(token)
                 continue
             status = result.get("status") if isinstance(result, dict) else None
             counts[status] += 1
-            if status not in ("accepted", "superseded"):
+            if status in ("accepted", "superseded"):
+                rid = token.rid if token.rid is not None else \
+                    self._rid_for_sid(token.table, record["id"])
+                sent.append((record, token, status, rid))
+            else:
                 reason = str(result.get("reason") if isinstance(result, dict) else "")[:200]
                 reasons[reason or "refused"] += 1
                 refused.append((token.table, record["id"], reason or "refused", stamp))
-            elif TOMBSTONE in record["c"] or token.rid is None:
-                self._settle_sent(record, token, status, stamp)
-            else:
-                rows.append((record, token))
-        self._clear_outgoing(cleared + [token for _record, token in rows])
-        self._settle_shadows([(record, token.rid) for record, token in rows])
+        self._clear_outgoing(cleared + [token for _record, token, _status, _rid in sent])
+        self._settle_shadows([(record, rid) for record, _token, _status, rid in sent])
         self.conn.executemany("DELETE FROM _ccsync_refused WHERE tbl = ? AND sid = ?",
-                              [(token.table, record["id"]) for record, token in rows])
-        for table, group in itertools.groupby(rows, key=lambda pair: pair[1].table):
+                              [(token.table, record["id"]) for record, token, *_ in sent])
+        edits = [token for record, token, *_ in sent
+                 if TOMBSTONE not in record["c"] and token.rid is not None]
+        for table, group in itertools.groupby(edits, key=lambda token: token.table):
             self.conn.executemany(f"UPDATE {_q(table)} SET synced_at = ? WHERE rowid = ?",
-                                  [(stamp, token.rid) for _record, token in group])
+                                  [(stamp, token.rid) for token in group])
         self.conn.executemany("INSERT OR REPLACE INTO _ccsync_refused (tbl, sid, reason, at) "
                               "VALUES (?, ?, ?, ?)", refused)
+        for record, token, status, rid in sent:
+            if TOMBSTONE in record["c"] and status == "accepted" and rid is None:
+                self._after_local_delete(token.table, record["id"], token.deleted_rid)
 
     def _clear_outgoing(self, tokens: list[Outgoing]) -> None:
         """Settle what the server took: pending cells no newer than those sent,
@@ -3351,19 +3356,6 @@ class Sending(Incoming):
                               [(gid,) for t in tokens for gid in t.gone])
         self.conn.executemany("DELETE FROM _ccsync_outbox WHERE rowid = ?",
                               [(oid,) for t in tokens for oid in t.outbox])
-
-    def _settle_sent(self, record: dict, token: Outgoing, status: str, stamp: str) -> None:
-        """Settle one sent delete, or edit of a row no longer here."""
-        table, sid = token.table, record["id"]
-        self._clear_outgoing([token])
-        rid = token.rid if token.rid is not None else self._rid_for_sid(table, sid)
-        self._settle_shadows([(record, rid)])
-        self.conn.execute("DELETE FROM _ccsync_refused WHERE tbl = ? AND sid = ?", (table, sid))
-        if TOMBSTONE not in record["c"]:
-            self.conn.execute(f"UPDATE {_q(table)} SET synced_at = ? WHERE rowid = ?",
-                              (stamp, token.rid))
-        elif status == "accepted" and rid is None:
-            self._after_local_delete(table, sid, token.deleted_rid)
 
     def _settle_shadows(self, sent: list[tuple[dict, int | None]]) -> None:
         """Merge sent records (with their rowids here) into the synced state:
