@@ -363,6 +363,13 @@ def _q(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def _insert_sql(table: str, columns: Iterable[str]) -> str:
+    """``INSERT INTO table (columns) VALUES (?, ...)``."""
+    cols = list(columns)
+    return (f"INSERT INTO {_q(table)} ({', '.join(_q(c) for c in cols)}) "
+            f"VALUES ({', '.join('?' * len(cols))})")
+
+
 def _lit(text: str) -> str:
     """Quote an SQL string literal for generated trigger code."""
     return "'" + text.replace("'", "''") + "'"
@@ -610,6 +617,20 @@ def expand_inserted(cells: dict[str, Any], columns: Iterable[str]) -> dict[str, 
             if col not in cells or newer(inserted, cells[col]):
                 cells[col] = inserted
     return cells
+
+
+def with_starting_points(vals: dict, record: Record, local: Iterable[str]) -> dict:
+    """``vals`` (in place) with what ``record`` carries besides its cells,
+    where ``vals`` has nothing: its device-local columns of those in ``local``
+    (a starting point for a row new here) and its natural key (for a row
+    that arrives by an edit of other columns)."""
+    for col, value in record.local.items():
+        if col in local:
+            vals.setdefault(col, value)
+    for col, value in record.key.items():
+        if col in SPEC_BY_NAME[record.table].key:
+            vals.setdefault(col, value)
+    return vals
 
 
 def is_deleted(clocks: dict) -> bool:
@@ -1520,6 +1541,20 @@ class LocalRows(SyncState):
             [(table, sid, rid, json.dumps(vals, separators=(",", ":")),
               json.dumps(clocks, separators=(",", ":"))) for table, sid, rid, vals, clocks in rows])
 
+    def _keep_unsent(self, info: TableInfo, sid: str, rid: int | None, row: Any, vals: dict,
+                     clocks: dict, cells: dict[str, list]) -> None:
+        """This device's ``cells`` of a row a delete removed before they were
+        sent (``row``: its values then): into the synced state and out
+        (``_ccsync_outbox``), as if they had been sent before the delete."""
+        if merge_cells(vals, clocks, self._wire_rows(info, [row])[0], cells):
+            self._put_shadow(info.name, sid, rid, vals, clocks)
+            self.conn.execute("INSERT OR IGNORE INTO _ccsync_outbox (tbl, sid) VALUES (?, ?)",
+                              (info.name, sid))
+
+    def _row_at(self, info: TableInfo, rid: int | None) -> sqlite3.Row | None:
+        """The whole row at ``rid`` (with ``_rid``), or None."""
+        return next(iter(self._by_rowid(info.name, "*", [rid])), None)
+
     def _is_dead(self, table: str, sid: str) -> bool:
         """True when ``sid`` is known here as a deleted row."""
         shadow = self._shadow(table, sid)
@@ -1568,6 +1603,12 @@ class LocalRows(SyncState):
                           f"SELECT tbl, rid, c.value, hlc FROM _ccsync_dirty, json_each(?) c "
                           f"WHERE {where}", (json.dumps(list(columns)), *args))
         self.conn.execute(f"DELETE FROM _ccsync_dirty WHERE {where}", args)
+
+    def _gone_rids(self, table: str, sid: str) -> list[int]:
+        """The rowids a row deleted here had (cc may have left references at them)."""
+        return [r for (r,) in self.conn.execute(
+            "SELECT DISTINCT rid FROM _ccsync_gone WHERE tbl = ? AND sid = ? AND rid IS NOT NULL",
+            (table, sid))]
 
     def _record_gone(self, info: TableInfo, gone: list[tuple], hlc: int) -> None:
         """Record deletes made here: (sync_id, rowid or None) pairs, at ``hlc``."""
@@ -1622,9 +1663,7 @@ class LocalRows(SyncState):
                                 (table, sid)).fetchone()
         if row is not None and row[0] != rid:
             self._relink_children(table, sid)
-        olds = {old for (old,) in self.conn.execute(
-            "SELECT DISTINCT rid FROM _ccsync_gone WHERE tbl = ? AND sid = ? AND rid IS NOT NULL",
-            (table, sid)).fetchall()}
+        olds = set(self._gone_rids(table, sid))
         olds |= {old for old in (was, row[0] if row else None) if old is not None}
         olds = [old for old in olds - {rid} if self.conn.execute(
             f"SELECT 1 FROM {_q(table)} WHERE rowid = ?", (old,)).fetchone() is None]
@@ -1731,9 +1770,7 @@ class Identity(LocalRows):
         cells.update({c: [hlc, self.device_id] for c in info.spec.key})
         target = self._shadow(info.name, new)
         if target is not None:
-            row = self.conn.execute(f"SELECT rowid AS _rid, * FROM {_q(info.name)} "
-                                    f"WHERE rowid = ?", (rid,)).fetchone()
-            values = self._wire_rows(info, [row])[0]
+            values = self._wire_rows(info, [self._row_at(info, rid)])[0]
             for col in info.tracked:
                 same = col in target[1] and target[1][col] == values.get(col)
                 cells[col] = latest(cells[col], target[2].get(col)) if same \
@@ -1781,8 +1818,7 @@ class Identity(LocalRows):
             self.conn.execute(f"UPDATE {_q(info.name)} SET sync_id = ? WHERE rowid = ?",
                               (sid, twin_rid))
             return sid
-        row = self.conn.execute(f"SELECT rowid AS _rid, * FROM {_q(info.name)} WHERE rowid = ?",
-                                (twin_rid,)).fetchone()
+        row = self._row_at(info, twin_rid)
         want = self._key_sid(info, row, self._wire_rows(info, [row])[0])
         if want is not None and want != twin_sid and self._rid_for_sid(info.name, want) is None:
             self._rekey(info, twin_rid, twin_sid, want)
@@ -2074,6 +2110,12 @@ class Capture(Resume):
                               f"ON {_q(info.name)} (sync_id)")
         self._tables = None
 
+    def _capture_triggers(self) -> dict[str, str]:
+        """ccsync's triggers in this database: name -> the table it sits on."""
+        return dict(self.conn.execute(
+            "SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger' "
+            "AND name LIKE '\\_ccsync\\_%' ESCAPE '\\'").fetchall())
+
     def _triggers_for(self, info: TableInfo) -> dict[str, str]:
         return trigger_sql(info.name, info.tracked, info.key_columns, info.local)
 
@@ -2081,9 +2123,7 @@ class Capture(Resume):
         # A renamed table takes its triggers along (ALTER TABLE t RENAME TO
         # t_old): trigger names are global, so drop every capture trigger that
         # no longer sits on the synced table it was made for.
-        for name, table in self.conn.execute(
-                "SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger' "
-                "AND name LIKE '\\_ccsync\\_%' ESCAPE '\\'").fetchall():
+        for name, table in self._capture_triggers().items():
             if name[len("_ccsync_ins_"):] != table or table not in self.tables():
                 self.conn.execute(f"DROP TRIGGER IF EXISTS {_q(name)}")
 
@@ -2237,20 +2277,15 @@ class Capture(Resume):
             "SELECT rid, vals FROM _ccsync_base WHERE tbl = ?", (table,))}
         dirty: list[tuple] = []
         later: list[tuple] = []       # edited again after capture went off: timed now
-        columns = [c for c in info.tracked if only is None or c in only]
         for row, values in zip(rows, self._wire_rows(info, rows)):
             if row["_rid"] in base:
                 kept = base[row["_rid"]]
                 ids = kept.get("~ids", {})
                 # A reference cc left at the same row is no edit, though it may
-                # read otherwise now (a parent not stamped yet when it was kept);
-                # nor is one that reads empty only because its parent went
-                # meanwhile, as in _found_cells.
-                later += [(table, row["_rid"], c, hlc) for c in columns
-                          if values.get(c) != kept.get(c)
-                          and not (c in ids and encode_value(row[c]) == ids[c])
-                          and not (values.get(c) is None
-                                   and self._lost_parent(info, c, row, kept))]
+                # read otherwise now (a parent not stamped yet when it was kept).
+                later += [(table, row["_rid"], c, hlc)
+                          for c in self._found_cells(info, row, values, kept, only, added)
+                          if not (c in ids and encode_value(row[c]) == ids[c])]
                 # Its edits up to then were captured and keep their times (an
                 # insert too, though no shadow holds the row yet): the kept
                 # values, not the synced ones, are what this diff starts from.
@@ -2382,11 +2417,12 @@ class Capture(Resume):
         back if a live row needs it: as with a delete from elsewhere
         (``_keep_lost_edits``), they go into the synced state and out (outbox).
         """
-        for info in self.tables().values():
-            rows = self.conn.execute("SELECT rowid, rid, sid, unsent FROM _ccsync_gone WHERE "
-                                     "tbl = ? AND unsent IS NOT NULL", (info.name,)).fetchall()
-            if rows:
-                self._sliced(rows, lambda gone, info=info: self._keep_deleted_edit(info, *gone))
+        tables = self.tables()
+        rows = [row for row in self.conn.execute(
+            "SELECT tbl, rowid, rid, sid, unsent FROM _ccsync_gone WHERE unsent IS NOT NULL")
+            if row[0] in tables]
+        if rows:
+            self._sliced(rows, lambda gone: self._keep_deleted_edit(tables[gone[0]], *gone[1:]))
 
     def _keep_deleted_edit(self, info: TableInfo, gid: int, rid: int | None, sid: str | None,
                            unsent: str) -> None:
@@ -2407,10 +2443,7 @@ class Capture(Resume):
              if c in info.tracked or c == INSERTED}, info.tracked).items()
             if c not in info.spec.key}
         was, vals, clocks = shadow
-        if merge_cells(vals, clocks, self._wire_rows(info, [row])[0], cells):
-            self._put_shadow(info.name, sid, was, vals, clocks)
-            self.conn.execute("INSERT OR IGNORE INTO _ccsync_outbox (tbl, sid) VALUES (?, ?)",
-                              (info.name, sid))
+        self._keep_unsent(info, sid, was, row, vals, clocks, cells)
 
     def _natural_gone_sid(self, info: TableInfo, key: str | None) -> str | None:
         values = self._gone_key(info, key)
@@ -2476,9 +2509,7 @@ class Capture(Resume):
         Only tables whose capture is on: one whose triggers are gone already
         kept its values when they went, and may hold edits no trigger saw
         since (a second ``remove_triggers``, or ``remove`` after one)."""
-        capturing = {t for (t,) in self.conn.execute(
-            "SELECT DISTINCT tbl_name FROM sqlite_master WHERE type = 'trigger' "
-            "AND name LIKE '\\_ccsync\\_%' ESCAPE '\\'")}
+        capturing = set(self._capture_triggers().values())
         for info in self.tables().values():
             if info.name not in capturing:
                 continue
@@ -2505,9 +2536,7 @@ class Capture(Resume):
         with self._write():
             if self.installed():
                 self._keep_base()
-            names = [n for (n,) in self.conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'trigger' "
-                "AND name LIKE '\\_ccsync\\_%' ESCAPE '\\'").fetchall()]
+            names = list(self._capture_triggers())
             for name in names:
                 self.conn.execute(f"DROP TRIGGER IF EXISTS {_q(name)}")
         return len(names)
@@ -2600,14 +2629,8 @@ class RowWriter(Capture):
         (``_ccsync_outbox``), as if they had been sent before the delete came.
         """
         cells = {c: stamp for c, stamp in local_cells.items() if c in info.tracked}
-        if not cells:
-            return
-        row = self.conn.execute(f"SELECT rowid AS _rid, * FROM {_q(info.name)} WHERE rowid = ?",
-                                (rid,)).fetchone()
-        if merge_cells(vals, clocks, self._wire_rows(info, [row])[0], cells):
-            self._put_shadow(info.name, sid, rid, vals, clocks)
-            self.conn.execute("INSERT OR IGNORE INTO _ccsync_outbox (tbl, sid) VALUES (?, ?)",
-                              (info.name, sid))
+        if cells:
+            self._keep_unsent(info, sid, rid, self._row_at(info, rid), vals, clocks, cells)
 
     def _needed_by_children(self, table: str, rid: int | None) -> bool:
         """True when a live row holds ``rid`` in a required (e.g. NOT NULL) reference."""
@@ -2705,11 +2728,7 @@ class RowWriter(Capture):
         return self._insert(info.name, row)
 
     def _insert(self, table: str, row: dict) -> int:
-        cols = ", ".join(_q(c) for c in row)
-        marks = ", ".join("?" * len(row))
-        cur = self.conn.execute(f"INSERT INTO {_q(table)} ({cols}) VALUES ({marks})",
-                                list(row.values()))
-        return cur.lastrowid
+        return self.conn.execute(_insert_sql(table, row), list(row.values())).lastrowid
 
     def resolve_pending(self) -> int:
         """Retry rows whose references waited for a parent; returns how many remain.
@@ -2846,13 +2865,7 @@ class Incoming(RowWriter):
                       parents: dict[str, dict[str, int]]) -> dict | None:
         """A new row's synced values and local values to write, or None when
         it needs the per-record path (a parent not here, a key not its id's)."""
-        vals = dict(record.values)
-        for col, value in record.local.items():
-            if col in info.local:
-                vals.setdefault(col, value)
-        for col, value in record.key.items():
-            if col in info.spec.key:
-                vals.setdefault(col, value)
+        vals = with_starting_points(dict(record.values), record, info.local)
         if info.spec.key and row_identity(info.name, vals, info.spec.key) != record.sid:
             return None
         values = {}
@@ -2895,9 +2908,7 @@ class Incoming(RowWriter):
             row = self._new_row(info, record.sid, prep["vals"], prep["values"])
             by_shape[tuple(row)].append(tuple(row.values()))
         for cols, rows in by_shape.items():
-            self.conn.executemany(
-                f"INSERT INTO {_q(info.name)} ({', '.join(_q(c) for c in cols)}) "
-                f"VALUES ({', '.join('?' * len(cols))})", rows)
+            self.conn.executemany(_insert_sql(info.name, cols), rows)
         rids = self._rids_for_sids(info.name, [r.sid for r, _v in fresh])
         shadows = []
         for record, prep in fresh:
@@ -3000,12 +3011,7 @@ class Incoming(RowWriter):
         stamps = cell_clocks(record.clocks, record.dev)
         synced = merge_cells(vals, clocks, record.values, stamps)
         won = [c for c in synced if newer(stamps[c], local_cells.get(c))]
-        for col, value in record.local.items():
-            if col in info.local and col not in vals:
-                vals[col] = value       # a starting point for a row new here
-        for col, value in record.key.items():
-            if col in info.spec.key and col not in vals:
-                vals[col] = value       # its key, when it arrives by an edit of other columns
+        with_starting_points(vals, record, info.local)
         if not won and old is not None:
             if synced:
                 self._put_shadow(info.name, sid, rid, vals, clocks)
@@ -3060,9 +3066,7 @@ class Incoming(RowWriter):
         finds it once the delete is settled."""
         if tomb is None or not any(newer(stamp, tomb) for stamp in stamps):
             return []
-        rids = [r for (r,) in self.conn.execute(
-            "SELECT DISTINCT rid FROM _ccsync_gone WHERE tbl = ? AND sid = ? AND rid IS NOT NULL",
-            (table, sid))]
+        rids = self._gone_rids(table, sid)
         self.conn.execute("DELETE FROM _ccsync_gone WHERE tbl = ? AND sid = ?", (table, sid))
         return rids
 
