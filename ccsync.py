@@ -81,8 +81,7 @@ import tempfile
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 import uuid
 import zlib
 from collections import Counter, defaultdict
@@ -1150,7 +1149,8 @@ def trigger_sql(table: str, tracked: Iterable[str], key: Iterable[str] = (),
 
 @dataclass
 class TableInfo:
-    """A synced table as it exists in this device's database."""
+    """A synced table as it exists in this device's database (a snapshot:
+    :meth:`SyncState.tables` builds new ones when the schema changes)."""
 
     spec: TableSpec
     columns: tuple[str, ...]            # every column, schema order
@@ -1163,22 +1163,22 @@ class TableInfo:
     def name(self) -> str:
         return self.spec.name
 
-    @property
+    @functools.cached_property
     def tracked(self) -> tuple[str, ...]:
         """Columns whose edits sync (not the id, sync columns or device-local ones)."""
         skip = set(SYNC_COLUMNS) | set(self.spec.local) | {self.pk}
         return tuple(c for c in self.columns if c not in skip)
 
-    @property
+    @functools.cached_property
     def local(self) -> tuple[str, ...]:
         return tuple(c for c in self.spec.local if c in self.columns)
 
-    @property
+    @functools.cached_property
     def required(self) -> frozenset[str]:
         """Reference columns that must point at a live row (NOT NULL, or per SPEC)."""
         return self.notnull | {c for c in self.spec.required if c in self.columns}
 
-    @property
+    @functools.cached_property
     def key_columns(self) -> tuple[str, ...]:
         """The natural-key columns this table has here, in SPEC order."""
         return tuple(c for c in self.spec.key if c in self.columns)
@@ -1224,6 +1224,43 @@ class ApplyResult:
         self.aside += other.aside
 
 
+@dataclass
+class Arrival:
+    """An incoming wire record as read before the write lock is taken."""
+
+    raw: Any
+    record: Record | None               # None: ``refusal`` says why it cannot apply
+    refusal: Exception | None = None
+    fresh: dict | None = None           # see fresh_values(); None: the per-record path
+
+
+def fresh_values(info: TableInfo, record: Record) -> dict | None:
+    """What a row simply new here would be written with, from its record
+    alone: ``vals`` (its synced values and starting points) and ``values``
+    (table values, references still as sync_ids).  None when it needs the
+    per-record path: its natural key does not derive its id, or is empty."""
+    vals = with_starting_points(dict(record.values), record, info.local)
+    if info.spec.key and row_identity(info.name, vals, info.spec.key) != record.sid:
+        return None
+    values = {col: vals[col] if col in info.spec.refs else decode_value(vals[col])
+              for col in info.tracked if col in vals}
+    if info.spec.key and any(values.get(c) is None for c in info.spec.key):
+        return None
+    return {"vals": vals, "values": values}
+
+
+def with_parents(values: dict, parents: dict[str, dict[str, int]]) -> dict | None:
+    """``values`` with each reference's sync_id turned into the parent's rowid
+    here (``parents``: column -> sync_id -> rowid); None if a parent is missing."""
+    out = dict(values)
+    for col, rids in parents.items():
+        if out.get(col) is not None:
+            out[col] = rids.get(out[col])
+            if out[col] is None:
+                return None
+    return out
+
+
 class SyncState:
     """Where this device stands: its connection, write slices under the lock
     policy, bookkeeping values, its device id and clock, and the cursor (one
@@ -1237,6 +1274,7 @@ class SyncState:
         self.gate = gate or WriteGate()
         self.backup_path: str | None = None     # set when this run made the first backup
         self._tables: dict[str, TableInfo] | None = None
+        self._device_id: str | None = None      # read once; set_meta() forgets it
 
     @contextlib.contextmanager
     def _write(self, *, quiet: bool = False) -> Iterator[sqlite3.Connection]:
@@ -1285,6 +1323,8 @@ class SyncState:
 
     def set_meta(self, key: str, value: str | None) -> None:
         """Set (or, with None, remove) a bookkeeping value."""
+        if key == "device_id":
+            self._device_id = None
         if value is None:
             self.conn.execute("DELETE FROM _ccsync_meta WHERE key = ?", (key,))
         else:
@@ -1299,7 +1339,9 @@ class SyncState:
     @property
     def device_id(self) -> str:
         """This database's device id (a copy on another machine gets its own)."""
-        return self.meta("device_id") or ""
+        if self._device_id is None:
+            self._device_id = self.meta("device_id") or ""
+        return self._device_id
 
     @property
     def cursor(self) -> int:
@@ -1965,6 +2007,7 @@ class Capture(Resume):
         (``backup_path``).
         """
         self._tables = None             # cc may have migrated its schema since the last sync
+        self._device_id = None
         self.backup_path = None
         if not self._up_to_date():
             self._install()
@@ -2201,8 +2244,7 @@ class Capture(Resume):
                     rows = self.conn.execute(
                         f"SELECT rowid AS _rid, * FROM {_q(info.name)} WHERE sync_id IS NULL "
                         f"LIMIT {STAMP_CHUNK}").fetchall()
-                    stamped = [(self._stamp(info, row, values), row["_rid"])
-                                for row, values in zip(rows, self._wire_rows(info, rows))]
+                    stamped = self._stamp(info, rows, self._wire_rows(info, rows))
                     known = self._known_sids(info.name, [sid for sid, _rid in stamped])
                     for sid, rid in stamped:
                         if sid in known:
@@ -2210,20 +2252,30 @@ class Capture(Resume):
                 total += len(rows)
         return total
 
-    def _stamp(self, info: TableInfo, row: Any, values: dict) -> str:
-        """Give one row its sync_id (see stamp_rows); returns it."""
-        key_sid = self._key_sid(info, row, values)
-        wanted = key_sid or natural_id(info.name + "#content",
-                                       [[c, values[c]] for c in info.tracked])
-        sid = self._fresh_sid(info, wanted)
-        self.conn.execute(f"UPDATE {_q(info.name)} SET sync_id = ? WHERE rowid = ?",
-                          (sid, row["_rid"]))
-        if key_sid is not None and sid != key_sid:
-            # Its key's id is taken, maybe by a row renamed away meanwhile:
-            # identity looks at it again after the diff.
-            self.conn.execute("INSERT OR IGNORE INTO _ccsync_dirty (tbl, rid, col, hlc) "
-                              "VALUES (?, ?, ?, 0)", (info.name, row["_rid"], info.spec.key[0]))
-        return sid
+    def _stamp(self, info: TableInfo, rows: list, values: list[dict]) -> list[tuple[str, int]]:
+        """Give rows their sync_ids (see stamp_rows); returns (sync_id, rowid) pairs."""
+        key_sids = [self._key_sid(info, row, vals) for row, vals in zip(rows, values)]
+        wanted = [key_sid or natural_id(info.name + "#content",
+                                        [[c, vals[c]] for c in info.tracked])
+                  for key_sid, vals in zip(key_sids, values)]
+        # A natural id that no row here holds is used, even if a deleted row had
+        # it: re-creating 17.0 brings that row back.  One held by a live row
+        # (two rows with one key, where cc allows it) cannot be: a random id.
+        taken = set(self._rids_for_sids(info.name, wanted))
+        stamped = []
+        for row, want in zip(rows, wanted):
+            sid = want if want is not None and want not in taken else str(uuid.uuid4())
+            taken.add(sid)
+            stamped.append((sid, row["_rid"]))
+        self.conn.executemany(f"UPDATE {_q(info.name)} SET sync_id = ? WHERE rowid = ?",
+                              stamped)
+        # A key whose id is taken, maybe by a row renamed away meanwhile:
+        # identity looks at that row again after the diff.
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO _ccsync_dirty (tbl, rid, col, hlc) VALUES (?, ?, ?, 0)",
+            [(info.name, rid, info.spec.key[0]) for (sid, rid), key_sid in zip(stamped, key_sids)
+             if key_sid is not None and sid != key_sid])
+        return stamped
 
     def _known_sids(self, table: str, sids: list[str]) -> set[str]:
         """Of ``sids``, those synced or deleted here before (a row may be back)."""
@@ -2235,14 +2287,6 @@ class Capture(Resume):
                 f"SELECT sid FROM _ccsync_gone WHERE tbl = ? AND sid IN ({marks})",
                 (table, *chunk, table, *chunk)))
         return known
-
-    def _fresh_sid(self, info: TableInfo, wanted: str | None) -> str:
-        # A natural id that no row here holds is used, even if a deleted row had
-        # it: re-creating 17.0 brings that row back.  One held by a live row
-        # (two rows with one key, where cc allows it) cannot be: a random id.
-        if wanted is not None and self._rid_for_sid(info.name, wanted) is None:
-            return wanted
-        return str(uuid.uuid4())
 
     def _full_diff(self, table: str) -> None:
         """Record as dirty what changed while capture triggers were missing.
@@ -2790,8 +2834,12 @@ class Incoming(RowWriter):
         result = ApplyResult(received=len(records))
         if not records and (cursor is None or cursor == self.cursor):
             return result             # nothing new: no write lock for nothing
-        ordered = sorted(records, key=_table_rank)
-        chunks = [chunk for _rank, group in itertools.groupby(ordered, key=_table_rank)
+        # Reading the records is pure work: it happens before the write lock
+        # is taken, so it costs cc nothing and fills the lock policy's gaps.
+        arrivals = sorted((self._arrive(raw) for raw in records),
+                          key=lambda arrival: _table_rank(arrival.raw))
+        chunks = [chunk for _rank, group in
+                  itertools.groupby(arrivals, key=lambda arrival: _table_rank(arrival.raw))
                   for chunk in _chunks(list(group), self.FRESH_CHUNK)]
         self._sliced(chunks, lambda chunk: self._apply_chunk(chunk, result), quiet=True,
                      last=(lambda: self._set_cursor(cursor)) if cursor is not None
@@ -2800,10 +2848,31 @@ class Incoming(RowWriter):
 
     FRESH_CHUNK = 100          # records of one table merged together (one lock slice at most)
 
-    def _apply_chunk(self, raws: list, result: ApplyResult) -> None:
+    def _arrive(self, raw: Any) -> "Arrival":
+        """Read one wire record (no database access): parsed and checked, and
+        for a row that may be simply new here, the values it would write."""
+        try:
+            record = parse_record(raw)
+            self._check_clock(record)
+        except Exception as exc:               # noqa: BLE001 -- refused, with its reason,
+            return Arrival(raw, None, exc)      # by _apply_one
+        info = self.tables().get(record.table)
+        fresh = None
+        if info is not None and self._batchable(info) and TOMBSTONE not in record.clocks:
+            with contextlib.suppress(Exception):    # refused on the careful path
+                fresh = fresh_values(info, record)
+        return Arrival(raw, record, None, fresh)
+
+    @staticmethod
+    def _batchable(info: "TableInfo") -> bool:
+        """Whether rows of this table may take the batch path at all."""
+        return not (info.name == "setting" or info.spec.list_refs or info.spec.name_refs
+                    or any(c not in info.columns for c in info.spec.key))
+
+    def _apply_chunk(self, arrivals: list["Arrival"], result: ApplyResult) -> None:
         """Merge records of one table: rows new here in one batch, the rest one by one."""
         try:
-            info, fresh, rest = self._fresh_rows(raws)
+            info, fresh, rest = self._fresh_rows(arrivals)
             if fresh:
                 with transaction(self.conn):    # a savepoint: a failure leaves nothing
                     self._insert_fresh(info, fresh)
@@ -2811,12 +2880,12 @@ class Incoming(RowWriter):
         except Exception as exc:                # noqa: BLE001 -- a UNIQUE column here, a
             if environment_error(exc):          # value SQLite refuses: the careful path
                 raise                           # finds which record, and refuses just it
-            rest = raws
-        for raw in rest:
-            self._apply_one(raw, result)
+            rest = arrivals
+        for arrival in rest:
+            self._apply_one(arrival, result)
 
-    def _fresh_rows(self, raws: list) -> tuple[TableInfo | None, list, list]:
-        """Split records of one table into rows that are simply new here, as
+    def _fresh_rows(self, arrivals: list["Arrival"]) -> tuple["TableInfo | None", list, list]:
+        """Split arrivals of one table into rows that are simply new here, as
         (record, values to write), and the rest (the per-record path).
 
         Simply new: an edit (not a delete) of a row with no synced state, no
@@ -2825,64 +2894,32 @@ class Incoming(RowWriter):
         Merging such a row into nothing gives the record itself, so the batch
         writes what :meth:`_apply_record` would, without asking row by row.
         """
-        table = raws[0].get("t") if isinstance(raws[0], dict) else None
-        info = self.tables().get(table) if isinstance(table, str) else None
-        if info is None or table == "setting" or info.spec.list_refs or info.spec.name_refs \
-                or any(c not in info.columns for c in info.spec.key):
-            return None, [], raws
-        parsed = []
-        for raw in raws:
-            try:
-                record = parse_record(raw)
-                self._check_clock(record)
-            except Exception:                   # noqa: BLE001 -- refused on the careful path
-                continue
-            parsed.append((raw, record))
-        ids = Counter(record.sid for _raw, record in parsed)
-        candidates = [(raw, record) for raw, record in parsed if record.table == table
-                      and TOMBSTONE not in record.clocks and ids[record.sid] == 1]
-        sids = [r.sid for _raw, r in candidates]
-        taken = self._known_sids(table, sids) | set(self._rids_for_sids(table, sids))
-        parents = {col: self._rids_for_sids(parent, (r.values.get(col, r.key.get(col))
-                                                     for _raw, r in candidates))
+        table = next((a.record.table for a in arrivals if a.fresh is not None), None)
+        ids = Counter(a.record.sid for a in arrivals if a.record is not None)
+        candidates = [a for a in arrivals if a.fresh is not None and ids[a.record.sid] == 1
+                      and a.record.table == table]
+        if not candidates:
+            return None, [], arrivals
+        info = self.tables()[table]
+        sids = [a.record.sid for a in candidates]
+        taken = self._known_sids(info.name, sids) | set(self._rids_for_sids(info.name, sids))
+        parents = {col: self._rids_for_sids(parent, (a.fresh["values"].get(col)
+                                                     for a in candidates))
                    for col, parent in info.spec.refs.items() if col in info.columns}
         fresh = []
-        for raw, record in candidates:
-            try:
-                prep = None if record.sid in taken else self._fresh_values(info, record, parents)
-            except Exception:                   # noqa: BLE001 -- refused on the careful path
-                prep = None
-            if prep is not None:
-                fresh.append((raw, record, prep, tuple(prep["values"][c] for c in info.spec.key)))
+        for arrival in candidates:
+            values = None if arrival.record.sid in taken else \
+                with_parents(arrival.fresh["values"], parents)
+            if values is not None:
+                fresh.append((arrival, {"vals": arrival.fresh["vals"], "values": values},
+                              tuple(values[c] for c in info.spec.key)))
         here = self._keys_here(info, [key for *_rest, key in fresh])
         clash = Counter(key for *_rest, key in fresh)
-        kept = [(raw, record, prep) for raw, record, prep, key in fresh
+        kept = [(arrival, prep) for arrival, prep, key in fresh
                 if key not in here and clash[key] == 1]
-        simple = {id(raw) for raw, _record, _prep in kept}
-        return info, [(r, p) for _raw, r, p in kept], [raw for raw in raws if id(raw) not in simple]
-
-    def _fresh_values(self, info: TableInfo, record: Record,
-                      parents: dict[str, dict[str, int]]) -> dict | None:
-        """A new row's synced values and local values to write, or None when
-        it needs the per-record path (a parent not here, a key not its id's)."""
-        vals = with_starting_points(dict(record.values), record, info.local)
-        if info.spec.key and row_identity(info.name, vals, info.spec.key) != record.sid:
-            return None
-        values = {}
-        for col in info.tracked:
-            if col not in vals:
-                continue
-            value = vals[col]
-            if col in info.spec.refs and value is not None:
-                value = parents[col].get(value)
-                if value is None:
-                    return None
-            elif col not in info.spec.refs:
-                value = decode_value(value)
-            values[col] = value
-        if info.spec.key and any(values.get(c) is None for c in info.spec.key):
-            return None
-        return {"vals": vals, "values": values}
+        simple = {id(arrival) for arrival, _prep in kept}
+        return info, [(a.record, prep) for a, prep in kept], \
+            [a for a in arrivals if id(a) not in simple]
 
     def _keys_here(self, info: TableInfo, keys: list[tuple]) -> set[tuple]:
         """Of natural keys (local values), those a row here already has."""
@@ -2890,12 +2927,16 @@ class Incoming(RowWriter):
         if not cols or not keys:
             return set()
         found: set[tuple] = set()
-        names = ", ".join(_q(c) for c in cols)
+        # A join on the key columns, not a row-value IN (VALUES ...): SQLite
+        # plans that one as a scan of the whole table for every chunk.
+        names = ", ".join(f"k{i}" for i in range(len(cols)))
+        on = " AND ".join(f"t.{_q(c)} = k.k{i}" for i, c in enumerate(cols))
         row_marks = "(" + ",".join("?" * len(cols)) + ")"
         for chunk in _chunks(sorted(set(keys), key=repr), max(1, 900 // len(cols))):
             found.update(tuple(r) for r in self.conn.execute(
-                f"SELECT {names} FROM {_q(info.name)} WHERE ({names}) IN "
-                f"(VALUES {','.join([row_marks] * len(chunk))})",
+                f"WITH k({names}) AS (VALUES {','.join([row_marks] * len(chunk))}) "
+                f"SELECT DISTINCT {', '.join('k.k%d' % i for i in range(len(cols)))} "
+                f"FROM k JOIN {_q(info.name)} AS t ON {on}",
                 [v for key in chunk for v in key]))
         return found
 
@@ -2917,12 +2958,12 @@ class Incoming(RowWriter):
             shadows.append((info.name, record.sid, rids[record.sid], prep["vals"], clocks))
         self._put_shadows(shadows)
 
-    def _apply_one(self, raw: Any, result: ApplyResult) -> None:
-        """Merge one wire record, or refuse (or keep aside) just that record."""
-        keep = True
+    def _apply_one(self, arrival: "Arrival", result: ApplyResult) -> None:
+        """Merge one arrived record, or refuse (or keep aside) just that record."""
+        keep, raw, record = True, arrival.raw, arrival.record
         try:
-            record = parse_record(raw)
-            self._check_clock(record)
+            if record is None:
+                raise arrival.refusal
             info = self.tables().get(record.table)
             if info is None:
                 self._hold(raw, "aside", "table not in this database")
@@ -2977,7 +3018,7 @@ class Incoming(RowWriter):
 
         def retry(row: tuple) -> None:
             self.conn.execute("DELETE FROM _ccsync_held WHERE digest = ?", (row[0],))
-            self._apply_one(json.loads(row[1]), result)
+            self._apply_one(self._arrive(json.loads(row[1])), result)
 
         if rows:
             self._sliced(rows, retry, quiet=True)
@@ -3959,8 +4000,22 @@ def is_loopback(host: str) -> bool:
 # One _request() that signs, seals, sends and maps every failure to one
 # RemoteError with a kind and an actionable message.
 
+@dataclass(frozen=True)
+class WireRequest:
+    """One signed, sealed request as it goes out (the seam tests record)."""
+
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
 class Client:
-    """Talks to a ccsync server as one device.  Same push/pull as LocalTransport."""
+    """Talks to a ccsync server as one device.  Same push/pull as LocalTransport.
+
+    One HTTP connection is kept alive across requests (a whole sync); a
+    connection the server closed while idle is opened again once.
+    :meth:`close` ends it.
+    """
 
     def __init__(self, url: str, api_key: str, *, timeout: float = 60.0,
                  ca_file: str | None = None, clock: Callable[[], float] = time.time,
@@ -3973,6 +4028,14 @@ class Client:
         self.timeout, self.clock, self.max_response = timeout, clock, max_response
         self._ssl = ssl.create_default_context(cafile=ca_file) \
             if self.url.startswith("https") else None
+        parts = urllib.parse.urlsplit(self.url)
+        try:
+            self._host, self._port, self._prefix = parts.hostname, parts.port, parts.path
+        except ValueError:
+            raise ConfigError(f"server URL {url!r} has a bad port",
+                              hint="run `ccsync setup`") from None
+        self._conn: http.client.HTTPConnection | None = None
+        self._served = 0                # requests the open connection has answered
 
     def hello(self) -> dict:
         """An authenticated no-op: who am I to the server, and its time."""
@@ -3991,15 +4054,20 @@ class Client:
         return self._request("/v1/pull", {"cursor": cursor, "limit": limit, "since": since,
                                           "max_bytes": page_bytes(limit)})
 
+    def close(self) -> None:
+        """Close the kept-alive connection, if any (the next request opens one)."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
     def _request(self, path: str, payload: dict) -> dict:
         stamp, nonce = str(int(self.clock())), secrets.token_hex(16)
         context = request_context("POST", path, stamp, nonce, self.keys.key_id)
         body = seal(self.keys.enc, {**payload, "protocol": PROTOCOL}, context)
-        request = urllib.request.Request(self.url + path, data=body, method="POST", headers={
+        status, headers, answer = self._send(WireRequest(path, {
             "Content-Type": WIRE_TYPE, "User-Agent": f"ccsync/{__version__}",
             H_KEY: self.keys.key_id, H_TIME: stamp, H_NONCE: nonce,
-            H_SIG: sign(self.keys.mac, context, body)})
-        status, headers, answer = self._send(request)
+            H_SIG: sign(self.keys.mac, context, body)}, body))
         expected = response_context(nonce, status)
         if not hmac.compare_digest(headers.get(H_SIG.lower(), ""),
                                    sign(self.keys.mac, expected, answer)):
@@ -4017,44 +4085,71 @@ class Client:
             raise RemoteError(f"{text} ({self.url})").with_kind("protocol")
         return data
 
-    def _send(self, request: urllib.request.Request) -> tuple[int, dict, bytes]:
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout,
-                                        context=self._ssl) as response:
-                answer = response.read(self.max_response + 1)
-                if len(answer) > self.max_response:
-                    raise RemoteError(f"answer from {self.url} is too large").with_kind(
-                        "too_large")
-                return response.status, {k.lower(): v for k, v in response.headers.items()}, \
-                    answer
-        except urllib.error.HTTPError as exc:
-            raise self._http_error(exc) from None
-        except (http.client.IncompleteRead, http.client.RemoteDisconnected,
-                ConnectionResetError, BrokenPipeError) as exc:
-            raise RemoteError(f"connection to {self.url} was cut mid-response "
-                              f"({type(exc).__name__})",
-                              hint="try again; nothing was half-applied").with_kind("cut") from None
-        except urllib.error.URLError as exc:
-            reason = getattr(exc, "reason", exc)
-            if isinstance(reason, ssl.SSLError):
-                raise RemoteError(f"TLS failure talking to {self.url}: {reason}",
+    def _send(self, request: WireRequest) -> tuple[int, dict, bytes]:
+        """POST on the kept-alive connection: (status, headers, body), or RemoteError."""
+        while True:
+            reused = self._conn is not None and self._served > 0
+            try:
+                return self._exchange(request)
+            except (http.client.RemoteDisconnected, ConnectionResetError,
+                    BrokenPipeError) as exc:
+                self.close()
+                if reused:              # the server closed it while idle: once more, anew
+                    continue
+                raise RemoteError(f"connection to {self.url} was cut mid-response "
+                                  f"({type(exc).__name__})", hint="try again; nothing was "
+                                  "half-applied").with_kind("cut") from None
+            except http.client.IncompleteRead as exc:
+                self.close()
+                raise RemoteError(f"connection to {self.url} was cut mid-response "
+                                  f"({type(exc).__name__})", hint="try again; nothing was "
+                                  "half-applied").with_kind("cut") from None
+            except ssl.SSLError as exc:
+                self.close()
+                raise RemoteError(f"TLS failure talking to {self.url}: {exc}",
                                   hint="set CC_CA_FILE to the server's CA certificate"
                                   ).with_kind("unreachable") from None
-            raise RemoteError(f"server unreachable at {self.url} ({reason})",
-                              hint="is `ccsync server` running there, and the URL right?"
-                              ).with_kind("unreachable") from None
-        except (TimeoutError, socket.timeout, OSError) as exc:
-            raise RemoteError(f"server unreachable at {self.url} ({exc})",
-                              hint="is `ccsync server` running there?"
-                              ).with_kind("unreachable") from None
+            except (TimeoutError, socket.timeout, OSError, http.client.HTTPException) as exc:
+                self.close()
+                raise RemoteError(f"server unreachable at {self.url} ({exc})",
+                                  hint="is `ccsync server` running there, and the URL right?"
+                                  ).with_kind("unreachable") from None
+            except BaseException:
+                self.close()
+                raise
 
-    def _http_error(self, exc: urllib.error.HTTPError) -> "RemoteError":
+    def _exchange(self, request: WireRequest) -> tuple[int, dict, bytes]:
+        if self._conn is None:
+            self._conn = http.client.HTTPSConnection(
+                self._host, self._port, timeout=self.timeout, context=self._ssl) \
+                if self._ssl is not None else \
+                http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
+            self._served = 0
+        self._conn.request("POST", self._prefix + request.path, body=request.body,
+                           headers=request.headers)
+        response = self._conn.getresponse()
+        length = response.getheader("Content-Length", "")
+        if length.isdigit() and int(length) > self.max_response:
+            self.close()
+            raise RemoteError(f"answer from {self.url} is too large").with_kind("too_large")
+        answer = response.read() if length.isdigit() else response.read(self.max_response + 1)
+        if len(answer) > self.max_response:
+            self.close()
+            raise RemoteError(f"answer from {self.url} is too large").with_kind("too_large")
+        self._served += 1
+        if response.will_close:
+            self.close()
+        if response.status >= 400:
+            raise self._http_error(response.status, response.reason, answer)
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, answer
+
+    def _http_error(self, status: int, reason: str, body: bytes) -> "RemoteError":
         try:
-            info = json.loads(exc.read(65536) or b"{}")
-        except (ValueError, OSError):
+            info = json.loads(body[:65536] or b"{}")
+        except ValueError:
             info = {}
         code = info.get("code", "") if isinstance(info, dict) else ""
-        message = (info.get("error") if isinstance(info, dict) else None) or exc.reason
+        message = (info.get("error") if isinstance(info, dict) else None) or reason
         hints = {
             "key_rejected": ("the server rejected this device's API key",
                              "run `ccsync register --name NAME` on the server, then "
@@ -4068,8 +4163,8 @@ class Client:
             "too_large": (f"body too large for the server: {message}",
                           "raise the server's --max-body, or sync again (batches are smaller)"),
         }
-        text, hint = hints.get(code, (f"server answered {exc.code}: {message}", None))
-        kind = code if code in hints else ("too_large" if exc.code == 413 else "http")
+        text, hint = hints.get(code, (f"server answered {status}: {message}", None))
+        kind = code if code in hints else ("too_large" if status == 413 else "http")
         return RemoteError(f"{text} ({self.url})", hint=hint).with_kind(kind)
 
 
@@ -4130,33 +4225,78 @@ def _check_stop(stop: threading.Event | None) -> None:
         raise SyncCancelled("sync stopped before it finished (nothing half-applied)")
 
 
+class _InFlight:
+    """One call running on its own thread: the next request goes out while
+    this device works on the last answer.  :meth:`result` waits for it."""
+
+    def __init__(self, call: Callable[..., Any], *args: Any):
+        self._outcome: tuple[bool, Any] = (False, None)
+        self._thread = threading.Thread(target=self._run, args=(call, args),
+                                        name="ccsync-request", daemon=True)
+        self._thread.start()
+
+    def _run(self, call: Callable[..., Any], args: tuple) -> None:
+        try:
+            self._outcome = (True, call(*args))
+        except BaseException as exc:            # handed to result()
+            self._outcome = (False, exc)
+
+    def result(self) -> Any:
+        """The call's return value, or its exception raised here."""
+        self._thread.join()
+        done, value = self._outcome
+        if not done:
+            raise value
+        return value
+
+    def settle(self) -> None:
+        """Wait for the call, ignoring its outcome (a sync that stops early)."""
+        self._thread.join()
+
+
 def push_changes(store: Store, transport: Any, result: SyncResult,
                  batch_size: int = PUSH_BATCH, stop: threading.Event | None = None) -> None:
-    """Send every pending row in batches, settling each batch as it returns."""
-    position = None
-    while True:
-        _check_stop(stop)
-        batch = store.capture(position, batch_size)
-        if batch.next_pos is None:
-            return
-        records = [r for r in batch.records if r is not None]
-        try:
-            answer = transport.push(records, store.cursor) if records else {"results": []}
-        except RemoteError as exc:
-            if exc.kind != "too_large" or batch_size <= 1:
-                raise
-            batch_size //= 2            # same position, smaller batch
-            continue
-        # A fast-forward cursor from a store this device does not know is not
-        # ours; the pull that follows notices the new store and re-seeds it.
-        trusted = not store.server_changed(answer.get("store"))
-        counts, reasons = store.ack(batch, answer.get("results", []),
-                                    answer.get("cursor") if trusted else None)
-        result.sent += len(records)
-        result.accepted += counts.get("accepted", 0)
-        result.superseded += counts.get("superseded", 0)
-        result.refused.update(reasons)
-        position = batch.next_pos
+    """Send every pending row in batches, settling each batch as it returns.
+
+    While the server stores a batch of edited rows, the next one is read
+    here.  Reading never depends on what settling another batch of rows
+    writes; deletes and kept edits (which may) are read after it.
+    """
+    position, batch, sending, following = None, None, None, None
+    try:
+        while True:
+            _check_stop(stop)
+            batch = following or store.capture(position, batch_size)
+            following = None
+            if batch.next_pos is None:
+                return
+            records = [r for r in batch.records if r is not None]
+            sending = _InFlight(transport.push, records, store.cursor) if records else None
+            if batch.next_pos[1] == 1:
+                following = store.capture(batch.next_pos, batch_size)
+            try:
+                answer = sending.result() if sending else {"results": []}
+            except RemoteError as exc:
+                if exc.kind != "too_large" or batch_size <= 1:
+                    raise
+                batch_size //= 2            # same position, smaller batch
+                following = None
+                continue
+            finally:
+                sending = None
+            # A fast-forward cursor from a store this device does not know is not
+            # ours; the pull that follows notices the new store and re-seeds it.
+            trusted = not store.server_changed(answer.get("store"))
+            counts, reasons = store.ack(batch, answer.get("results", []),
+                                        answer.get("cursor") if trusted else None)
+            result.sent += len(records)
+            result.accepted += counts.get("accepted", 0)
+            result.superseded += counts.get("superseded", 0)
+            result.refused.update(reasons)
+            position = batch.next_pos
+    finally:
+        if sending is not None:         # never leave a request in flight behind
+            sending.settle()
 
 
 def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: int = PULL_PAGE,
@@ -4164,28 +4304,40 @@ def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: in
                  stop: threading.Event | None = None) -> None:
     """Fetch and merge pages until the server has nothing newer.
 
-    With ``since``, the pull starts from the beginning but only asks for
-    changes the server received after that time; the cursor is not moved.
+    The next page is fetched while this one merges.  With ``since``, the
+    pull starts from the beginning but only asks for changes the server
+    received after that time; the cursor is not moved.
     """
     cursor = 0 if since else store.cursor
-    for _ in range(max_pages):
-        _check_stop(stop)
-        try:
-            page = transport.pull(cursor, page_size, since)
-        except RemoteError as exc:
-            if exc.kind != "too_large" or page_size <= 1:
-                raise
-            page_size //= 2             # same cursor, a smaller page
-            continue
-        if store.server_changed(page.get("store")):
-            reseed_server(store, transport, result, page["store"], stop)
-            cursor = 0
-            continue
-        records, cursor = page.get("records", []), int(page.get("cursor", cursor))
-        result.pulled.add(store.apply_page(records, None if since else cursor))
-        if not page.get("more"):
-            result.waiting = store.resolve_pending()
-            return
+    fetching = _InFlight(transport.pull, cursor, page_size, since)
+    try:
+        for _ in range(max_pages):
+            _check_stop(stop)
+            try:
+                page = fetching.result()
+            except RemoteError as exc:
+                if exc.kind != "too_large" or page_size <= 1:
+                    fetching = None
+                    raise
+                page_size //= 2             # same cursor, a smaller page
+                fetching = _InFlight(transport.pull, cursor, page_size, since)
+                continue
+            if store.server_changed(page.get("store")):
+                fetching = None
+                reseed_server(store, transport, result, page["store"], stop)
+                cursor = 0
+                fetching = _InFlight(transport.pull, cursor, page_size, since)
+                continue
+            records, cursor = page.get("records", []), int(page.get("cursor", cursor))
+            fetching = _InFlight(transport.pull, cursor, page_size, since) \
+                if page.get("more") else None
+            result.pulled.add(store.apply_page(records, None if since else cursor))
+            if fetching is None:
+                result.waiting = store.resolve_pending()
+                return
+    finally:
+        if fetching is not None:
+            fetching.settle()
     raise RemoteError("server kept sending pages; stopped after %d" % max_pages)
 
 
@@ -4214,11 +4366,15 @@ def sync_once(store: Store, transport: Any, *, push: bool = True, pull: bool = T
     batch and page is its own transaction, so stopping never leaves half.
     """
     result = SyncResult(stamped=store.prepare(), backup=store.backup_path)
-    if push:
-        push_changes(store, transport, result, batch_size, stop)
-    if pull:
-        result.pulled.add(store.retry_held())
-        pull_changes(store, transport, result, page_size, since, stop=stop)
+    try:
+        if push:
+            push_changes(store, transport, result, batch_size, stop)
+        if pull:
+            result.pulled.add(store.retry_held())
+            pull_changes(store, transport, result, page_size, since, stop=stop)
+    finally:
+        if hasattr(transport, "close"):     # the connection lives as long as one sync
+            transport.close()
     return result
 
 

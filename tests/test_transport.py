@@ -172,8 +172,7 @@ class RecordingClient(ccsync.Client):
         self.answers: list[tuple[int, dict, bytes]] = []
 
     def _send(self, request):
-        path = urllib.parse.urlsplit(request.full_url).path
-        self.sent.append((path, dict(request.header_items()), request.data))
+        self.sent.append((request.path, dict(request.headers), request.body))
         answer = super()._send(request)
         self.answers.append(answer)
         return answer
