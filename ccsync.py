@@ -2305,22 +2305,54 @@ class Capture(Resume):
             hlc = 0 if mode == "first" else self._hlc_tick()
             if added:     # rows inserted before cc added these columns never wrote them
                 self._expand_inserted(table, [c for c in info.tracked if c not in added])
-        shadow, here = {}, set()
-        for r in self.conn.execute("SELECT sid, rid, vals FROM _ccsync_shadow WHERE tbl = ?",
-                                   (table,)):
-            shadow[r["sid"]] = json.loads(r["vals"])
-            if r["rid"] is not None:
-                here.add(r["sid"])
         if added:             # also rows cc created again here: their cells outlive a delete
-            self._back_fill(info, added, shadow)
-        shadow = {sid: vals for sid, vals in shadow.items() if sid in here}
-        rows = self.conn.execute(f"SELECT rowid AS _rid, * FROM {_q(table)}").fetchall()
-        deleted = {sid for (sid,) in self.conn.execute(
-            "SELECT DISTINCT sid FROM _ccsync_gone WHERE tbl = ? AND sid IS NOT NULL", (table,))}
+            self._back_fill(info, added)
+        # A page of rows at a time, so memory stays flat in the table's size.
+        for rows in self._row_pages(table):
+            dirty, later = self._diff_page(info, rows, hlc, only, added)
+            self._sliced(dirty, lambda cell: self.conn.execute(
+                "INSERT OR IGNORE INTO _ccsync_dirty (tbl, rid, col, hlc) VALUES (?, ?, ?, ?)",
+                cell))
+            self._sliced(later, lambda cell: self.conn.execute(
+                "INSERT INTO _ccsync_dirty (tbl, rid, col, hlc) VALUES (?, ?, ?, ?) ON CONFLICT "
+                "(tbl, rid, col) DO UPDATE SET hlc = max(hlc, excluded.hlc)", cell))
+        gone = [] if only is not None else self._vanished(info)
+        with self._write():
+            self._record_gone(info, gone, hlc)
+            self.conn.execute("DELETE FROM _ccsync_base WHERE tbl = ?", (table,))
+            self.set_meta(f"diff:{table}", None)
+
+    DIFF_PAGE = 2000           # rows a diff reads at a time
+
+    def _row_pages(self, table: str) -> Iterator[list[sqlite3.Row]]:
+        """Every row of ``table`` (with ``_rid``), in pages of rowid order."""
+        after = -(2 ** 63)
+        while True:
+            rows = self.conn.execute(f"SELECT rowid AS _rid, * FROM {_q(table)} WHERE rowid > ? "
+                                     f"ORDER BY rowid LIMIT ?", (after, self.DIFF_PAGE)).fetchall()
+            if not rows:
+                return
+            yield rows
+            after = rows[-1]["_rid"]
+
+    def _diff_page(self, info: TableInfo, rows: list[sqlite3.Row], hlc: int,
+                   only: list | None, added: list) -> tuple[list[tuple], list[tuple]]:
+        """The cells a diff finds in one page of rows: (new or edited since
+        synced, edited again since capture went off and timed now)."""
+        table = info.name
+        sids = [r["sync_id"] for r in rows]
+        shadow = {sid: vals for sid, (rid, vals, _c) in self._shadows(table, sids).items()
+                  if rid is not None}
+        deleted = set()
+        for chunk in _chunks(sorted({s for s in sids if s is not None}), 500):
+            deleted.update(sid for (sid,) in self.conn.execute(
+                f"SELECT DISTINCT sid FROM _ccsync_gone WHERE tbl = ? AND sid IN "
+                f"({','.join('?' * len(chunk))})", (table, *chunk)))
         base = {rid: json.loads(vals) for rid, vals in self.conn.execute(
-            "SELECT rid, vals FROM _ccsync_base WHERE tbl = ?", (table,))}
+            "SELECT rid, vals FROM _ccsync_base WHERE tbl = ? AND rid BETWEEN ? AND ?",
+            (table, rows[0]["_rid"], rows[-1]["_rid"]))}
         dirty: list[tuple] = []
-        later: list[tuple] = []       # edited again after capture went off: timed now
+        later: list[tuple] = []
         for row, values in zip(rows, self._wire_rows(info, rows)):
             if row["_rid"] in base:
                 kept = base[row["_rid"]]
@@ -2338,16 +2370,7 @@ class Capture(Resume):
             old = None if row["sync_id"] in deleted else shadow.get(row["sync_id"])
             dirty += [(table, row["_rid"], c, hlc)
                       for c in self._found_cells(info, row, values, old, only, added)]
-        gone = [] if only is not None else self._vanished(info)
-        self._sliced(dirty, lambda cell: self.conn.execute(
-            "INSERT OR IGNORE INTO _ccsync_dirty (tbl, rid, col, hlc) VALUES (?, ?, ?, ?)", cell))
-        self._sliced(later, lambda cell: self.conn.execute(
-            "INSERT INTO _ccsync_dirty (tbl, rid, col, hlc) VALUES (?, ?, ?, ?) ON CONFLICT "
-            "(tbl, rid, col) DO UPDATE SET hlc = max(hlc, excluded.hlc)", cell))
-        with self._write():
-            self._record_gone(info, gone, hlc)
-            self.conn.execute("DELETE FROM _ccsync_base WHERE tbl = ?", (table,))
-            self.set_meta(f"diff:{table}", None)
+        return dirty, later
 
     def _found_cells(self, info: TableInfo, row: Any, values: dict, old: dict | None,
                      only: list | None, added: list) -> list[str]:
@@ -2377,25 +2400,35 @@ class Capture(Resume):
         return self.conn.execute("SELECT 1 FROM _ccsync_pending WHERE tbl = ? AND sid = ?",
                                  (info.name, row["sync_id"])).fetchone() is not None
 
-    def _back_fill(self, info: TableInfo, columns: list[str], shadow: dict[str, dict]) -> None:
+    def _back_fill(self, info: TableInfo, columns: list[str]) -> None:
         """Fill columns cc just added from the synced state kept for them.
 
         Values other devices sent for a column this database lacked were kept
-        in the shadow.  Only cells still empty are filled: a value cc wrote
-        there already is an edit (found by the diff that follows).
+        in the shadow (also of rows not here now).  Only cells still empty are
+        filled: a value cc wrote there already is an edit (found by the diff
+        that follows).
         """
-        cells = []
-        for sid, vals in shadow.items():
-            for col in columns:
-                if vals.get(col) is None:
-                    continue
-                value = self._local_value(info, col, vals[col])
-                if value is not self._UNRESOLVED and value is not self._KEEP \
-                        and not isinstance(value, tuple):
-                    cells.append((col, value, sid))
-        self._sliced(cells, lambda cell: self.conn.execute(
-            f"UPDATE {_q(info.name)} SET {_q(cell[0])} = ? WHERE sync_id = ? "
-            f"AND {_q(cell[0])} IS NULL", (cell[1], cell[2])), quiet=True)
+        after = ""
+        while True:
+            page = self.conn.execute(
+                "SELECT sid, vals FROM _ccsync_shadow WHERE tbl = ? AND sid > ? ORDER BY sid "
+                "LIMIT ?", (info.name, after, self.DIFF_PAGE)).fetchall()
+            if not page:
+                return
+            after = page[-1][0]
+            cells = []
+            for sid, vals in page:
+                vals = json.loads(vals)
+                for col in columns:
+                    if vals.get(col) is None:
+                        continue
+                    value = self._local_value(info, col, vals[col])
+                    if value is not self._UNRESOLVED and value is not self._KEEP \
+                            and not isinstance(value, tuple):
+                        cells.append((col, value, sid))
+            self._sliced(cells, lambda cell: self.conn.execute(
+                f"UPDATE {_q(info.name)} SET {_q(cell[0])} = ? WHERE sync_id = ? "
+                f"AND {_q(cell[0])} IS NULL", (cell[1], cell[2])), quiet=True)
 
     def _vanished(self, info: TableInfo) -> list[tuple]:
         """Synced rows that left the table with no delete recorded: (sid, rid)."""
@@ -3132,7 +3165,7 @@ class Sending(Incoming):
         for info in self.tables().values():
             counts[info.name] = c = {"insert": 0, "update": 0, "delete": 0}
             if not installed:
-                for row in self.conn.execute(f"SELECT * FROM {_q(info.name)}").fetchall():
+                for row in self.conn.execute(f"SELECT * FROM {_q(info.name)}"):  # streamed
                     c["insert"] += not self._skip_row(info, row)
                 continue
             query = (f"SELECT d.rid, group_concat(d.col, char(31)) AS cols, "
@@ -3140,7 +3173,7 @@ class Sending(Incoming):
                      f"FROM _ccsync_dirty d LEFT JOIN {_q(info.name)} t ON t.rowid = d.rid "
                      f"LEFT JOIN _ccsync_shadow s ON s.tbl = d.tbl AND s.sid = t.sync_id "
                      f"WHERE d.tbl = ? GROUP BY d.rid")
-            for row in self.conn.execute(query, (info.name,)).fetchall():
+            for row in self.conn.execute(query, (info.name,)):
                 cols = set(row["cols"].split("\x1f")) - {MOVED}
                 if cols and row["present"] and not self._skip_row(info, row):
                     c["update" if row["synced"] and INSERTED not in cols else "insert"] += 1
