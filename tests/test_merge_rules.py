@@ -9,6 +9,10 @@ undone only by a later edit, and identity depends on the natural key alone.
 from __future__ import annotations
 
 import itertools
+import json
+import uuid
+
+import pytest
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -92,6 +96,28 @@ def test_identity_comes_from_the_natural_key_alone():
     assert acme != ccsync.row_identity("version", {"name": "acme"}, key)
     assert ccsync.row_identity("project", {}, key) is None                     # key unknown
     assert ccsync.row_identity("project", {"name": None}, key) is None         # key empty
+
+
+key_value = st.one_of(st.none(), st.text(), st.integers(-2 ** 63, 2 ** 63 - 1),
+                      st.floats(allow_nan=False, allow_infinity=False))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["project", "setting", "knowledge_index"]),
+       st.lists(key_value, min_size=1, max_size=3))
+def test_ids_already_in_users_databases_stay_the_same(table, values):
+    # natural_id spells uuid5 out for speed; every id it ever gave must stay.
+    if all(v is None or v == "" for v in values):
+        assert ccsync.natural_id(table, values) is None
+        return
+    text = json.dumps([table, *values], separators=(",", ":"), ensure_ascii=False)
+    try:
+        expected = str(uuid.uuid5(ccsync.ID_NAMESPACE, text))
+    except UnicodeEncodeError:              # a lone surrogate: neither can encode it
+        with pytest.raises(UnicodeEncodeError):
+            ccsync.natural_id(table, values)
+        return
+    assert ccsync.natural_id(table, values) == expected
 
 
 def test_a_reference_to_a_row_that_is_not_here():
