@@ -29,9 +29,12 @@ bench: $(STAMP)
 bench-store: $(STAMP)
 	$(VENV_PY) bench/bench_sync.py
 
-# Model-based hunt: 10,000 fresh random programs judged by the oracle (tests/model_sim.py).
+# Model-based hunt: 10,000 fresh random programs judged by the oracle (tests/model_sim.py),
+# then the long forms of the fuzz and property tests with fresh seeds (CI runs short forms).
 hunt: $(STAMP)
 	$(VENV_PY) bench/hunt.py --count 10000
+	CCSYNC_FUZZ_EXAMPLES=3000 CCSYNC_PROPERTY_EXAMPLES=1000 $(VENV_PY) -m pytest -q \
+		tests/test_fuzz_records.py tests/test_property.py
 
 stress: $(STAMP)
 	$(VENV_PY) bench/stress_lockout.py --rows 100000 --modes delete,wal

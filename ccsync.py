@@ -213,10 +213,11 @@ class RemoteError(CcsyncError):
     """The server could not be reached or answered with an error.
 
     ``kind`` says which: unreachable, key_rejected, revoked, clock_skew,
-    too_large, cut, bad_response, http.
+    too_large, busy, cut, bad_response, protocol, http.
     """
 
     kind = "http"
+    retry_after = 0                     # seconds a busy server asked to wait
 
     def with_kind(self, kind: str) -> "RemoteError":
         """Set ``kind`` and return self (for ``raise ...with_kind(...)``)."""
@@ -706,10 +707,11 @@ API_KEY_PREFIX = "ccs1_"
 # server of different protocols refuse each other's requests and answers (and
 # say which one to upgrade) rather than exchange records they would read
 # differently.  Requests and answers that carry none are protocol 1.
-PROTOCOL = 2
+PROTOCOL = 3
 WIRE_TYPE = "application/x-ccsync"
 H_KEY, H_TIME, H_NONCE, H_SIG = ("X-Ccsync-Key", "X-Ccsync-Time", "X-Ccsync-Nonce",
                                  "X-Ccsync-Signature")
+H_HEAD = "X-Ccsync-Head"                # signs the headers and the body's length (protocol 3)
 MAX_SKEW_S = 300                        # signed requests older or newer are refused
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 
@@ -786,6 +788,29 @@ def new_api_key() -> str:
 def request_context(method: str, path: str, stamp: str, nonce: str, key_id: str) -> bytes:
     """What a request's signature and its body's associated data bind to."""
     return "\n".join(("ccsync-request", method, path, stamp, nonce, key_id)).encode()
+
+
+def head_context(context: bytes, length: int) -> bytes:
+    """What a request's head signature binds: its context and its body's length.
+
+    The server checks it before it reads the body, so nobody without a key
+    makes it read one; the body's own signature is checked once it is read.
+    """
+    return context + f"\nlength {int(length)}".encode()
+
+
+def signed_headers(keys: "DeviceKeys", method: str, path: str, body: bytes,
+                   stamp: str, nonce: str) -> dict[str, str]:
+    """The authentication headers of a request with ``body``."""
+    context = request_context(method, path, stamp, nonce, keys.key_id)
+    return {H_KEY: keys.key_id, H_TIME: stamp, H_NONCE: nonce,
+            H_HEAD: sign(keys.mac, head_context(context, len(body)), b""),
+            H_SIG: sign(keys.mac, context, body)}
+
+
+def same_signature(expected: str, given: str) -> bool:
+    """Constant-time comparison that takes any header text (non-ASCII too)."""
+    return hmac.compare_digest(expected.encode(), given.encode("utf-8", "surrogateescape"))
 
 
 def response_context(nonce: str, status: int) -> bytes:
@@ -2349,15 +2374,31 @@ class Capture(Resume):
     DIFF_PAGE = 2000           # rows a diff reads at a time
 
     def _row_pages(self, table: str) -> Iterator[list[sqlite3.Row]]:
-        """Every row of ``table`` (with ``_rid``), in pages of rowid order."""
-        after = -(2 ** 63)
+        """Every row of ``table`` (with ``_rid``), in pages.
+
+        In sync_id order, which cc never changes: cc may write between two
+        pages, and a row it moved to another rowid (``UPDATE ... SET id``)
+        is then neither missed nor read twice.  Rows with no sync_id yet
+        come last (cc inserted them since the stamp: capture saw them).
+        """
+        table_q, after = _q(table), ("", -(2 ** 63))
         while True:
-            rows = self.conn.execute(f"SELECT rowid AS _rid, * FROM {_q(table)} WHERE rowid > ? "
-                                     f"ORDER BY rowid LIMIT ?", (after, self.DIFF_PAGE)).fetchall()
+            rows = self.conn.execute(
+                f"SELECT rowid AS _rid, * FROM {table_q} WHERE (sync_id, rowid) > (?, ?) "
+                f"ORDER BY sync_id, rowid LIMIT ?", (*after, self.DIFF_PAGE)).fetchall()
+            if not rows:
+                break
+            yield rows
+            after = (rows[-1]["sync_id"], rows[-1]["_rid"])
+        last = -(2 ** 63)
+        while True:
+            rows = self.conn.execute(
+                f"SELECT rowid AS _rid, * FROM {table_q} WHERE sync_id IS NULL AND rowid > ? "
+                f"ORDER BY rowid LIMIT ?", (last, self.DIFF_PAGE)).fetchall()
             if not rows:
                 return
             yield rows
-            after = rows[-1]["_rid"]
+            last = rows[-1]["_rid"]
 
     def _diff_page(self, info: TableInfo, rows: list[sqlite3.Row], hlc: int,
                    only: list | None, added: list) -> tuple[list[tuple], list[tuple]]:
@@ -2372,9 +2413,11 @@ class Capture(Resume):
             deleted.update(sid for (sid,) in self.conn.execute(
                 f"SELECT DISTINCT sid FROM _ccsync_gone WHERE tbl = ? AND sid IN "
                 f"({','.join('?' * len(chunk))})", (table, *chunk)))
-        base = {rid: json.loads(vals) for rid, vals in self.conn.execute(
-            "SELECT rid, vals FROM _ccsync_base WHERE tbl = ? AND rid BETWEEN ? AND ?",
-            (table, rows[0]["_rid"], rows[-1]["_rid"]))}
+        base = {}
+        for chunk in _chunks([r["_rid"] for r in rows], 500):
+            base.update((rid, json.loads(vals)) for rid, vals in self.conn.execute(
+                f"SELECT rid, vals FROM _ccsync_base WHERE tbl = ? AND rid IN "
+                f"({','.join('?' * len(chunk))})", (table, *chunk)))
         dirty: list[tuple] = []
         later: list[tuple] = []
         for row, values in zip(rows, self._wire_rows(info, rows)):
@@ -3594,6 +3637,11 @@ class ServerStore:
         """The device row for a request's key id, if any."""
         return self.conn.execute("SELECT * FROM device WHERE key_id = ?", (key_id,)).fetchone()
 
+    def nonce_seen(self, nonce: str) -> bool:
+        """True when a request with this nonce was taken already (a replay)."""
+        return self.conn.execute("SELECT 1 FROM nonce WHERE value = ?", (nonce,)).fetchone() \
+            is not None
+
     def admit(self, name: str, nonce: str) -> bool:
         """Record a request nonce (False if seen: a replay) and the device's last-seen time."""
         cutoff = int(self.clock()) - 2 * MAX_SKEW_S
@@ -3775,27 +3823,41 @@ def _op_pull(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
                           min(max_bytes, PULL_PAGE_BYTES))
 
 
-DRAIN_LIMIT = 64 * 1024 * 1024         # oversized bodies read and dropped at most
 SERVER_POLL_S = 0.05                   # how soon serve_forever notices shutdown()
 OPERATIONS = {"/v1/hello": _op_hello, "/v1/push": _op_push, "/v1/pull": _op_pull}
 MAX_PUSH_RECORDS = 5000
 MAX_PULL_PAGE = 5000
+# What bounds the server (see SyncServer): every figure is per connection.
+MAX_CONNECTIONS = 64                   # served at once; more wait at the door
+DOOR_THREADS = 8                       # answer /health or 503 while all are busy
+DOOR_WAIT_S = 0.5                      # for a request head at the door
+IDLE_TIMEOUT_S = 15.0                  # for a whole request head, kept-alive or new
+BODY_RATE = 128 * 1024                 # bytes/s the slowest body gets time for
+REFUSAL_DRAIN_S = 2.0                  # a refused body is read and dropped this long at most
+REFUSAL_DRAIN = 128 * 1024 * 1024      # and this much
+BUSY_RETRY_S = 1                       # Retry-After of a 503
 
 
-def _authenticate(store: "ServerStore", method: str, path: str,
-                  headers: dict[str, str], body: bytes) -> tuple[sqlite3.Row, bytes, str]:
-    """Check key id, timestamp, signature and nonce; returns (device, context, nonce)."""
-    key_id, stamp, nonce, signature = (headers.get(h.lower(), "") for h in
-                                       (H_KEY, H_TIME, H_NONCE, H_SIG))
+def _authenticate_head(store: "ServerStore", method: str, path: str, headers: dict[str, str],
+                       length: int) -> tuple[sqlite3.Row, bytes, str]:
+    """Check key id, timestamp, head signature and nonce before the body is
+    read; returns (device, context, nonce).  The nonce is taken only once the
+    body's signature holds too, so a tampered copy never burns it."""
+    key_id, stamp, nonce, head, signature = (headers.get(h.lower(), "") for h in
+                                             (H_KEY, H_TIME, H_NONCE, H_HEAD, H_SIG))
     if not (key_id and stamp and nonce and signature):
         raise HttpError(401, "unauthenticated", "request is not signed")
-    if not re.fullmatch(r"[0-9a-f]{16,64}", nonce) or not re.fullmatch(r"-?\d{1,12}", stamp):
+    if not head:
+        raise HttpError(426, "protocol", f"this device speaks an older sync protocol than "
+                                         f"the server ({PROTOCOL}): upgrade ccsync on it")
+    if not re.fullmatch(r"[0-9a-f]{16,64}", nonce) or not re.fullmatch(r"-?\d{1,12}", stamp) \
+            or not re.fullmatch(r"[0-9a-f]{32}", key_id):
         raise HttpError(401, "unauthenticated", "malformed signature headers")
     device = store.device_by_key_id(key_id)
     if device is None:
         raise HttpError(401, "key_rejected", "API key not recognised by this server")
     context = request_context(method, path, stamp, nonce, key_id)
-    if not hmac.compare_digest(sign(device["mac_key"], context, body), signature):
+    if not same_signature(sign(device["mac_key"], head_context(context, length), b""), head):
         raise HttpError(401, "bad_signature", "request signature does not match")
     if device["revoked_at"]:
         raise HttpError(403, "revoked", "this device's key was revoked")
@@ -3803,7 +3865,7 @@ def _authenticate(store: "ServerStore", method: str, path: str,
     if abs(skew) > MAX_SKEW_S:
         raise HttpError(401, "clock_skew",
                         f"clock skew: this device's time is {skew:+.0f} s off the server's")
-    if not store.admit(device["name"], nonce):
+    if store.nonce_seen(nonce):
         raise HttpError(401, "replay", "request replayed (nonce already seen)")
     return device, context, nonce
 
@@ -3819,16 +3881,51 @@ def protocol_mismatch(device: Any, server: int) -> str | None:
             f"upgrade ccsync on {older}")
 
 
-def dispatch(server: "SyncServer", method: str, path: str, headers: dict[str, str],
-             body: bytes) -> tuple[int, dict[str, str], bytes]:
-    """Answer one request: (status, headers, body).  Never raises, never leaks a traceback."""
+Answer = tuple[int, dict[str, str], bytes]
+
+
+def error_answer(exc: HttpError) -> Answer:
+    """The JSON answer of a refused request."""
+    headers = {"Content-Type": "application/json"}
+    if exc.status == 405:
+        headers["Allow"] = "GET" if exc.code == "method_get" else "POST"
+    if exc.status == 503:
+        headers["Retry-After"] = str(BUSY_RETRY_S)
+    return exc.status, headers, _json_body({"error": str(exc), "code": exc.code})
+
+
+def health_answer() -> Answer:
+    """The public ``GET /health`` answer."""
+    return 200, {"Content-Type": "application/json"}, _json_body(
+        {"status": "ok", "version": __version__})
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A request whose head authenticated: its body may now be read."""
+
+    operation: Callable[..., dict]
+    device: sqlite3.Row
+    context: bytes
+    nonce: str
+    length: int
+
+
+def admit(server: "SyncServer", method: str, path: str, headers: dict[str, str],
+          length: int | None) -> Admission | Answer:
+    """Everything about a request that its head decides, before its body is
+    read: an :class:`Admission`, or the final answer.  Never raises.
+
+    ``length`` is the body's declared length (None: missing or malformed).
+    """
     headers = {k.lower(): v for k, v in headers.items()}
     try:
+        if method not in ("GET", "POST"):
+            raise HttpError(405, "method", f"method {_printable(method, 16)} is not allowed")
         if path == "/health":
             if method != "GET":
-                raise HttpError(405, "method", "use GET")
-            return 200, {"Content-Type": "application/json"}, _json_body(
-                {"status": "ok", "version": __version__})
+                raise HttpError(405, "method_get", "use GET")
+            return health_answer()
         operation = OPERATIONS.get(path)
         if operation is None:
             raise HttpError(404, "not_found", "no such endpoint")
@@ -3836,34 +3933,83 @@ def dispatch(server: "SyncServer", method: str, path: str, headers: dict[str, st
             raise HttpError(405, "method", "use POST")
         if headers.get("content-type", "").split(";")[0].strip() != WIRE_TYPE:
             raise HttpError(415, "plaintext", "plaintext requests are refused")
+        if length is None or length > server.max_body:
+            raise HttpError(413, "too_large", "request body too large or Content-Length "
+                                              f"missing/wrong (at most {server.max_body} bytes)")
         with server.store() as store:
-            device, context, nonce = _authenticate(store, method, path, headers, body)
-            server.note_device(device["name"])
-            try:
-                payload = unseal(device["enc_key"], body, context, server.max_body)
-            except BodyTooLarge as exc:
-                raise HttpError(413, "too_large", str(exc)) from None
-            except WireError as exc:
-                raise HttpError(400, "bad_body", str(exc)) from None
-            mismatch = protocol_mismatch(payload.get("protocol", 1), server.protocol)
-            if mismatch:
-                raise HttpError(426, "protocol", mismatch)
-            answer = {**operation(store, device, payload), "protocol": server.protocol}
-            sealed = seal(device["enc_key"], answer, response_context(nonce, 200))
-            return 200, {"Content-Type": WIRE_TYPE,
-                         H_SIG: sign(device["mac_key"], response_context(nonce, 200), sealed)}, \
-                sealed
+            device, context, nonce = _authenticate_head(store, method, path, headers, length)
+        server.note_device(device["name"])
+        return Admission(operation, device, context, nonce, length)
     except HttpError as exc:
-        return exc.status, {"Content-Type": "application/json"}, _json_body(
-            {"error": str(exc), "code": exc.code})
+        return error_answer(exc)
     except Exception as exc:            # the answer is JSON, the traceback stays here
-        server.log(f"error: {type(exc).__name__}: {exc}")
-        return 500, {"Content-Type": "application/json"}, _json_body(
-            {"error": "server error (see the server's log)", "code": "server_error"})
+        return _server_error(server, exc)
+
+
+def _server_error(server: "SyncServer", exc: Exception) -> Answer:
+    server.log(f"error: {type(exc).__name__}: {exc}")
+    return 500, {"Content-Type": "application/json"}, _json_body(
+        {"error": "server error (see the server's log)", "code": "server_error"})
+
+
+def serve_admitted(server: "SyncServer", admission: Admission, headers: dict[str, str],
+                   body: bytes) -> Answer:
+    """Answer an admitted request once its body is read.  Never raises."""
+    device, context, nonce = admission.device, admission.context, admission.nonce
+    headers = {k.lower(): v for k, v in headers.items()}
+    try:
+        if len(body) != admission.length:
+            raise HttpError(400, "bad_body", "the body is not as long as the request said")
+        if not same_signature(sign(device["mac_key"], context, body), headers.get(
+                H_SIG.lower(), "")):
+            raise HttpError(401, "bad_signature", "request signature does not match")
+        with server.store() as store:
+            if not store.admit(device["name"], nonce):
+                raise HttpError(401, "replay", "request replayed (nonce already seen)")
+        try:
+            payload = unseal(device["enc_key"], body, context, server.max_body)
+        except BodyTooLarge as exc:
+            raise HttpError(413, "too_large", str(exc)) from None
+        except WireError as exc:
+            raise HttpError(400, "bad_body", str(exc)) from None
+        mismatch = protocol_mismatch(payload.get("protocol", 1), server.protocol)
+        if mismatch:
+            raise HttpError(426, "protocol", mismatch)
+        with server.store() as store:
+            answer = {**admission.operation(store, device, payload), "protocol": server.protocol}
+        sealed = seal(device["enc_key"], answer, response_context(nonce, 200))
+        return 200, {"Content-Type": WIRE_TYPE,
+                     H_SIG: sign(device["mac_key"], response_context(nonce, 200), sealed)}, sealed
+    except HttpError as exc:
+        return error_answer(exc)
+    except Exception as exc:            # the answer is JSON, the traceback stays here
+        return _server_error(server, exc)
+
+
+def dispatch(server: "SyncServer", method: str, path: str, headers: dict[str, str],
+             body: bytes) -> Answer:
+    """Answer one request whose body is at hand: (status, headers, body).
+
+    The handler does the same in two steps (:func:`admit`, then the body,
+    then :func:`serve_admitted`).  Never raises, never leaks a traceback.
+    """
+    declared = {k.lower(): v for k, v in headers.items()}.get("content-length")
+    length = int(declared) if declared is not None and declared.strip().isdigit() \
+        else (len(body) if declared is None else None)
+    step = admit(server, method, path, headers, length)
+    if not isinstance(step, Admission):
+        return step
+    return serve_admitted(server, step, headers, body)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """Thin HTTP/1.1 adapter around :func:`dispatch`."""
+    """Thin HTTP/1.1 adapter around :func:`admit` and :func:`serve_admitted`.
+
+    Every wait is bounded: a request head must arrive whole within the idle
+    timeout (kept-alive connections too), a body within the request timeout
+    plus its length at BODY_RATE; the server's reaper closes a connection that
+    overstays (see SyncServer.watch).
+    """
 
     protocol_version = "HTTP/1.1"
     server_version = f"ccsync/{__version__}"
@@ -3871,72 +4017,112 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     disable_nagle_algorithm = True     # keep-alive without Nagle: no 40 ms stalls
 
     def setup(self) -> None:
-        self.timeout = self.server.request_timeout
+        self.timeout = self.server.idle_timeout
         super().setup()
+
+    def handle_one_request(self) -> None:
+        self.server.watch(self.connection, self.server.idle_timeout)
+        super().handle_one_request()
+
+    def finish(self) -> None:
+        self.server.watch(self.connection, None)
+        super().finish()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("do_"):     # any method: admit() answers 405 where it must
+            return self._serve
+        raise AttributeError(name)
 
     def _serve(self) -> None:
         started = time.perf_counter()
         self.server.note_device(None)
-        body, status = self._read_body()
-        if status is None:
-            path = self.path.split("?", 1)[0]
-            status, headers, answer = dispatch(self.server, self.command, path,
-                                               dict(self.headers.items()), body)
+        path = self.path.split("?", 1)[0]
+        headers = dict(self.headers.items())
+        length = self._length()
+        if self.server.at_the_door():
+            self.close_connection = True
+            step: Admission | Answer = health_answer() if (self.command, path) == (
+                "GET", "/health") else error_answer(HttpError(
+                    503, "busy", "the server is busy: try again shortly"))
         else:
-            headers, answer = {"Content-Type": "application/json"}, _json_body(
-                {"error": "request body too large or Content-Length missing/wrong",
-                 "code": "too_large"})
-            self.close_connection = True
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(answer)))
-        if status >= 400:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        self.wfile.write(answer)
+            step = admit(self.server, self.command, path, headers, length)
+        body = b""
+        if isinstance(step, Admission):
+            self.server.watch(self.connection, self.server.request_timeout
+                              + step.length / BODY_RATE)
+            body = self._read(step.length)
+            answer = serve_admitted(self.server, step, headers, body)
+        else:
+            answer = step
+            if self.command != "GET" or length:
+                self._drop_body(length)
+        self._respond(*answer)
         self.server.log(f"{self.client_address[0]} {self.server.current_device() or '-'} "
-                        f"{self.command} {self.path[:80]} {status} {len(body)}B "
-                        f"{(time.perf_counter() - started) * 1000:.0f}ms")
+                        f"{_printable(self.command, 16)} {_printable(self.path, 80)} "
+                        f"{answer[0]} {len(body)}B {(time.perf_counter() - started) * 1000:.0f}ms")
 
-    def _read_body(self) -> tuple[bytes, int | None]:
-        """The request body, or (b"", 413) when its length is missing, wrong or too big."""
-        if self.command == "GET":
-            return b"", None
-        length = self.headers.get("Content-Length")
-        if length is None or not length.strip().isdigit():
-            return b"", 413
-        size = int(length)
-        if size > self.server.max_body:
-            self._drain(size)
-            return b"", 413
+    def _length(self) -> int | None:
+        text = self.headers.get("Content-Length")
+        if text is None:
+            return None if self.command == "POST" else 0
+        return int(text) if text.strip().isdigit() and len(text) < 20 else None
+
+    def _read(self, size: int) -> bytes:
         try:
-            body = self.rfile.read(size)
+            return self.rfile.read(size)
         except (TimeoutError, OSError):
-            return b"", 413
-        return (body, None) if len(body) == size else (b"", 413)
+            return b""
 
-    def _drain(self, size: int) -> None:
-        # Read (and drop) an oversized body, within limits, so the client gets
-        # to read the 413 instead of a broken pipe.
-        left = min(size, self.server.max_body + DRAIN_LIMIT)
-        deadline = time.monotonic() + self.server.request_timeout
-        with contextlib.suppress(OSError):
-            while left > 0 and time.monotonic() < deadline:
+    def _drop_body(self, length: int | None) -> None:
+        # A refused request's body is read and dropped, never kept, for a
+        # short while at most, so the client gets to read the refusal instead
+        # of a broken pipe; then the connection goes.
+        self.close_connection = True
+        left = min(length or 0, REFUSAL_DRAIN)
+        self.server.watch(self.connection, REFUSAL_DRAIN_S)
+        with contextlib.suppress(OSError, ValueError):
+            while left > 0:
                 chunk = self.rfile.read1(min(left, 1 << 16))
                 if not chunk:
                     break
                 left -= len(chunk)
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _serve
+    def _respond(self, status: int, headers: dict[str, str], answer: bytes) -> None:
+        self.server.watch(self.connection, self.server.request_timeout
+                          + len(answer) / BODY_RATE, writing=True)
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(answer)))
+        if status >= 400:
+            self.close_connection = True
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
+        # http.server's own refusals (a malformed request line, headers too
+        # long or too many): JSON like every other answer, and a 4xx.
+        self.close_connection = True
+        code = code if 400 <= code < 500 else 400
+        with contextlib.suppress(OSError):
+            self._respond(*error_answer(HttpError(code, "bad_request",
+                                                  message or "malformed request")))
 
     def log_message(self, format: str, *args: Any) -> None:   # noqa: A002
         pass                            # _serve logs one line per request itself
 
 
 class SyncServer(http.server.ThreadingHTTPServer):
-    """The sync endpoint: a ThreadingHTTPServer over a data file.
+    """The sync endpoint: a ThreadingHTTPServer over a data file, bounded.
+
+    At most ``max_connections`` connections are served at once, each on its
+    own thread; a connection beyond that goes to one of DOOR_THREADS door
+    threads, which answer ``/health`` and give anything else a fast 503
+    (clients retry it with backoff); beyond those it is closed at once.  A
+    reaper closes any connection whose request overstays its deadline.
 
     ``start()`` serves on a background thread (tests, demo); ``serve_forever``
     in the foreground (the ``server`` command).  ``stop()`` from any other thread.
@@ -3950,17 +4136,26 @@ class SyncServer(http.server.ThreadingHTTPServer):
                  max_body: int = DEFAULT_MAX_BODY, request_timeout: float = 30.0,
                  clock: Callable[[], float] = time.time, tls: ssl.SSLContext | None = None,
                  log: Callable[[str], None] | None = None, max_value: int = MAX_VALUE_BYTES,
-                 max_record: int = MAX_RECORD_BYTES):
+                 max_record: int = MAX_RECORD_BYTES, max_connections: int = MAX_CONNECTIONS,
+                 idle_timeout: float = IDLE_TIMEOUT_S):
         ServerStore.open(data_path, clock=clock).conn.close()     # create schema once
         self.data_path, self.max_body, self.request_timeout = data_path, max_body, request_timeout
         self.max_value, self.max_record = max_value, max_record
+        self.max_connections, self.idle_timeout = max_connections, idle_timeout
         self.clock, self._log = clock, log
         self.protocol = PROTOCOL            # the sync protocol this server speaks
         self._pool: queue.SimpleQueue = queue.SimpleQueue()
         self._local = threading.local()
         self._thread: threading.Thread | None = None
         self._tls = tls
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._doors = threading.BoundedSemaphore(DOOR_THREADS)
+        self._deadlines: dict[socket.socket, tuple[float, int]] = {}
+        self._deadlines_lock = threading.Lock()
+        self._closing = threading.Event()
         super().__init__(address, _Handler)
+        self._reaper = threading.Thread(target=self._reap, name="ccsync-reaper", daemon=True)
+        self._reaper.start()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         """Accept a connection (TLS-wrapped, handshake deferred)."""
@@ -3970,6 +4165,64 @@ class SyncServer(http.server.ThreadingHTTPServer):
         if self._tls is not None:
             sock = self._tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, address
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve a connection on a thread of its own, at the door, or not at all."""
+        if self._slots.acquire(blocking=False):
+            door, release = False, self._slots.release
+        elif self._doors.acquire(blocking=False):
+            door, release = True, self._doors.release
+        else:
+            self.log(f"{client_address[0]} - turned away: every connection and door is busy")
+            self.shutdown_request(request)
+            return
+        threading.Thread(target=self._serve_connection, name="ccsync-conn", daemon=True,
+                         args=(request, client_address, door, release)).start()
+
+    def _serve_connection(self, request: Any, client_address: Any, door: bool,
+                          release: Callable[[], None]) -> None:
+        self._local.door = door
+        try:
+            if door:
+                request.settimeout(DOOR_WAIT_S)
+            self.finish_request(request, client_address)
+        except Exception:               # noqa: BLE001 -- one connection's trouble
+            self.log(f"{client_address[0]} - connection error: {sys.exc_info()[1]!r}"[:300])
+        finally:
+            self.watch(request, None)
+            self.shutdown_request(request)
+            release()
+
+    def at_the_door(self) -> bool:
+        """True on a door thread: only /health is served there (then it closes)."""
+        return getattr(self._local, "door", False)
+
+    def watch(self, sock: Any, seconds: float | None, *, writing: bool = False) -> None:
+        """Cut ``sock`` short if it is still at this step ``seconds`` from now
+        (None: no longer watched).  At the door, a step gets DOOR_WAIT_S.
+
+        A late read ends as if the client had stopped sending, so the handler
+        still answers; a late write (``writing``) closes the connection.
+        """
+        with self._deadlines_lock:
+            if seconds is None:
+                self._deadlines.pop(sock, None)
+            else:
+                wait = DOOR_WAIT_S if self.at_the_door() else seconds
+                how = socket.SHUT_RDWR if writing else socket.SHUT_RD
+                self._deadlines[sock] = (time.monotonic() + wait, how)
+
+    def _reap(self) -> None:
+        while not self._closing.wait(0.2):
+            now = time.monotonic()
+            with self._deadlines_lock:
+                late = [(sock, how) for sock, (deadline, how) in self._deadlines.items()
+                        if deadline <= now]
+                for sock, _how in late:
+                    del self._deadlines[sock]
+            for sock, how in late:      # wakes the thread blocked on it
+                with contextlib.suppress(OSError):
+                    sock.shutdown(how)
 
     @property
     def url(self) -> str:
@@ -4018,6 +4271,11 @@ class SyncServer(http.server.ThreadingHTTPServer):
         if self._thread is not None:
             self._thread.join(5)
         self.server_close()
+
+    def server_close(self) -> None:
+        """Close the listening socket and stop the reaper."""
+        self._closing.set()
+        super().server_close()
         while True:
             try:
                 self._pool.get_nowait().conn.close()
@@ -4052,6 +4310,10 @@ def is_loopback(host: str) -> bool:
 ##### Client ##################################################################
 # One _request() that signs, seals, sends and maps every failure to one
 # RemoteError with a kind and an actionable message.
+
+class _StaleConnection(Exception):
+    """A kept-alive connection failed before an answer: send it anew."""
+
 
 @dataclass(frozen=True)
 class WireRequest:
@@ -4089,6 +4351,7 @@ class Client:
                               hint="run `ccsync setup`") from None
         self._conn: http.client.HTTPConnection | None = None
         self._served = 0                # requests the open connection has answered
+        self._lock = threading.RLock()
 
     def hello(self) -> dict:
         """An authenticated no-op: who am I to the server, and its time."""
@@ -4108,19 +4371,34 @@ class Client:
                                           "max_bytes": page_bytes(limit)})
 
     def close(self) -> None:
-        """Close the kept-alive connection, if any (the next request opens one)."""
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        """Close the kept-alive connection, if any (the next request opens one).
+
+        Safe from another thread: a request in flight on it then fails.
+        """
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
 
     def _request(self, path: str, payload: dict) -> dict:
-        stamp, nonce = str(int(self.clock())), secrets.token_hex(16)
-        context = request_context("POST", path, stamp, nonce, self.keys.key_id)
-        body = seal(self.keys.enc, {**payload, "protocol": PROTOCOL}, context)
-        status, headers, answer = self._send(WireRequest(path, {
-            "Content-Type": WIRE_TYPE, "User-Agent": f"ccsync/{__version__}",
-            H_KEY: self.keys.key_id, H_TIME: stamp, H_NONCE: nonce,
-            H_SIG: sign(self.keys.mac, context, body)}, body))
+        with self._lock:                # one request at a time on the one connection
+            for fresh in (False, True):
+                stamp, nonce = str(int(self.clock())), secrets.token_hex(16)
+                context = request_context("POST", path, stamp, nonce, self.keys.key_id)
+                body = seal(self.keys.enc, {**payload, "protocol": PROTOCOL}, context)
+                try:
+                    status, headers, answer = self._send(WireRequest(path, {
+                        "Content-Type": WIRE_TYPE, "User-Agent": f"ccsync/{__version__}",
+                        **signed_headers(self.keys, "POST", path, body, stamp, nonce)}, body))
+                    break
+                except _StaleConnection:
+                    # Closed while idle (or cut just after the server took the
+                    # request: every request may be sent again): once more, on a
+                    # new connection, signed anew.
+                    if fresh:
+                        raise AssertionError("a new connection is never stale") from None
+        return self._read_answer(status, headers, answer, nonce)
+
+    def _read_answer(self, status: int, headers: dict, answer: bytes, nonce: str) -> dict:
         expected = response_context(nonce, status)
         if not hmac.compare_digest(headers.get(H_SIG.lower(), ""),
                                    sign(self.keys.mac, expected, answer)):
@@ -4138,49 +4416,60 @@ class Client:
             raise RemoteError(f"{text} ({self.url})").with_kind("protocol")
         return data
 
+    BUSY_RETRIES = 4                    # a busy server (503) is asked again, backing off
+
     def _send(self, request: WireRequest) -> tuple[int, dict, bytes]:
-        """POST on the kept-alive connection: (status, headers, body), or RemoteError."""
-        while True:
-            reused = self._conn is not None and self._served > 0
+        """POST on the kept-alive connection: (status, headers, body), or RemoteError.
+
+        A 503 (the server is at its connection limit; it took nothing) is
+        retried after its Retry-After, with jitter, a few times.
+        """
+        for attempt in range(self.BUSY_RETRIES + 1):
             try:
-                return self._exchange(request)
-            except (http.client.RemoteDisconnected, ConnectionResetError,
-                    BrokenPipeError) as exc:
-                self.close()
-                if reused:              # the server closed it while idle: once more, anew
-                    continue
-                raise RemoteError(f"connection to {self.url} was cut mid-response "
-                                  f"({type(exc).__name__})", hint="try again; nothing was "
-                                  "half-applied").with_kind("cut") from None
-            except http.client.IncompleteRead as exc:
-                self.close()
-                raise RemoteError(f"connection to {self.url} was cut mid-response "
-                                  f"({type(exc).__name__})", hint="try again; nothing was "
-                                  "half-applied").with_kind("cut") from None
-            except ssl.SSLError as exc:
-                self.close()
-                raise RemoteError(f"TLS failure talking to {self.url}: {exc}",
-                                  hint="set CC_CA_FILE to the server's CA certificate"
-                                  ).with_kind("unreachable") from None
-            except (TimeoutError, socket.timeout, OSError, http.client.HTTPException) as exc:
-                self.close()
-                raise RemoteError(f"server unreachable at {self.url} ({exc})",
-                                  hint="is `ccsync server` running there, and the URL right?"
-                                  ).with_kind("unreachable") from None
-            except BaseException:
-                self.close()
-                raise
+                return self._send_once(request)
+            except RemoteError as exc:
+                if exc.kind != "busy" or attempt == self.BUSY_RETRIES:
+                    raise
+                time.sleep(min(8.0, exc.retry_after * 2 ** attempt) * (0.5 + random.random()))
+        raise AssertionError("unreachable")
+
+    def _send_once(self, request: WireRequest) -> tuple[int, dict, bytes]:
+        reused = self._conn is not None and self._served > 0
+        try:
+            return self._exchange(request)
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+                ssl.SSLEOFError, ssl.SSLZeroReturnError, http.client.IncompleteRead) as exc:
+            self.close()
+            if reused and not isinstance(exc, http.client.IncompleteRead):
+                raise _StaleConnection() from None
+            raise RemoteError(f"connection to {self.url} was cut mid-response "
+                              f"({type(exc).__name__})", hint="try again; nothing was "
+                              "half-applied").with_kind("cut") from None
+        except ssl.SSLError as exc:
+            self.close()
+            raise RemoteError(f"TLS failure talking to {self.url}: {exc}",
+                              hint="set CC_CA_FILE to the server's CA certificate"
+                              ).with_kind("unreachable") from None
+        except (TimeoutError, socket.timeout, OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise RemoteError(f"server unreachable at {self.url} ({exc})",
+                              hint="is `ccsync server` running there, and the URL right?"
+                              ).with_kind("unreachable") from None
+        except BaseException:
+            self.close()
+            raise
 
     def _exchange(self, request: WireRequest) -> tuple[int, dict, bytes]:
-        if self._conn is None:
-            self._conn = http.client.HTTPSConnection(
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = http.client.HTTPSConnection(
                 self._host, self._port, timeout=self.timeout, context=self._ssl) \
                 if self._ssl is not None else \
                 http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
             self._served = 0
-        self._conn.request("POST", self._prefix + request.path, body=request.body,
-                           headers=request.headers)
-        response = self._conn.getresponse()
+        conn.request("POST", self._prefix + request.path, body=request.body,
+                     headers=request.headers)
+        response = conn.getresponse()
         length = response.getheader("Content-Length", "")
         if length.isdigit() and int(length) > self.max_response:
             self.close()
@@ -4193,7 +4482,10 @@ class Client:
         if response.will_close:
             self.close()
         if response.status >= 400:
-            raise self._http_error(response.status, response.reason, answer)
+            error = self._http_error(response.status, response.reason, answer)
+            retry = response.getheader("Retry-After", "")
+            error.retry_after = min(30, int(retry)) if retry.isdigit() else BUSY_RETRY_S
+            raise error
         return response.status, {k.lower(): v for k, v in response.getheaders()}, answer
 
     def _http_error(self, status: int, reason: str, body: bytes) -> "RemoteError":
@@ -4215,6 +4507,9 @@ class Client:
                                   "sync protocol (`ccsync --version` on each)"),
             "too_large": (f"body too large for the server: {message}",
                           "raise the server's --max-body, or sync again (batches are smaller)"),
+            "busy": (f"the server is busy: {message}",
+                     "try again in a minute; the server is at its connection limit "
+                     "(its --max-connections)"),
         }
         text, hint = hints.get(code, (f"server answered {status}: {message}", None))
         kind = code if code in hints else ("too_large" if status == 413 else "http")
@@ -4284,27 +4579,42 @@ class _InFlight:
 
     def __init__(self, call: Callable[..., Any], *args: Any):
         self._outcome: tuple[bool, Any] = (False, None)
-        self._thread = threading.Thread(target=self._run, args=(call, args),
-                                        name="ccsync-request", daemon=True)
-        self._thread.start()
+        # An Event, not Thread.join: a join that Ctrl-C interrupts marks a
+        # live thread as stopped on Python <= 3.12 (gh-90882).
+        self._done = threading.Event()
+        threading.Thread(target=self._run, args=(call, args), name="ccsync-request",
+                         daemon=True).start()
 
     def _run(self, call: Callable[..., Any], args: tuple) -> None:
         try:
             self._outcome = (True, call(*args))
         except BaseException as exc:            # handed to result()
             self._outcome = (False, exc)
+        finally:
+            self._done.set()
 
     def result(self) -> Any:
         """The call's return value, or its exception raised here."""
-        self._thread.join()
+        self._done.wait()
         done, value = self._outcome
         if not done:
             raise value
         return value
 
-    def settle(self) -> None:
-        """Wait for the call, ignoring its outcome (a sync that stops early)."""
-        self._thread.join()
+    def settle(self, transport: Any = None, patience: float | None = None) -> None:
+        """Wait for the call, ignoring its outcome (a sync that ends early).
+
+        With ``transport``, an answer nobody will read is not waited for:
+        its connection is closed, which ends a :class:`Client`'s call at
+        once, and ``patience`` bounds the wait (the Client's lock keeps the
+        call from overlapping the next).  A transport that cannot be closed
+        is waited for.
+        """
+        if transport is None or not hasattr(transport, "close") or self._done.wait(0.05):
+            self._done.wait()
+            return
+        transport.close()
+        self._done.wait(patience)
 
 
 def push_changes(store: Store, transport: Any, result: SyncResult,
@@ -4330,13 +4640,13 @@ def push_changes(store: Store, transport: Any, result: SyncResult,
             try:
                 answer = sending.result() if sending else {"results": []}
             except RemoteError as exc:
+                sending = None
                 if exc.kind != "too_large" or batch_size <= 1:
                     raise
                 batch_size //= 2            # same position, smaller batch
                 following = None
                 continue
-            finally:
-                sending = None
+            sending = None
             # A fast-forward cursor from a store this device does not know is not
             # ours; the pull that follows notices the new store and re-seeds it.
             trusted = not store.server_changed(answer.get("store"))
@@ -4348,8 +4658,8 @@ def push_changes(store: Store, transport: Any, result: SyncResult,
             result.refused.update(reasons)
             position = batch.next_pos
     finally:
-        if sending is not None:         # never leave a request in flight behind
-            sending.settle()
+        if sending is not None:         # never leave a request in flight behind (one cut
+            sending.settle(transport)   # short is sent again next time: pushes are idempotent)
 
 
 def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: int = PULL_PAGE,
@@ -4389,8 +4699,8 @@ def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: in
                 result.waiting = store.resolve_pending()
                 return
     finally:
-        if fetching is not None:
-            fetching.settle()
+        if fetching is not None:        # a page fetched ahead that nobody will merge
+            fetching.settle(transport, patience=1.0)
     raise RemoteError("server kept sending pages; stopped after %d" % max_pages)
 
 
@@ -5104,7 +5414,9 @@ def cmd_server(args: argparse.Namespace) -> int:
     try:
         server = SyncServer((args.host, args.port), data, max_body=args.max_body, tls=tls,
                             request_timeout=args.timeout, log=_log_line,
-                            max_value=args.max_value, max_record=args.max_record)
+                            max_value=args.max_value, max_record=args.max_record,
+                            max_connections=args.max_connections,
+                            idle_timeout=args.idle_timeout)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
                           ) from None
@@ -5421,6 +5733,22 @@ def _port(text: str) -> int:
     return port
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0.1 to 3600")
+    return value
+
+
+def _connections(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 10000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a connection count from 1 to 10000")
+    return int(text)
+
+
 def _add_server_parser(sub: Any) -> None:
     p = sub.add_parser("server", help="run the sync server")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
@@ -5429,8 +5757,15 @@ def _add_server_parser(sub: Any) -> None:
     p.add_argument("--tls-key", metavar="FILE", help="private key for --tls-cert")
     p.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, metavar="BYTES",
                    help="largest request body accepted (default: 64 MiB)")
-    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="per-request socket timeout (default: 30)")
+    p.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS",
+                   help="time a request's body and answer get, plus their size at "
+                        "128 KiB/s (default: 30)")
+    p.add_argument("--idle-timeout", type=_seconds, default=IDLE_TIMEOUT_S, metavar="SECONDS",
+                   help="time a request head gets to arrive whole; kept-alive connections "
+                        "idle longer are closed (default: 15)")
+    p.add_argument("--max-connections", type=_connections, default=MAX_CONNECTIONS,
+                   metavar="N", help="connections served at once; more get 503 Busy, "
+                                     "/health always answers (default: 64)")
     p.add_argument("--max-value", type=int, default=MAX_VALUE_BYTES, metavar="BYTES",
                    help="largest single value a push may store (default: 4 MiB)")
     p.add_argument("--max-record", type=int, default=MAX_RECORD_BYTES, metavar="BYTES",

@@ -157,9 +157,8 @@ def signed(api_key: str, path: str, payload=None, *, body: bytes | None = None,
         if isinstance(payload, dict) and "protocol" not in payload:
             payload = {**payload, "protocol": ccsync.PROTOCOL}   # as Client._request does
         body = ccsync.seal(keys.enc, payload, seal_ctx)
-    headers = {"Content-Type": ccsync.WIRE_TYPE, ccsync.H_KEY: keys.key_id,
-               ccsync.H_TIME: stamp, ccsync.H_NONCE: nonce,
-               ccsync.H_SIG: ccsync.sign(keys.mac, context, body)}
+    headers = {"Content-Type": ccsync.WIRE_TYPE,
+               **ccsync.signed_headers(keys, method, path, body, stamp, nonce)}
     return headers, body
 
 
@@ -353,9 +352,8 @@ def test_tampered_or_forged_bodies_are_refused(srv):
     for garbage in (b"", b"x", b"\x00" * 27, secrets.token_bytes(28), secrets.token_bytes(5000)):
         stamp, nonce = str(int(time.time())), secrets.token_hex(16)
         context = ccsync.request_context("POST", "/v1/pull", stamp, nonce, keys.key_id)
-        headers = {"Content-Type": ccsync.WIRE_TYPE, ccsync.H_KEY: keys.key_id,
-                   ccsync.H_TIME: stamp, ccsync.H_NONCE: nonce,
-                   ccsync.H_SIG: ccsync.sign(keys.mac, context, garbage)}
+        headers = {"Content-Type": ccsync.WIRE_TYPE,
+                   **ccsync.signed_headers(keys, "POST", "/v1/pull", garbage, stamp, nonce)}
         status, _h, answer = raw(srv, "POST", "/v1/pull", headers, garbage)
         assert status == 400, garbage[:10]
         error_json(answer, "bad_body")
@@ -484,20 +482,31 @@ def test_missing_negative_or_lying_content_length_is_refused(start_server):
         error_json(answer, "too_large")
         assert_healthy(srv)
 
-    # Says 100, sends 10 and closes its side.
+    # A length other than the one signed is refused before any body is read.
+    status, answer = parse_raw_response(raw_socket(srv, request("Content-Length: 100\r\n")
+                                                   + body[:10], shut_write=True))
+    assert status == 401
+    error_json(answer, "bad_signature")
+
+    # Signed for 100 (a body cut on the way), sends 10 and closes its side.
+    keys = ccsync.DeviceKeys.from_api_key(key)
+    context = ccsync.request_context("POST", "/v1/hello", headers[ccsync.H_TIME],
+                                     headers[ccsync.H_NONCE], keys.key_id)
+    headers[ccsync.H_HEAD] = ccsync.sign(keys.mac, ccsync.head_context(context, 100), b"")
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     started = time.monotonic()
     data = raw_socket(srv, request("Content-Length: 100\r\n") + body[:10], shut_write=True)
     status, answer = parse_raw_response(data)
-    assert status == 413
-    error_json(answer, "too_large")
+    assert status == 400
+    error_json(answer, "bad_body")
     assert time.monotonic() - started < 5
 
-    # Says 100, sends 10 and waits: the server gives up after its request timeout.
+    # Signed for 100, sends 10 and waits: the server gives up after its request timeout.
     started = time.monotonic()
     data = raw_socket(srv, request("Content-Length: 100\r\n") + body[:10])
     status, answer = parse_raw_response(data)
-    assert status == 413
-    error_json(answer, "too_large")
+    assert status == 400
+    error_json(answer, "bad_body")
     assert time.monotonic() - started < RAW_TIMEOUT - 1
     assert_healthy(srv)
     assert server_sql(srv, "SELECT count(*) FROM nonce")[0][0] == 0
@@ -786,9 +795,8 @@ def test_odd_requests_from_an_authenticated_device_get_an_answer(srv, capfd):
     cipher.update(context)
     sealed, tag = cipher.encrypt_and_digest(zlib.compress(deep.encode()))
     body = b"\x01" * 12 + sealed + tag
-    headers = {"Content-Type": ccsync.WIRE_TYPE, ccsync.H_KEY: keys.key_id,
-               ccsync.H_TIME: stamp, ccsync.H_NONCE: nonce,
-               ccsync.H_SIG: ccsync.sign(keys.mac, context, body)}
+    headers = {"Content-Type": ccsync.WIRE_TYPE,
+               **ccsync.signed_headers(keys, "POST", "/v1/pull", body, stamp, nonce)}
     try:
         status, _h, answer = ccsync.dispatch(srv, "POST", "/v1/pull", headers, body)
         assert status in (400, 413)
