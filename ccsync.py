@@ -70,6 +70,7 @@ import queue
 import random
 import re
 import secrets
+import selectors
 import shutil
 import signal
 import socket
@@ -3828,8 +3829,8 @@ OPERATIONS = {"/v1/hello": _op_hello, "/v1/push": _op_push, "/v1/pull": _op_pull
 MAX_PUSH_RECORDS = 5000
 MAX_PULL_PAGE = 5000
 # What bounds the server (see SyncServer): every figure is per connection.
-MAX_CONNECTIONS = 64                   # served at once; more wait at the door
-DOOR_THREADS = 8                       # answer /health or 503 while all are busy
+MAX_CONNECTIONS = 64                   # served at once, a thread each; more go to the door
+DOOR_CAPACITY = 256                    # at the door (one thread): /health, or a fast 503
 DOOR_WAIT_S = 0.5                      # for a request head at the door
 IDLE_TIMEOUT_S = 15.0                  # for a whole request head, kept-alive or new
 BODY_RATE = 128 * 1024                 # bytes/s the slowest body gets time for
@@ -4039,13 +4040,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         headers = dict(self.headers.items())
         length = self._length()
-        if self.server.at_the_door():
-            self.close_connection = True
-            step: Admission | Answer = health_answer() if (self.command, path) == (
-                "GET", "/health") else error_answer(HttpError(
-                    503, "busy", "the server is busy: try again shortly"))
-        else:
-            step = admit(self.server, self.command, path, headers, length)
+        step = admit(self.server, self.command, path, headers, length)
         body = b""
         if isinstance(step, Admission):
             self.server.watch(self.connection, self.server.request_timeout
@@ -4081,6 +4076,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         left = min(length or 0, REFUSAL_DRAIN)
         self.server.watch(self.connection, REFUSAL_DRAIN_S)
         with contextlib.suppress(OSError, ValueError):
+            self.connection.settimeout(0.25)    # a body that stops coming is not waited for
             while left > 0:
                 chunk = self.rfile.read1(min(left, 1 << 16))
                 if not chunk:
@@ -4115,14 +4111,113 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass                            # _serve logs one line per request itself
 
 
+def raw_answer(answer: Answer) -> bytes:
+    """An answer as the bytes of a whole HTTP/1.1 response that closes the connection."""
+    status, headers, body = answer
+    try:
+        reason = http.HTTPStatus(status).phrase
+    except ValueError:
+        reason = ""
+    lines = [f"HTTP/1.1 {status} {reason}", f"Server: ccsync/{__version__}",
+             *(f"{k}: {v}" for k, v in headers.items()), f"Content-Length: {len(body)}",
+             "Connection: close"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def door_answer(head: bytes) -> Answer:
+    """What the door says to a request head: /health, or busy."""
+    if head.startswith(b"GET /health ") or head.startswith(b"GET /health?"):
+        return health_answer()
+    return error_answer(HttpError(503, "busy", "the server is busy: try again shortly"))
+
+
+class _Door:
+    """Connections beyond the server's limit, all on one thread (a selector):
+    a ``GET /health`` is answered, any other request gets a fast 503 with
+    Retry-After, and a head that does not arrive within DOOR_WAIT_S is closed.
+    At most DOOR_CAPACITY wait here; beyond that a connection is closed at
+    once.  So /health answers while every connection is taken."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self._log = log
+        self._selector = selectors.DefaultSelector()
+        self._waiting: dict[socket.socket, list] = {}      # sock -> [deadline, head]
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ccsync-door", daemon=True)
+        self._thread.start()
+
+    def take(self, sock: socket.socket) -> bool:
+        """Hold ``sock`` at the door (False: the door is full, or it is TLS)."""
+        if isinstance(sock, ssl.SSLSocket):
+            return False                # no handshake at the door
+        with self._lock:
+            if len(self._waiting) >= DOOR_CAPACITY:
+                return False
+            sock.setblocking(False)
+            self._waiting[sock] = [time.monotonic() + DOOR_WAIT_S, b""]
+            self._selector.register(sock, selectors.EVENT_READ)
+        return True
+
+    def close(self) -> None:
+        """Stop the door thread and close what waits there."""
+        self._closing.set()
+        self._thread.join(2)
+        with self._lock:
+            for sock in list(self._waiting):
+                self._drop(sock)
+
+    def _run(self) -> None:
+        while not self._closing.is_set():
+            with self._lock:
+                empty = not self._waiting
+            if empty:
+                self._closing.wait(0.02)
+                continue
+            for key, _events in self._selector.select(0.05):
+                self._read(key.fileobj)
+            now = time.monotonic()
+            with self._lock:
+                for sock in [s for s, (deadline, _h) in self._waiting.items() if deadline <= now]:
+                    self._drop(sock)
+
+    def _read(self, sock: Any) -> None:
+        try:
+            data = sock.recv(8192)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        with self._lock:
+            entry = self._waiting.get(sock)
+            if entry is None:
+                return
+            entry[1] += data
+            if data and b"\r\n\r\n" not in entry[1] and len(entry[1]) < 8192:
+                return
+            if data or entry[1]:
+                with contextlib.suppress(OSError):
+                    sock.send(raw_answer(door_answer(entry[1])))
+            self._drop(sock)
+
+    def _drop(self, sock: Any) -> None:
+        # With the lock held.
+        self._waiting.pop(sock, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(sock)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+        sock.close()
+
+
 class SyncServer(http.server.ThreadingHTTPServer):
     """The sync endpoint: a ThreadingHTTPServer over a data file, bounded.
 
     At most ``max_connections`` connections are served at once, each on its
-    own thread; a connection beyond that goes to one of DOOR_THREADS door
-    threads, which answer ``/health`` and give anything else a fast 503
-    (clients retry it with backoff); beyond those it is closed at once.  A
-    reaper closes any connection whose request overstays its deadline.
+    own thread; a connection beyond that waits at the door (:class:`_Door`),
+    where ``/health`` is answered and anything else gets a fast 503 (clients
+    retry it with backoff).  A reaper cuts short any request that overstays
+    its deadline (see :meth:`watch`).
 
     ``start()`` serves on a background thread (tests, demo); ``serve_forever``
     in the foreground (the ``server`` command).  ``stop()`` from any other thread.
@@ -4149,7 +4244,7 @@ class SyncServer(http.server.ThreadingHTTPServer):
         self._thread: threading.Thread | None = None
         self._tls = tls
         self._slots = threading.BoundedSemaphore(max_connections)
-        self._doors = threading.BoundedSemaphore(DOOR_THREADS)
+        self._door = _Door(self.log)
         self._deadlines: dict[socket.socket, tuple[float, int]] = {}
         self._deadlines_lock = threading.Lock()
         self._closing = threading.Event()
@@ -4169,37 +4264,26 @@ class SyncServer(http.server.ThreadingHTTPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         """Serve a connection on a thread of its own, at the door, or not at all."""
         if self._slots.acquire(blocking=False):
-            door, release = False, self._slots.release
-        elif self._doors.acquire(blocking=False):
-            door, release = True, self._doors.release
-        else:
-            self.log(f"{client_address[0]} - turned away: every connection and door is busy")
+            threading.Thread(target=self._serve_connection, name="ccsync-conn", daemon=True,
+                             args=(request, client_address)).start()
+        elif not self._door.take(request):
+            self.log(f"{client_address[0]} - turned away: every connection is busy and "
+                     f"the door is full")
             self.shutdown_request(request)
-            return
-        threading.Thread(target=self._serve_connection, name="ccsync-conn", daemon=True,
-                         args=(request, client_address, door, release)).start()
 
-    def _serve_connection(self, request: Any, client_address: Any, door: bool,
-                          release: Callable[[], None]) -> None:
-        self._local.door = door
+    def _serve_connection(self, request: Any, client_address: Any) -> None:
         try:
-            if door:
-                request.settimeout(DOOR_WAIT_S)
             self.finish_request(request, client_address)
         except Exception:               # noqa: BLE001 -- one connection's trouble
             self.log(f"{client_address[0]} - connection error: {sys.exc_info()[1]!r}"[:300])
         finally:
             self.watch(request, None)
             self.shutdown_request(request)
-            release()
-
-    def at_the_door(self) -> bool:
-        """True on a door thread: only /health is served there (then it closes)."""
-        return getattr(self._local, "door", False)
+            self._slots.release()
 
     def watch(self, sock: Any, seconds: float | None, *, writing: bool = False) -> None:
         """Cut ``sock`` short if it is still at this step ``seconds`` from now
-        (None: no longer watched).  At the door, a step gets DOOR_WAIT_S.
+        (None: no longer watched).
 
         A late read ends as if the client had stopped sending, so the handler
         still answers; a late write (``writing``) closes the connection.
@@ -4208,9 +4292,8 @@ class SyncServer(http.server.ThreadingHTTPServer):
             if seconds is None:
                 self._deadlines.pop(sock, None)
             else:
-                wait = DOOR_WAIT_S if self.at_the_door() else seconds
                 how = socket.SHUT_RDWR if writing else socket.SHUT_RD
-                self._deadlines[sock] = (time.monotonic() + wait, how)
+                self._deadlines[sock] = (time.monotonic() + seconds, how)
 
     def _reap(self) -> None:
         while not self._closing.wait(0.2):
@@ -4273,8 +4356,9 @@ class SyncServer(http.server.ThreadingHTTPServer):
         self.server_close()
 
     def server_close(self) -> None:
-        """Close the listening socket and stop the reaper."""
+        """Close the listening socket and stop the reaper and the door."""
         self._closing.set()
+        self._door.close()
         super().server_close()
         while True:
             try:

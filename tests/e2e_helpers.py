@@ -25,6 +25,9 @@ from conftest import content, make_cc_db
 
 REPO = Path(__file__).resolve().parent.parent
 CCSYNC = REPO / "ccsync.py"
+# ``python -m ccsync`` runs that file from its bytecode cache; ``python ccsync.py``
+# would compile all of it again for every command the tests run.
+COMMAND = [sys.executable, "-m", "ccsync"]
 
 # Variables that would point a subprocess at the developer's real setup.
 _SCRUBBED = ("CC_SERVER", "CC_API_KEY", "CC_DB", "CC_CA_FILE", "CCSYNC_LOCAL_SETTINGS")
@@ -40,6 +43,7 @@ def clean_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str]
     env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
     env["HOME"] = str(home)
     env.pop("PYTHONSTARTUP", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), env.get("PYTHONPATH"))))
     env.update(extra or {})
     return env
 
@@ -48,7 +52,7 @@ def run_cli(home: Path, *args: object, env: dict[str, str] | None = None,
             input: str | None = None) -> subprocess.CompletedProcess:
     """Run ``ccsync.py ARGS`` with HOME=home; stdin is /dev/null unless ``input`` is given."""
     kwargs = {"input": input} if input is not None else {"stdin": subprocess.DEVNULL}
-    return subprocess.run([sys.executable, str(CCSYNC), *map(str, args)],
+    return subprocess.run([*COMMAND, *map(str, args)],
                           env=clean_env(home, env), capture_output=True, text=True,
                           timeout=CLI_TIMEOUT, **kwargs)
 
@@ -119,7 +123,7 @@ class ServerProcess:
 
     def start(self, *extra: str) -> str:
         self.proc = subprocess.Popen(
-            [sys.executable, str(CCSYNC), "server", "--host", "127.0.0.1", "--port", "0",
+            [*COMMAND, "server", "--host", "127.0.0.1", "--port", "0",
              "--data", str(self.data), *extra],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             text=True, env=clean_env(self.home))

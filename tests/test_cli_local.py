@@ -42,7 +42,7 @@ def run_process(*argv, env_extra=None, home=None) -> subprocess.CompletedProcess
     if home is not None:
         env["HOME"] = str(home)
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "ccsync.py", *argv], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "ccsync", *argv], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)
 
 

@@ -364,7 +364,7 @@ def test_random_programs_converge(case):
     run_program(case)
 
 
-@settings(max_examples=max(50, EXAMPLES // 4), deadline=None)
+@settings(max_examples=max(25 if os.environ.get("CI") else 50, EXAMPLES // 4), deadline=None)
 @given(programs(renames=True))
 def test_random_programs_with_renames_converge(case):
     """The same, where cc may also rename a version or project (natural key edits)."""
@@ -415,7 +415,7 @@ def run_conflict_scenario(edit_order, sync_order, step_ms: int = 1000) -> dict:
         return check_converged(sim)
 
 
-@settings(max_examples=max(40, EXAMPLES // 5), deadline=None)
+@settings(max_examples=max(16 if os.environ.get("CI") else 40, EXAMPLES // 5), deadline=None)
 @given(edit_order=st.permutations(range(len(CONFLICTING_EDITS))),
        sync_order=st.permutations(SYNC_OPS), step_ms=st.sampled_from([1000, 1, 0]))
 def test_sync_order_does_not_matter(edit_order, sync_order, step_ms):
