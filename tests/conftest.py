@@ -6,9 +6,12 @@ outside the repository.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sqlite3
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,15 @@ if os.environ.get("CI"):
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+# The tests start ccsync in hundreds of child processes.  Where the environment
+# forbids bytecode files (PYTHONDONTWRITEBYTECODE), each would compile the whole
+# module again; a cache of their own, outside the repository, lets the first
+# compile it for the rest.
+_PYCACHE = tempfile.mkdtemp(prefix="ccsync-test-pycache-")
+atexit.register(shutil.rmtree, _PYCACHE, ignore_errors=True)
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+os.environ["PYTHONPYCACHEPREFIX"] = _PYCACHE
 
 import ccsync  # noqa: E402
 
