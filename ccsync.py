@@ -2045,34 +2045,10 @@ class Resume(Identity):
         return True
 
 
-class Capture(Resume):
-    """Install capture, stamp rows, find what changed while capture was off,
-    and take it all out again."""
-
-    def prepare(self) -> int:
-        """Install capture (idempotent), diff what happened without it, stamp rows.
-
-        Returns how many rows were given a sync_id.  Safe to run at every sync.
-        The first time it changes this database it keeps a backup of it first
-        (``backup_path``).
-        """
-        self._tables = None             # cc may have migrated its schema since the last sync
-        self._device_id = None
-        self.backup_path = None
-        if not self._up_to_date():
-            self._install()
-        self._settle_identity()
-        stamped = self.stamp_rows()
-        # A diff marker survives a crash, so an interrupted diff runs again.
-        for (key,) in self.conn.execute("SELECT key FROM _ccsync_meta "
-                                        "WHERE key LIKE 'diff:%'").fetchall():
-            if key[5:] in self.tables():
-                self._full_diff(key[5:])
-        self._find_vanished()
-        self._name_gone_rows()
-        self._keep_deleted_edits()
-        self._settle_identity()       # keys changed while capture was off
-        return stamped
+class Install(Resume):
+    """Put capture in place: bookkeeping tables and their migrations, sync
+    columns, capture triggers (following cc's renames), and a sync_id for
+    every row."""
 
     def _up_to_date(self) -> bool:
         """True when bookkeeping, columns, index and triggers are all in place.
@@ -2338,6 +2314,44 @@ class Capture(Resume):
                 (table, *chunk, table, *chunk)))
         return known
 
+    def _vanished(self, info: TableInfo) -> list[tuple]:
+        """Synced rows that left the table with no delete recorded: (sid, rid)."""
+        query = (f"SELECT s.sid, s.rid FROM _ccsync_shadow s WHERE s.tbl = ? AND s.rid IS NOT "
+                 f"NULL AND NOT EXISTS (SELECT 1 FROM {_q(info.name)} t WHERE t.sync_id = s.sid) "
+                 f"AND NOT EXISTS (SELECT 1 FROM _ccsync_gone g WHERE g.tbl = s.tbl "
+                 f"AND g.sid = s.sid)")
+        return [tuple(r) for r in self.conn.execute(query, (info.name,)).fetchall()]
+
+
+class Capture(Install):
+    """A sync's capture (:meth:`prepare`): find what changed while capture was
+    off, and take capture out again (:meth:`remove`)."""
+
+    def prepare(self) -> int:
+        """Install capture (idempotent), diff what happened without it, stamp rows.
+
+        Returns how many rows were given a sync_id.  Safe to run at every sync.
+        The first time it changes this database it keeps a backup of it first
+        (``backup_path``).
+        """
+        self._tables = None             # cc may have migrated its schema since the last sync
+        self._device_id = None
+        self.backup_path = None
+        if not self._up_to_date():
+            self._install()
+        self._settle_identity()
+        stamped = self.stamp_rows()
+        # A diff marker survives a crash, so an interrupted diff runs again.
+        for (key,) in self.conn.execute("SELECT key FROM _ccsync_meta "
+                                        "WHERE key LIKE 'diff:%'").fetchall():
+            if key[5:] in self.tables():
+                self._full_diff(key[5:])
+        self._find_vanished()
+        self._name_gone_rows()
+        self._keep_deleted_edits()
+        self._settle_identity()       # keys changed while capture was off
+        return stamped
+
     def _full_diff(self, table: str) -> None:
         """Record as dirty what changed while capture triggers were missing.
 
@@ -2497,14 +2511,6 @@ class Capture(Resume):
             self._sliced(cells, lambda cell: self.conn.execute(
                 f"UPDATE {_q(info.name)} SET {_q(cell[0])} = ? WHERE sync_id = ? "
                 f"AND {_q(cell[0])} IS NULL", (cell[1], cell[2])), quiet=True)
-
-    def _vanished(self, info: TableInfo) -> list[tuple]:
-        """Synced rows that left the table with no delete recorded: (sid, rid)."""
-        query = (f"SELECT s.sid, s.rid FROM _ccsync_shadow s WHERE s.tbl = ? AND s.rid IS NOT "
-                 f"NULL AND NOT EXISTS (SELECT 1 FROM {_q(info.name)} t WHERE t.sync_id = s.sid) "
-                 f"AND NOT EXISTS (SELECT 1 FROM _ccsync_gone g WHERE g.tbl = s.tbl "
-                 f"AND g.sid = s.sid)")
-        return [tuple(r) for r in self.conn.execute(query, (info.name,)).fetchall()]
 
     def _find_vanished(self) -> None:
         """Record as deleted the synced rows that REPLACE removed unseen.
@@ -3523,8 +3529,8 @@ class Store(Sending):
     ``local_settings`` adds setting names (or globs) that stay on this device.
 
     The store is built in layers, in the order data flows: :class:`SyncState`,
-    :class:`LocalRows`, :class:`Identity`, :class:`Resume`, :class:`Capture`,
-    :class:`RowWriter`, :class:`Incoming`, :class:`Sending`.
+    :class:`LocalRows`, :class:`Identity`, :class:`Resume`, :class:`Install`,
+    :class:`Capture`, :class:`RowWriter`, :class:`Incoming`, :class:`Sending`.
     """
 
 
