@@ -36,8 +36,12 @@ hunt: $(STAMP)
 	CCSYNC_FUZZ_EXAMPLES=3000 CCSYNC_PROPERTY_EXAMPLES=1000 $(VENV_PY) -m pytest -q \
 		tests/test_fuzz_records.py tests/test_property.py
 
+# Long forms: cc's writer during 100,000-row syncs, then the attacks on the server
+# (floods of 1,000 sockets, junk connections, oversized heads, deadlines).
 stress: $(STAMP)
 	$(VENV_PY) bench/stress_lockout.py --rows 100000 --modes delete,wal
+	$(VENV_PY) -m pytest -q -s tests/stress_server_door.py tests/stress_server_junk.py \
+		tests/stress_server_memory.py tests/stress_server_deadlines.py
 
 demo: $(STAMP)
 	$(VENV_PY) ccsync.py demo

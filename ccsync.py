@@ -3837,6 +3837,7 @@ MAX_PULL_PAGE = 5000
 # What bounds the server (see SyncServer): every figure is per connection.
 MAX_CONNECTIONS = 64                   # served at once, a thread each; more go to the door
 DOOR_CAPACITY = 256                    # at the door (one thread): /health, or a fast 503
+DOOR_PER_ADDRESS = 32                  # of them from one address
 DOOR_WAIT_S = 0.5                      # for a request head at the door
 IDLE_TIMEOUT_S = 15.0                  # for a whole request head, kept-alive or new
 BODY_RATE = 128 * 1024                 # bytes/s the slowest body gets time for
@@ -3891,11 +3892,18 @@ def protocol_mismatch(device: Any, server: int) -> str | None:
 Answer = tuple[int, dict[str, str], bytes]
 
 
+def content_length(text: str) -> int | None:
+    """A Content-Length header's value (None: not a plain decimal, e.g. "-5", "²")."""
+    text = text.strip()
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 20 else None
+
+
 def error_answer(exc: HttpError) -> Answer:
     """The JSON answer of a refused request."""
     headers = {"Content-Type": "application/json"}
     if exc.status == 405:
         headers["Allow"] = "GET" if exc.code == "method_get" else "POST"
+        exc.code = "method"
     if exc.status == 503:
         headers["Retry-After"] = str(BUSY_RETRY_S)
     return exc.status, headers, _json_body({"error": str(exc), "code": exc.code})
@@ -3928,7 +3936,10 @@ def admit(server: "SyncServer", method: str, path: str, headers: dict[str, str],
     headers = {k.lower(): v for k, v in headers.items()}
     try:
         if method not in ("GET", "POST"):
-            raise HttpError(405, "method", f"method {_printable(method, 16)} is not allowed")
+            raise HttpError(405, "method_get" if path == "/health" else "method",
+                            f"method {_printable(method, 16)} is not allowed")
+        if length is None and method == "GET":
+            raise HttpError(400, "bad_request", "malformed Content-Length")
         if path == "/health":
             if method != "GET":
                 raise HttpError(405, "method_get", "use GET")
@@ -4001,12 +4012,33 @@ def dispatch(server: "SyncServer", method: str, path: str, headers: dict[str, st
     then :func:`serve_admitted`).  Never raises, never leaks a traceback.
     """
     declared = {k.lower(): v for k, v in headers.items()}.get("content-length")
-    length = int(declared) if declared is not None and declared.strip().isdigit() \
-        else (len(body) if declared is None else None)
+    length = (len(body) if declared is None else content_length(declared))
     step = admit(server, method, path, headers, length)
     if not isinstance(step, Admission):
         return step
     return serve_admitted(server, step, headers, body)
+
+
+MAX_HEAD = 64 * 1024                   # a request line and headers, together
+
+
+class _Bounded:
+    """A request's input file that ends after ``limit`` bytes (for its head:
+    http.server would read up to 100 header lines of 64 KiB each)."""
+
+    def __init__(self, raw_file: Any, limit: int):
+        self.raw_file, self._left = raw_file, limit
+
+    def readline(self, size: int = -1) -> bytes:
+        """A line, cut (or empty) once the limit is reached."""
+        if self._left <= 0:
+            return b""
+        line = self.raw_file.readline(self._left if size < 0 else min(size, self._left))
+        self._left -= len(line)
+        return line
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw_file, name)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -4029,7 +4061,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         self.server.watch(self.connection, self.server.idle_timeout)
-        super().handle_one_request()
+        body_file = self.rfile
+        self.rfile = _Bounded(body_file, MAX_HEAD)     # the request line and headers
+        try:
+            super().handle_one_request()
+        finally:
+            self.rfile = body_file
+
+    def handle_expect_100(self) -> bool:
+        return True                     # 100 Continue is sent once the head is admitted
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        self.rfile = getattr(self.rfile, "raw_file", self.rfile)   # the body: unbounded
+        return ok
 
     def finish(self) -> None:
         self.server.watch(self.connection, None)
@@ -4049,14 +4094,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         step = admit(self.server, self.command, path, headers, length)
         body = b""
         if isinstance(step, Admission):
+            if self.headers.get("Expect", "").lower() == "100-continue":
+                self.send_response_only(100)    # only now: the head authenticated
+                self.end_headers()
             self.server.watch(self.connection, self.server.request_timeout
                               + step.length / BODY_RATE)
             body = self._read(step.length)
             answer = serve_admitted(self.server, step, headers, body)
         else:
             answer = step
-            if self.command != "GET" or length:
-                self._drop_body(length)
+            if (self.command != "GET" or length) and \
+                    self.headers.get("Expect", "").lower() != "100-continue":
+                self._drop_body(length)     # (a client that waits for 100 sends none)
+            self.close_connection = True
         self._respond(*answer)
         self.server.log(f"{self.client_address[0]} {self.server.current_device() or '-'} "
                         f"{_printable(self.command, 16)} {_printable(self.path, 80)} "
@@ -4066,7 +4116,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         text = self.headers.get("Content-Length")
         if text is None:
             return None if self.command == "POST" else 0
-        return int(text) if text.strip().isdigit() and len(text) < 20 else None
+        return content_length(text)
 
     def _read(self, size: int) -> bytes:
         try:
@@ -4096,12 +4146,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         for name, value in headers.items():
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(answer)))
-        if status >= 400:
+        # Kept alive only for a device's requests, and only while slots are free:
+        # a connection that polls /health (or anything) cannot hold a slot for good.
+        if status >= 400 or self.path.startswith("/health") or self.server.crowded():
             self.close_connection = True
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(answer)
+        if self.command != "HEAD":
+            self.wfile.write(answer)
 
     def send_error(self, code: int, message: str | None = None,
                    explain: str | None = None) -> None:
@@ -4109,6 +4162,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         # long or too many): JSON like every other answer, and a 4xx.
         self.close_connection = True
         code = code if 400 <= code < 500 else 400
+        if self.request_version == "HTTP/0.9":     # unparsed yet: answer in HTTP/1.1
+            self.request_version = "HTTP/1.1"
         with contextlib.suppress(OSError):
             self._respond(*error_answer(HttpError(code, "bad_request",
                                                   message or "malformed request")))
@@ -4140,28 +4195,34 @@ def door_answer(head: bytes) -> Answer:
 class _Door:
     """Connections beyond the server's limit, all on one thread (a selector):
     a ``GET /health`` is answered, any other request gets a fast 503 with
-    Retry-After, and a head that does not arrive within DOOR_WAIT_S is closed.
-    At most DOOR_CAPACITY wait here; beyond that a connection is closed at
-    once.  So /health answers while every connection is taken."""
+    Retry-After (its body read and dropped while it keeps coming, so the
+    client reads the 503), and a head that does not arrive within DOOR_WAIT_S
+    is closed.  At most DOOR_CAPACITY wait here, DOOR_PER_ADDRESS from one
+    address; beyond that a connection is closed at once.  So /health answers
+    while every connection is taken, unless the monitor's own address floods."""
 
     def __init__(self, log: Callable[[str], None]):
         self._log = log
         self._selector = selectors.DefaultSelector()
-        self._waiting: dict[socket.socket, list] = {}      # sock -> [deadline, head]
+        self._waiting: dict[socket.socket, dict] = {}
+        self._per_address: Counter = Counter()
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ccsync-door", daemon=True)
         self._thread.start()
 
-    def take(self, sock: socket.socket) -> bool:
+    def take(self, sock: socket.socket, address: str) -> bool:
         """Hold ``sock`` at the door (False: the door is full, or it is TLS)."""
         if isinstance(sock, ssl.SSLSocket):
             return False                # no handshake at the door
         with self._lock:
-            if len(self._waiting) >= DOOR_CAPACITY:
+            if len(self._waiting) >= DOOR_CAPACITY \
+                    or self._per_address[address] >= DOOR_PER_ADDRESS:
                 return False
             sock.setblocking(False)
-            self._waiting[sock] = [time.monotonic() + DOOR_WAIT_S, b""]
+            self._waiting[sock] = {"until": time.monotonic() + DOOR_WAIT_S, "head": b"",
+                                   "address": address, "drain": None}
+            self._per_address[address] += 1
             self._selector.register(sock, selectors.EVENT_READ)
         return True
 
@@ -4178,18 +4239,18 @@ class _Door:
             with self._lock:
                 empty = not self._waiting
             if empty:
-                self._closing.wait(0.02)
+                self._closing.wait(0.01)
                 continue
             for key, _events in self._selector.select(0.05):
                 self._read(key.fileobj)
             now = time.monotonic()
             with self._lock:
-                for sock in [s for s, (deadline, _h) in self._waiting.items() if deadline <= now]:
+                for sock in [s for s, entry in self._waiting.items() if entry["until"] <= now]:
                     self._drop(sock)
 
     def _read(self, sock: Any) -> None:
         try:
-            data = sock.recv(8192)
+            data = sock.recv(65536)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -4198,17 +4259,36 @@ class _Door:
             entry = self._waiting.get(sock)
             if entry is None:
                 return
-            entry[1] += data
-            if data and b"\r\n\r\n" not in entry[1] and len(entry[1]) < 8192:
+            if entry["drain"] is not None:          # answered: the body is dropped
+                entry["drain"] -= len(data)
+                if not data or entry["drain"] <= 0:
+                    self._drop(sock)
                 return
-            if data or entry[1]:
-                with contextlib.suppress(OSError):
-                    sock.send(raw_answer(door_answer(entry[1])))
-            self._drop(sock)
+            entry["head"] += data
+            head, blank, rest = entry["head"].partition(b"\r\n\r\n")
+            if data and not blank and len(entry["head"]) < 8192:
+                return
+            if not head:
+                self._drop(sock)
+                return
+            with contextlib.suppress(OSError):
+                sock.send(raw_answer(door_answer(head)))
+            length = next((content_length(line.split(b":", 1)[1].decode("latin-1"))
+                           for line in head.split(b"\r\n")[1:]
+                           if line.lower().startswith(b"content-length:")), None)
+            if not data or not blank or not length or length <= len(rest):
+                self._drop(sock)
+                return
+            entry["drain"] = min(length - len(rest), REFUSAL_DRAIN)
+            entry["until"] = time.monotonic() + REFUSAL_DRAIN_S
 
     def _drop(self, sock: Any) -> None:
         # With the lock held.
-        self._waiting.pop(sock, None)
+        entry = self._waiting.pop(sock, None)
+        if entry is not None:
+            self._per_address[entry["address"]] -= 1
+            if self._per_address[entry["address"]] <= 0:
+                del self._per_address[entry["address"]]
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(sock)
         with contextlib.suppress(OSError):
@@ -4249,8 +4329,10 @@ class SyncServer(http.server.ThreadingHTTPServer):
         self._local = threading.local()
         self._thread: threading.Thread | None = None
         self._tls = tls
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self._active = 0                    # connections served now (at most max_connections)
+        self._active_lock = threading.Lock()
         self._door = _Door(self.log)
+        self._turned_away, self._told_at = 0, -10.0
         self._deadlines: dict[socket.socket, tuple[float, int]] = {}
         self._deadlines_lock = threading.Lock()
         self._closing = threading.Event()
@@ -4269,13 +4351,37 @@ class SyncServer(http.server.ThreadingHTTPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Serve a connection on a thread of its own, at the door, or not at all."""
-        if self._slots.acquire(blocking=False):
-            threading.Thread(target=self._serve_connection, name="ccsync-conn", daemon=True,
-                             args=(request, client_address)).start()
-        elif not self._door.take(request):
-            self.log(f"{client_address[0]} - turned away: every connection is busy and "
-                     f"the door is full")
+        if self._take_slot():
+            try:
+                threading.Thread(target=self._serve_connection, name="ccsync-conn",
+                                 daemon=True, args=(request, client_address)).start()
+            except BaseException:       # no thread (the machine's limit): the slot is free
+                self._free_slot()
+                self.shutdown_request(request)
+                raise
+        elif not self._door.take(request, client_address[0]):
+            self._turned_away += 1
+            now = time.monotonic()
+            if now - self._told_at >= 10:   # one line per 10 s, not one per connection
+                self.log(f"turned away {self._turned_away} connection(s): every connection "
+                         f"is busy and the door is full (last from {client_address[0]})")
+                self._turned_away, self._told_at = 0, now
             self.shutdown_request(request)
+
+    def _take_slot(self) -> bool:
+        with self._active_lock:
+            if self._active >= self.max_connections:
+                return False
+            self._active += 1
+            return True
+
+    def _free_slot(self) -> None:
+        with self._active_lock:
+            self._active -= 1
+
+    def crowded(self) -> bool:
+        """True when every connection slot is taken (nothing is kept alive then)."""
+        return self._active >= self.max_connections
 
     def _serve_connection(self, request: Any, client_address: Any) -> None:
         try:
@@ -4285,7 +4391,7 @@ class SyncServer(http.server.ThreadingHTTPServer):
         finally:
             self.watch(request, None)
             self.shutdown_request(request)
-            self._slots.release()
+            self._free_slot()
 
     def watch(self, sock: Any, seconds: float | None, *, writing: bool = False) -> None:
         """Cut ``sock`` short if it is still at this step ``seconds`` from now
@@ -4311,7 +4417,9 @@ class SyncServer(http.server.ThreadingHTTPServer):
                     del self._deadlines[sock]
             for sock, how in late:      # wakes the thread blocked on it
                 with contextlib.suppress(OSError):
-                    sock.shutdown(how)
+                    # The plain socket's shutdown: SSLSocket.shutdown would drop the
+                    # TLS layer, and the answer would then go out in clear text.
+                    socket.socket.shutdown(sock, how)
 
     @property
     def url(self) -> str:
@@ -4471,21 +4579,7 @@ class Client:
 
     def _request(self, path: str, payload: dict) -> dict:
         with self._lock:                # one request at a time on the one connection
-            for fresh in (False, True):
-                stamp, nonce = str(int(self.clock())), secrets.token_hex(16)
-                context = request_context("POST", path, stamp, nonce, self.keys.key_id)
-                body = seal(self.keys.enc, {**payload, "protocol": PROTOCOL}, context)
-                try:
-                    status, headers, answer = self._send(WireRequest(path, {
-                        "Content-Type": WIRE_TYPE, "User-Agent": f"ccsync/{__version__}",
-                        **signed_headers(self.keys, "POST", path, body, stamp, nonce)}, body))
-                    break
-                except _StaleConnection:
-                    # Closed while idle (or cut just after the server took the
-                    # request: every request may be sent again): once more, on a
-                    # new connection, signed anew.
-                    if fresh:
-                        raise AssertionError("a new connection is never stale") from None
+            (status, headers, answer), nonce = self._send_signed(path, payload)
         return self._read_answer(status, headers, answer, nonce)
 
     def _read_answer(self, status: int, headers: dict, answer: bytes, nonce: str) -> dict:
@@ -4522,6 +4616,30 @@ class Client:
                     raise
                 time.sleep(min(8.0, exc.retry_after * 2 ** attempt) * (0.5 + random.random()))
         raise AssertionError("unreachable")
+
+    def _send_signed(self, path: str, payload: dict) -> tuple[tuple[int, dict, bytes], str]:
+        """Seal, sign and send; ((status, headers, body), nonce).
+
+        A connection closed before an answer is tried once more, anew: the
+        server may have turned it away when full, or closed it while idle
+        (every request may be sent again: pushes are idempotent)."""
+        for again in (True, False):
+            stamp, nonce = str(int(self.clock())), secrets.token_hex(16)
+            context = request_context("POST", path, stamp, nonce, self.keys.key_id)
+            body = seal(self.keys.enc, {**payload, "protocol": PROTOCOL}, context)
+            request = WireRequest(path, {
+                "Content-Type": WIRE_TYPE, "User-Agent": f"ccsync/{__version__}",
+                **signed_headers(self.keys, "POST", path, body, stamp, nonce)}, body)
+            try:
+                return self._send(request), nonce
+            except _StaleConnection:
+                continue                # closed while idle: at once, on a new connection
+            except RemoteError as exc:
+                if exc.kind != "cut" or not again:
+                    raise
+                time.sleep(0.5 + random.random())
+        raise RemoteError(f"connection to {self.url} was closed again and again "
+                          f"before an answer", hint="try again later").with_kind("cut")
 
     def _send_once(self, request: WireRequest) -> tuple[int, dict, bytes]:
         reused = self._conn is not None and self._served > 0
