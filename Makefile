@@ -42,6 +42,8 @@ stress: $(STAMP)
 	$(VENV_PY) bench/stress_lockout.py --rows 100000 --modes delete,wal
 	$(VENV_PY) -m pytest -q -s tests/stress_server_door.py tests/stress_server_junk.py \
 		tests/stress_server_memory.py tests/stress_server_deadlines.py
+	CCSYNC_BIG_ROWS=100000 CCSYNC_SMALL_BATCH_SEEDS=30 $(VENV_PY) -m pytest -q \
+		tests/test_transport.py -k big_first_sync tests/test_small_batches.py
 
 demo: $(STAMP)
 	$(VENV_PY) ccsync.py demo

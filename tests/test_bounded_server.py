@@ -102,7 +102,7 @@ def raw_from(source: str, srv, method: str, path: str, headers: dict | None = No
 
 def test_a_flood_of_half_sent_requests_gets_503s_health_answers_and_sync_resumes(
         tmp_path, start_server):
-    srv = start_server(max_connections=4, idle_timeout=1.5)
+    srv = start_server(max_connections=4, idle_timeout=1.0)
     key = register(srv, "a")
     flood = [open_slow(srv, b"POST /v1/pull HTTP/1.1\r\nHost: x\r\nContent-Le")
              for _ in range(40)]

@@ -35,7 +35,7 @@ mutations are known to make a record invalid ("bad"): those must be refused.
 The good records of a page come from a second device whose rows share nothing
 with the mutated ones, so their arrival can be checked exactly.
 
-Examples per test, from CCSYNC_FUZZ_EXAMPLES (N, default 200; 120 under CI, and
+Examples per test, from CCSYNC_FUZZ_EXAMPLES (N, default 200; 80 under CI, and
 3,000 with fresh seeds in ``make hunt``): N for
 test_device_page_with_fuzzed_records, test_server_push_validates_every_record
 and test_pull_pages_are_bounded_in_bytes; N // 3 (66) for
@@ -71,7 +71,7 @@ import ccsync
 from test_transport import signed
 from conftest import SCHEMA, Device, content, make_cc_db
 
-EXAMPLES = int(os.environ.get("CCSYNC_FUZZ_EXAMPLES", "120" if os.environ.get("CI") else "200"))
+EXAMPLES = int(os.environ.get("CCSYNC_FUZZ_EXAMPLES", "80" if os.environ.get("CI") else "200"))
 DEVICE_EXAMPLES = EXAMPLES                      # test_device_page_with_fuzzed_records
 SERVER_EXAMPLES = EXAMPLES                      # test_server_push_validates_every_record
 SYNC_EXAMPLES = max(10, EXAMPLES // 3)          # test_sync_survives_fuzzed_pull_pages

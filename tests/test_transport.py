@@ -14,6 +14,7 @@ import concurrent.futures
 import http.client
 import http.server
 import json
+import os
 import secrets
 import shutil
 import socket
@@ -649,6 +650,10 @@ def test_an_eavesdropper_sees_neither_the_key_nor_the_data(tmp_path, srv):
 
 ##### 8. concurrency ###########################################################
 
+# Several push batches and pull pages; CCSYNC_BIG_ROWS=100000 for a longer run.
+BIG_ROWS = int(os.environ.get("CCSYNC_BIG_ROWS", "8000"))
+
+
 def test_a_big_first_sync_and_a_small_one_at_the_same_time(tmp_path, srv):
     key_a, key_b = register(srv, "big"), register(srv, "small")
     cc_a, store_a, client_a = new_device(tmp_path / "big.db", srv.url, key_a)
@@ -661,7 +666,7 @@ def test_a_big_first_sync_and_a_small_one_at_the_same_time(tmp_path, srv):
         "INSERT INTO knowledge_index (repository_id, symbol, symbol_kind, commit_count, "
         "loc_authored, top_files) VALUES (?, ?, 'function', ?, ?, ?)",
         [(repo, f"sym_{i}", i % 17, i % 101, f'["addons/m{i % 50}/models.py"]')
-         for i in range(20_000)])
+         for i in range(BIG_ROWS)])
     cc_a.execute("COMMIT")
     cc_b.execute("INSERT INTO project (name, main_branch) VALUES ('small', 'main')")
     cc_b.execute("INSERT INTO setting (name, value) VALUES ('editor.font', 'mono')")
@@ -670,12 +675,12 @@ def test_a_big_first_sync_and_a_small_one_at_the_same_time(tmp_path, srv):
         big = pool.submit(ccsync.sync_once, store_a, client_a)
         small = pool.submit(ccsync.sync_once, store_b, client_b)
         big_result, small_result = big.result(timeout=120), small.result(timeout=120)
-    assert big_result.accepted == 20_001 and not big_result.refused
+    assert big_result.accepted == BIG_ROWS + 1 and not big_result.refused
     assert small_result.accepted == 2 and not small_result.refused
 
     for store, client in ((store_a, client_a), (store_b, client_b), (store_a, client_a)):
         ccsync.sync_once(store, client)
-    assert cc_b.execute("SELECT count(*) FROM knowledge_index").fetchone()[0] == 20_000
+    assert cc_b.execute("SELECT count(*) FROM knowledge_index").fetchone()[0] == BIG_ROWS
     assert content(cc_a) == content(cc_b)
     for store in (store_a, store_b):
         assert all(n == 0 for counts in store.pending().values() for n in counts.values())
