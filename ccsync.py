@@ -490,6 +490,8 @@ def _is_sid(value: Any) -> bool:
 
 def _check_value(spec: TableSpec, col: str, value: Any) -> None:
     """Refuse a value of the wrong shape for its column (per SPEC)."""
+    if (value is None or type(value) is str) and col not in spec.refs:
+        return                          # right for every column but a single-id reference
     if col in spec.refs:
         _refuse_unless(value is None or _is_sid(value), f"malformed reference in {col}")
     elif col in spec.list_refs and isinstance(value, dict) and set(value) != {"$b64"}:
@@ -557,9 +559,7 @@ def parse_record(obj: Any) -> Record:
     _refuse_unless(set(values) == set(clocks) - {TOMBSTONE},
                    "malformed record: values and clocks differ")
     for col, value in values.items():
-        # None and text are right for every column but a single-id reference
-        if not ((value is None or type(value) is str) and col not in spec.refs):
-            _check_value(spec, col, value)
+        _check_value(spec, col, value)
     for col, value in local.items():
         _refuse_unless(col in spec.local and _is_wire_scalar(value),
                        "malformed record: device-local part")
@@ -1342,6 +1342,27 @@ class SyncState:
             if not nested:
                 self.gate.leave()
 
+    def _select_in(self, sql: str, values: Iterable[Any], *args: Any) -> Iterator[sqlite3.Row]:
+        """Rows of ``sql`` for each of ``values`` (distinct, sorted), 500 at a
+        time: ``sql`` has ``{marks}`` where the IN list goes, after the
+        placeholders ``args`` fill."""
+        for chunk in _chunks(sorted(set(values)), 500):
+            yield from self.conn.execute(sql.format(marks=",".join("?" * len(chunk))),
+                                         (*args, *chunk))
+
+    DIFF_PAGE = 2000           # rows a scan of a whole table (a diff) reads at a time
+
+    def _pages(self, sql: str, after: tuple, key: Callable[[sqlite3.Row], tuple],
+               *args: Any) -> Iterator[list[sqlite3.Row]]:
+        """A keyset scan in pages of DIFF_PAGE: ``sql`` takes ``args``, then
+        the last page's ``key`` (``after`` at first), then the LIMIT."""
+        while True:
+            rows = self.conn.execute(sql, (*args, *after, self.DIFF_PAGE)).fetchall()
+            if not rows:
+                return
+            yield rows
+            after = key(rows[-1])
+
     def _sliced(self, items: Iterable[Any], apply: Callable[[Any], Any], *, quiet: bool = False,
                 last: Callable[[], Any] | None = None) -> None:
         """``apply`` each item in write transactions of one lock slice each.
@@ -1493,11 +1514,9 @@ class LocalRows(SyncState):
 
     def _by_rowid(self, table: str, columns: str, rids: Iterable[Any]) -> Iterator[sqlite3.Row]:
         """``SELECT rowid AS _rid, <columns>`` for the given rowids, in chunks."""
-        rids = sorted({r for r in rids if isinstance(r, int)})
-        for chunk in _chunks(rids, 500):
-            marks = ",".join("?" * len(chunk))
-            yield from self.conn.execute(f"SELECT rowid AS _rid, {columns} FROM {_q(table)} "
-                                         f"WHERE rowid IN ({marks})", chunk)
+        yield from self._select_in(f"SELECT rowid AS _rid, {columns} FROM {_q(table)} "
+                                   f"WHERE rowid IN ({{marks}})",
+                                   (r for r in rids if isinstance(r, int)))
 
     def _parent_sids(self, table: str, rids: Iterable[Any]) -> dict[int, str | None]:
         """The sync_id of each row id; of a row deleted here, the id it had
@@ -1506,11 +1525,9 @@ class LocalRows(SyncState):
             return {}
         rids = [r for r in rids if isinstance(r, int)]
         out = {row[0]: row[1] for row in self._by_rowid(table, "sync_id", rids)}
-        for chunk in _chunks(sorted({r for r in rids if r not in out}), 500):
-            marks = ",".join("?" * len(chunk))
-            out.update(self.conn.execute(
-                f"SELECT rid, sid FROM _ccsync_gone WHERE tbl = ? AND sid IS NOT NULL "
-                f"AND rid IN ({marks}) ORDER BY hlc", (table, *chunk)).fetchall())
+        out.update(tuple(row) for row in self._select_in(
+            "SELECT rid, sid FROM _ccsync_gone WHERE tbl = ? AND sid IS NOT NULL "
+            "AND rid IN ({marks}) ORDER BY hlc", (r for r in rids if r not in out), table))
         return out
 
     def _wire_rows(self, info: TableInfo, rows: list[sqlite3.Row]) -> list[dict[str, Any]]:
@@ -1560,15 +1577,11 @@ class LocalRows(SyncState):
 
     def _rids_for_sids(self, table: str, sids: Iterable[Any]) -> dict[str, int]:
         """The rowid of each sync_id held by a row here (in chunks)."""
-        sids = sorted({s for s in sids if isinstance(s, str)})
-        out: dict[str, int] = {}
         if table not in self.tables():
-            return out
-        for chunk in _chunks(sids, 500):
-            marks = ",".join("?" * len(chunk))
-            out.update(self.conn.execute(f"SELECT sync_id, rowid FROM {_q(table)} "
-                                         f"WHERE sync_id IN ({marks})", chunk).fetchall())
-        return out
+            return {}
+        return {sid: rid for sid, rid in self._select_in(
+            f"SELECT sync_id, rowid FROM {_q(table)} WHERE sync_id IN ({{marks}})",
+            (s for s in sids if isinstance(s, str)))}
 
     _UNRESOLVED = object()   # a reference whose parent has not arrived yet
 
@@ -1609,14 +1622,10 @@ class LocalRows(SyncState):
 
     def _shadows(self, table: str, sids: Iterable[str]) -> dict[str, tuple[int | None, dict, dict]]:
         """:meth:`_shadow` of each of ``sids`` that has one (in chunks)."""
-        out = {}
-        for chunk in _chunks(sorted({s for s in sids if isinstance(s, str)}), 500):
-            marks = ",".join("?" * len(chunk))
-            out.update((sid, (rid, json.loads(vals), json.loads(clocks)))
-                       for sid, rid, vals, clocks in self.conn.execute(
-                           f"SELECT sid, rid, vals, clocks FROM _ccsync_shadow WHERE tbl = ? "
-                           f"AND sid IN ({marks})", (table, *chunk)))
-        return out
+        return {sid: (rid, json.loads(vals), json.loads(clocks))
+                for sid, rid, vals, clocks in self._select_in(
+                    "SELECT sid, rid, vals, clocks FROM _ccsync_shadow WHERE tbl = ? "
+                    "AND sid IN ({marks})", (s for s in sids if isinstance(s, str)), table)}
 
     def _put_shadow(self, table: str, sid: str, rid: int | None, vals: dict, clocks: dict) -> None:
         self._put_shadows([(table, sid, rid, vals, clocks)])
@@ -2386,8 +2395,6 @@ class Capture(Install):
             self.conn.execute("DELETE FROM _ccsync_base WHERE tbl = ?", (table,))
             self.set_meta(f"diff:{table}", None)
 
-    DIFF_PAGE = 2000           # rows a diff reads at a time
-
     def _row_pages(self, table: str) -> Iterator[list[sqlite3.Row]]:
         """Every row of ``table`` (with ``_rid``), in pages.
 
@@ -2396,24 +2403,13 @@ class Capture(Install):
         is then neither missed nor read twice.  Rows with no sync_id yet
         come last (cc inserted them since the stamp: capture saw them).
         """
-        table_q, after = _q(table), ("", -(2 ** 63))
-        while True:
-            rows = self.conn.execute(
-                f"SELECT rowid AS _rid, * FROM {table_q} WHERE (sync_id, rowid) > (?, ?) "
-                f"ORDER BY sync_id, rowid LIMIT ?", (*after, self.DIFF_PAGE)).fetchall()
-            if not rows:
-                break
-            yield rows
-            after = (rows[-1]["sync_id"], rows[-1]["_rid"])
-        last = -(2 ** 63)
-        while True:
-            rows = self.conn.execute(
-                f"SELECT rowid AS _rid, * FROM {table_q} WHERE sync_id IS NULL AND rowid > ? "
-                f"ORDER BY rowid LIMIT ?", (last, self.DIFF_PAGE)).fetchall()
-            if not rows:
-                return
-            yield rows
-            last = rows[-1]["_rid"]
+        yield from self._pages(
+            f"SELECT rowid AS _rid, * FROM {_q(table)} WHERE (sync_id, rowid) > (?, ?) "
+            f"ORDER BY sync_id, rowid LIMIT ?", ("", -(2 ** 63)),
+            lambda row: (row["sync_id"], row["_rid"]))
+        yield from self._pages(
+            f"SELECT rowid AS _rid, * FROM {_q(table)} WHERE sync_id IS NULL AND rowid > ? "
+            f"ORDER BY rowid LIMIT ?", (-(2 ** 63),), lambda row: (row["_rid"],))
 
     def _diff_page(self, info: TableInfo, rows: list[sqlite3.Row], hlc: int,
                    only: list | None, added: list) -> tuple[list[tuple], list[tuple]]:
@@ -2423,16 +2419,12 @@ class Capture(Install):
         sids = [r["sync_id"] for r in rows]
         shadow = {sid: vals for sid, (rid, vals, _c) in self._shadows(table, sids).items()
                   if rid is not None}
-        deleted = set()
-        for chunk in _chunks(sorted({s for s in sids if s is not None}), 500):
-            deleted.update(sid for (sid,) in self.conn.execute(
-                f"SELECT DISTINCT sid FROM _ccsync_gone WHERE tbl = ? AND sid IN "
-                f"({','.join('?' * len(chunk))})", (table, *chunk)))
-        base = {}
-        for chunk in _chunks([r["_rid"] for r in rows], 500):
-            base.update((rid, json.loads(vals)) for rid, vals in self.conn.execute(
-                f"SELECT rid, vals FROM _ccsync_base WHERE tbl = ? AND rid IN "
-                f"({','.join('?' * len(chunk))})", (table, *chunk)))
+        deleted = {sid for (sid,) in self._select_in(
+            "SELECT DISTINCT sid FROM _ccsync_gone WHERE tbl = ? AND sid IN ({marks})",
+            (s for s in sids if s is not None), table)}
+        base = {rid: json.loads(vals) for rid, vals in self._select_in(
+            "SELECT rid, vals FROM _ccsync_base WHERE tbl = ? AND rid IN ({marks})",
+            (r["_rid"] for r in rows), table)}
         dirty: list[tuple] = []
         later: list[tuple] = []
         for row, values in zip(rows, self._wire_rows(info, rows)):
@@ -2490,14 +2482,8 @@ class Capture(Install):
         filled: a value cc wrote there already is an edit (found by the diff
         that follows).
         """
-        after = ""
-        while True:
-            page = self.conn.execute(
-                "SELECT sid, vals FROM _ccsync_shadow WHERE tbl = ? AND sid > ? ORDER BY sid "
-                "LIMIT ?", (info.name, after, self.DIFF_PAGE)).fetchall()
-            if not page:
-                return
-            after = page[-1][0]
+        for page in self._pages("SELECT sid, vals FROM _ccsync_shadow WHERE tbl = ? AND sid > ? "
+                                "ORDER BY sid LIMIT ?", ("",), lambda row: (row[0],), info.name):
             cells = []
             for sid, vals in page:
                 vals = json.loads(vals)
@@ -2943,11 +2929,10 @@ class Incoming(RowWriter):
             return result             # nothing new: no write lock for nothing
         # Reading the records is pure work: it happens before the write lock
         # is taken, so it costs cc nothing and fills the lock policy's gaps.
-        arrivals = sorted((self._arrive(raw) for raw in records),
-                          key=lambda arrival: _table_rank(arrival.raw))
-        chunks = [chunk for _rank, group in
-                  itertools.groupby(arrivals, key=lambda arrival: _table_rank(arrival.raw))
-                  for chunk in _chunks(list(group), self.FRESH_CHUNK)]
+        ranked = sorted(((_table_rank(raw), self._arrive(raw)) for raw in records),
+                        key=lambda pair: pair[0])
+        chunks = [chunk for _rank, group in itertools.groupby(ranked, key=lambda pair: pair[0])
+                  for chunk in _chunks([arrival for _r, arrival in group], self.FRESH_CHUNK)]
         self._sliced(chunks, lambda chunk: self._apply_chunk(chunk, result), quiet=True,
                      last=(lambda: self._set_cursor(cursor)) if cursor is not None
                      else None)
@@ -3036,13 +3021,13 @@ class Incoming(RowWriter):
         found: set[tuple] = set()
         # A join on the key columns, not a row-value IN (VALUES ...): SQLite
         # plans that one as a scan of the whole table for every chunk.
-        names = ", ".join(f"k{i}" for i in range(len(cols)))
-        on = " AND ".join(f"t.{_q(c)} = k.k{i}" for i, c in enumerate(cols))
+        names = [f"k{i}" for i in range(len(cols))]
+        on = " AND ".join(f"t.{_q(c)} = k.{n}" for c, n in zip(cols, names))
         row_marks = "(" + ",".join("?" * len(cols)) + ")"
         for chunk in _chunks(sorted(set(keys), key=repr), max(1, 900 // len(cols))):
             found.update(tuple(r) for r in self.conn.execute(
-                f"WITH k({names}) AS (VALUES {','.join([row_marks] * len(chunk))}) "
-                f"SELECT DISTINCT {', '.join('k.k%d' % i for i in range(len(cols)))} "
+                f"WITH k({', '.join(names)}) AS (VALUES {','.join([row_marks] * len(chunk))}) "
+                f"SELECT DISTINCT {', '.join('k.' + n for n in names)} "
                 f"FROM k JOIN {_q(info.name)} AS t ON {on}",
                 [v for key in chunk for v in key]))
         return found
@@ -3350,8 +3335,9 @@ class Sending(Incoming):
             dirty[row["rid"]][row["col"]] = row["hlc"]
         rows = {row["_rid"]: row for row in self._by_rowid(info.name, "*", rids)}
         present = [rows[r] for r in rids if r in rows]
-        synced = set(self._shadows(info.name, (r["sync_id"] for r in present
-                                               if r["sync_id"] is not None)))
+        synced = {sid for (sid,) in self._select_in(   # which have a synced state (no parse)
+            "SELECT sid FROM _ccsync_shadow WHERE tbl = ? AND sid IN ({marks})",
+            (r["sync_id"] for r in present if isinstance(r["sync_id"], str)), info.name)}
         wire = dict(zip((r["_rid"] for r in present), self._wire_rows(info, present)))
         for (rid, col), (sid, hlc) in self._named_refs(info.name, rids).items():
             if rid in wire and dirty[rid].get(col) == hlc and rows[rid][col] is None:
@@ -3787,11 +3773,12 @@ class ServerStore:
 # hello are callable over the network; registration is CLI-only.
 
 class HttpError(Exception):
-    """An error answer: status code, machine-readable code, message."""
+    """An error answer: status code, machine-readable code, message (and for
+    a 405, the method that works: ``allow``)."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, *, allow: str = "POST"):
         super().__init__(message)
-        self.status, self.code = status, code
+        self.status, self.code, self.allow = status, code, allow
 
 
 def _json_body(data: dict) -> bytes:
@@ -3902,8 +3889,7 @@ def error_answer(exc: HttpError) -> Answer:
     """The JSON answer of a refused request."""
     headers = {"Content-Type": "application/json"}
     if exc.status == 405:
-        headers["Allow"] = "GET" if exc.code == "method_get" else "POST"
-        exc.code = "method"
+        headers["Allow"] = exc.allow
     if exc.status == 503:
         headers["Retry-After"] = str(BUSY_RETRY_S)
     return exc.status, headers, _json_body({"error": str(exc), "code": exc.code})
@@ -3936,13 +3922,13 @@ def admit(server: "SyncServer", method: str, path: str, headers: dict[str, str],
     headers = {k.lower(): v for k, v in headers.items()}
     try:
         if method not in ("GET", "POST"):
-            raise HttpError(405, "method_get" if path == "/health" else "method",
-                            f"method {_printable(method, 16)} is not allowed")
+            raise HttpError(405, "method", f"method {_printable(method, 16)} is not allowed",
+                            allow="GET" if path == "/health" else "POST")
         if length is None and method == "GET":
             raise HttpError(400, "bad_request", "malformed Content-Length")
         if path == "/health":
             if method != "GET":
-                raise HttpError(405, "method_get", "use GET")
+                raise HttpError(405, "method", "use GET", allow="GET")
             return health_answer()
         operation = OPERATIONS.get(path)
         if operation is None:
@@ -3984,16 +3970,15 @@ def serve_admitted(server: "SyncServer", admission: Admission, headers: dict[str
         with server.store() as store:
             if not store.admit(device["name"], nonce):
                 raise HttpError(401, "replay", "request replayed (nonce already seen)")
-        try:
-            payload = unseal(device["enc_key"], body, context, server.max_body)
-        except BodyTooLarge as exc:
-            raise HttpError(413, "too_large", str(exc)) from None
-        except WireError as exc:
-            raise HttpError(400, "bad_body", str(exc)) from None
-        mismatch = protocol_mismatch(payload.get("protocol", 1), server.protocol)
-        if mismatch:
-            raise HttpError(426, "protocol", mismatch)
-        with server.store() as store:
+            try:
+                payload = unseal(device["enc_key"], body, context, server.max_body)
+            except BodyTooLarge as exc:
+                raise HttpError(413, "too_large", str(exc)) from None
+            except WireError as exc:
+                raise HttpError(400, "bad_body", str(exc)) from None
+            mismatch = protocol_mismatch(payload.get("protocol", 1), server.protocol)
+            if mismatch:
+                raise HttpError(426, "protocol", mismatch)
             answer = {**admission.operation(store, device, payload), "protocol": server.protocol}
         sealed = seal(device["enc_key"], answer, response_context(nonce, 200))
         return 200, {"Content-Type": WIRE_TYPE,
@@ -4076,10 +4061,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.rfile = getattr(self.rfile, "raw_file", self.rfile)   # the body: unbounded
         return ok
 
-    def finish(self) -> None:
-        self.server.watch(self.connection, None)
-        super().finish()
-
     def __getattr__(self, name: str) -> Any:
         if name.startswith("do_"):     # any method: admit() answers 405 where it must
             return self._serve
@@ -4092,9 +4073,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         headers = dict(self.headers.items())
         length = self._length()
         step = admit(self.server, self.command, path, headers, length)
+        waits_for_100 = self.headers.get("Expect", "").lower() == "100-continue"
         body = b""
         if isinstance(step, Admission):
-            if self.headers.get("Expect", "").lower() == "100-continue":
+            if waits_for_100:
                 self.send_response_only(100)    # only now: the head authenticated
                 self.end_headers()
             self.server.watch(self.connection, self.server.request_timeout
@@ -4103,8 +4085,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             answer = serve_admitted(self.server, step, headers, body)
         else:
             answer = step
-            if (self.command != "GET" or length) and \
-                    self.headers.get("Expect", "").lower() != "100-continue":
+            if (self.command != "GET" or length) and not waits_for_100:
                 self._drop_body(length)     # (a client that waits for 100 sends none)
             self.close_connection = True
         self._respond(*answer)
@@ -4201,13 +4182,13 @@ class _Door:
     address; beyond that a connection is closed at once.  So /health answers
     while every connection is taken, unless the monitor's own address floods."""
 
-    def __init__(self, log: Callable[[str], None]):
-        self._log = log
+    def __init__(self) -> None:
         self._selector = selectors.DefaultSelector()
         self._waiting: dict[socket.socket, dict] = {}
         self._per_address: Counter = Counter()
         self._lock = threading.Lock()
         self._closing = threading.Event()
+        self._arrived = threading.Event()       # set by take(): the door has work
         self._thread = threading.Thread(target=self._run, name="ccsync-door", daemon=True)
         self._thread.start()
 
@@ -4224,11 +4205,13 @@ class _Door:
                                    "address": address, "drain": None}
             self._per_address[address] += 1
             self._selector.register(sock, selectors.EVENT_READ)
+        self._arrived.set()
         return True
 
     def close(self) -> None:
         """Stop the door thread and close what waits there."""
         self._closing.set()
+        self._arrived.set()
         self._thread.join(2)
         with self._lock:
             for sock in list(self._waiting):
@@ -4238,8 +4221,10 @@ class _Door:
         while not self._closing.is_set():
             with self._lock:
                 empty = not self._waiting
-            if empty:
-                self._closing.wait(0.01)
+                if empty:
+                    self._arrived.clear()
+            if empty:                   # asleep until take() (or close()) wakes it
+                self._arrived.wait()
                 continue
             for key, _events in self._selector.select(0.05):
                 self._read(key.fileobj)
@@ -4331,7 +4316,7 @@ class SyncServer(http.server.ThreadingHTTPServer):
         self._tls = tls
         self._active = 0                    # connections served now (at most max_connections)
         self._active_lock = threading.Lock()
-        self._door = _Door(self.log)
+        self._door = _Door()
         self._turned_away, self._told_at = 0, -10.0
         self._deadlines: dict[socket.socket, tuple[float, int]] = {}
         self._deadlines_lock = threading.Lock()
@@ -4549,7 +4534,7 @@ class Client:
                               hint="run `ccsync setup`") from None
         self._conn: http.client.HTTPConnection | None = None
         self._served = 0                # requests the open connection has answered
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
 
     def hello(self) -> dict:
         """An authenticated no-op: who am I to the server, and its time."""
@@ -4602,28 +4587,18 @@ class Client:
 
     BUSY_RETRIES = 4                    # a busy server (503) is asked again, backing off
 
-    def _send(self, request: WireRequest) -> tuple[int, dict, bytes]:
-        """POST on the kept-alive connection: (status, headers, body), or RemoteError.
-
-        A 503 (the server is at its connection limit; it took nothing) is
-        retried after its Retry-After, with jitter, a few times.
-        """
-        for attempt in range(self.BUSY_RETRIES + 1):
-            try:
-                return self._send_once(request)
-            except RemoteError as exc:
-                if exc.kind != "busy" or attempt == self.BUSY_RETRIES:
-                    raise
-                time.sleep(min(8.0, exc.retry_after * 2 ** attempt) * (0.5 + random.random()))
-        raise AssertionError("unreachable")
-
     def _send_signed(self, path: str, payload: dict) -> tuple[tuple[int, dict, bytes], str]:
         """Seal, sign and send; ((status, headers, body), nonce).
 
-        A connection closed before an answer is tried once more, anew: the
-        server may have turned it away when full, or closed it while idle
-        (every request may be sent again: pushes are idempotent)."""
-        for again in (True, False):
+        Every try is signed anew (a replay would be refused), and every
+        request may be sent again: pushes are idempotent.  A kept-alive
+        connection the server closed while idle is replaced at once; a 503
+        (the server took nothing) is tried BUSY_RETRIES times more after its
+        Retry-After, backing off, with jitter; a connection closed before an
+        answer (a full server turns it away) once more, after a pause.
+        """
+        busy = cut = 0
+        while True:
             stamp, nonce = str(int(self.clock())), secrets.token_hex(16)
             context = request_context("POST", path, stamp, nonce, self.keys.key_id)
             body = seal(self.keys.enc, {**payload, "protocol": PROTOCOL}, context)
@@ -4633,15 +4608,20 @@ class Client:
             try:
                 return self._send(request), nonce
             except _StaleConnection:
-                continue                # closed while idle: at once, on a new connection
+                continue                # the next connection is new: it cannot be stale
             except RemoteError as exc:
-                if exc.kind != "cut" or not again:
+                if exc.kind == "busy" and busy < self.BUSY_RETRIES:
+                    time.sleep(min(8.0, exc.retry_after * 2 ** busy) * (0.5 + random.random()))
+                    busy += 1
+                elif exc.kind == "cut" and not cut:
+                    time.sleep(0.5 + random.random())
+                    cut += 1
+                else:
                     raise
-                time.sleep(0.5 + random.random())
-        raise RemoteError(f"connection to {self.url} was closed again and again "
-                          f"before an answer", hint="try again later").with_kind("cut")
 
-    def _send_once(self, request: WireRequest) -> tuple[int, dict, bytes]:
+    def _send(self, request: WireRequest) -> tuple[int, dict, bytes]:
+        """One POST on the kept-alive connection: (status, headers, body), or
+        RemoteError (or _StaleConnection)."""
         reused = self._conn is not None and self._served > 0
         try:
             return self._exchange(request)
@@ -4678,12 +4658,13 @@ class Client:
         conn.request("POST", self._prefix + request.path, body=request.body,
                      headers=request.headers)
         response = conn.getresponse()
-        length = response.getheader("Content-Length", "")
-        if length.isdigit() and int(length) > self.max_response:
-            self.close()
-            raise RemoteError(f"answer from {self.url} is too large").with_kind("too_large")
-        answer = response.read() if length.isdigit() else response.read(self.max_response + 1)
-        if len(answer) > self.max_response:
+        length = content_length(response.getheader("Content-Length", "x"))
+        too_large = length is not None and length > self.max_response
+        if not too_large:           # a declared length is read whole (short: IncompleteRead)
+            answer = response.read() if length is not None else \
+                response.read(self.max_response + 1)
+            too_large = len(answer) > self.max_response
+        if too_large:
             self.close()
             raise RemoteError(f"answer from {self.url} is too large").with_kind("too_large")
         self._served += 1
