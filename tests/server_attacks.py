@@ -36,6 +36,20 @@ def exchange(address, data: bytes, *, shut_write: bool = False) -> bytes:
         return read_all(sock)
 
 
+HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def hello_status(srv, key: str) -> int:
+    """The status a signed ``/v1/hello`` gets on a connection of its own (-1: none)."""
+    from test_transport import signed       # (test_transport imports nothing from here)
+    headers, body = signed(key, "/v1/hello", {})
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    answer = exchange(srv.server_address[:2], (
+        f"POST /v1/hello HTTP/1.1\r\nHost: x\r\n{head}Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body)
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.") else -1
+
+
 class ServerProcess:
     """The real ``ccsync.py server`` on 127.0.0.1, port 0; stderr to a log file."""
 
@@ -60,11 +74,15 @@ class ServerProcess:
             self.stop()
             raise AssertionError(self.log.read_text())
 
-    def rss_mb(self) -> int:
+    def rss_kb(self) -> int:
+        """The server process's resident memory now (KiB)."""
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
-                return int(line.split()[1]) // 1024
+                return int(line.split()[1])
         return 0
+
+    def rss_mb(self) -> int:
+        return self.rss_kb() // 1024
 
     def threads(self) -> int:
         return len(os.listdir(f"/proc/{self.proc.pid}/task"))

@@ -6,22 +6,8 @@ import socket
 import threading
 import time
 
-import pytest
-
-import ccsync
-from server_attacks import T, exchange
-from test_transport import register, signed, start_server  # noqa: F401  (fixture)
-
-HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
-
-
-def _hello_status(srv, key) -> int:
-    headers, body = signed(key, "/v1/hello", {})
-    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    answer = exchange(srv.server_address[:2], (
-        f"POST /v1/hello HTTP/1.1\r\nHost: x\r\n{head}Content-Length: {len(body)}\r\n\r\n"
-    ).encode() + body)
-    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.") else -1
+from server_attacks import T, hello_status
+from test_transport import register, start_server  # noqa: F401  (fixture)
 
 
 def test_no_thread_or_slot_leak_after_mixed_junk(start_server):
@@ -50,5 +36,5 @@ def test_no_thread_or_slot_leak_after_mixed_junk(start_server):
         sock.close()
     time.sleep(0.5)
     assert threading.active_count() <= before, (before, threading.active_count())
-    assert [_hello_status(srv, key) for _ in range(8)] == [200] * 8
+    assert [hello_status(srv, key) for _ in range(8)] == [200] * 8
     assert not any("Traceback" in line or " 500 " in line for line in srv.lines)

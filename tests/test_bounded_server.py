@@ -13,24 +13,19 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import secrets
 import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 import ccsync
 from conftest import make_cc_db
+from server_attacks import ServerProcess
 from test_transport import (RAW_TIMEOUT, assert_healthy, error_json, host_port,  # noqa: F401
                             parse_raw_response, raw, raw_socket, register, signed,
                             start_server)
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def open_slow(srv, data: bytes) -> socket.socket:
@@ -87,19 +82,6 @@ def test_slow_request_heads_are_cut_off_and_health_answers_meanwhile(start_serve
     assert_healthy(srv)
 
 
-def raw_from(source: str, srv, method: str, path: str, headers: dict | None = None,
-             body: bytes | None = None) -> tuple[int, dict, bytes]:
-    """raw(), from another loopback address (a machine other than the flood's)."""
-    conn = http.client.HTTPConnection(*host_port(srv), timeout=RAW_TIMEOUT,
-                                      source_address=(source, 0))
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
-
-
 def test_a_flood_of_half_sent_requests_gets_503s_health_answers_and_sync_resumes(
         tmp_path, start_server):
     srv = start_server(max_connections=4, idle_timeout=1.0)
@@ -111,12 +93,12 @@ def test_a_flood_of_half_sent_requests_gets_503s_health_answers_and_sync_resumes
         # Every connection is taken: /health from another machine still answers (at
         # the door, which holds only 32 of the flood's own address) ...
         for _ in range(5):
-            status, _h, body = raw_from("127.0.0.2", srv, "GET", "/health")
+            status, _h, body = raw(srv, "GET", "/health", source="127.0.0.2")
             assert status == 200 and json.loads(body)["status"] == "ok"
         # ... a device's request gets a fast 503 with Retry-After, not a hang ...
         headers, body = signed(key, "/v1/hello", {})
-        status, answer_headers, answer = raw_from("127.0.0.3", srv, "POST", "/v1/hello",
-                                                  headers, body)
+        status, answer_headers, answer = raw(srv, "POST", "/v1/hello", headers, body,
+                                             source="127.0.0.3")
         assert status == 503 and answer_headers.get("retry-after") == "1"
         error_json(answer, "busy")
         # ... and the Client, backing off, gets through once the flood is cut off.
@@ -205,35 +187,13 @@ def test_a_request_from_an_older_device_is_told_to_upgrade(start_server):
     assert "upgrade ccsync" in error_json(answer, "protocol")["error"]
 
 
-def _rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
 def test_big_bodies_from_nobody_do_not_grow_the_server(tmp_path):
     """20 connections at once, each streaming a body it says is 60 MiB, without a
     key the server knows: the server answers each, and its memory stays put."""
-    home = tmp_path / "home"
-    home.mkdir()
-    env = {"HOME": str(home), "PATH": os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1"}
-    log = tmp_path / "server.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen([sys.executable, str(REPO / "ccsync.py"), "server", "--host",
-                                 "127.0.0.1", "--port", "0", "--data",
-                                 str(tmp_path / "server.db")], env=env, stderr=err,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    server = ServerProcess(tmp_path)
+    port = server.port
     try:
-        port = None
-        for _ in range(200):
-            text = log.read_text()
-            if "listening on" in text:
-                port = int(text.split("listening on http://127.0.0.1:")[1].split()[0])
-                break
-            time.sleep(0.05)
-        assert port, log.read_text()
-        before = _rss_kb(proc.pid)
+        before = server.rss_kb()
         stranger = ccsync.DeviceKeys.from_api_key(ccsync.new_api_key())
         chunk = secrets.token_bytes(1 << 16)
         statuses: list[int] = []
@@ -266,14 +226,13 @@ def test_big_bodies_from_nobody_do_not_grow_the_server(tmp_path):
         for t in threads:
             t.join(60)
         assert not any(t.is_alive() for t in threads)
-        after = _rss_kb(proc.pid)
+        after = server.rss_kb()
         assert len(statuses) >= 10 and all(s == 401 for s in statuses), statuses
         assert after - before < 40 * 1024, (before, after)     # not 20 x 60 MiB
-        conn = __import__("http.client").client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         conn.request("GET", "/health")
         assert conn.getresponse().status == 200
         conn.close()
     finally:
-        proc.terminate()
-        proc.wait(10)
-    assert "Traceback" not in log.read_text()
+        server.stop()
+    assert "Traceback" not in server.log.read_text()

@@ -38,6 +38,20 @@ class SlowTransport(ccsync.LocalTransport):
             self.closed_while_active = True
 
 
+def interrupted_during(call, after: float = 0.4) -> None:
+    """Run ``call`` and interrupt it (as Ctrl-C would) ``after`` seconds in."""
+    def fire(_sig, _frame):
+        raise Interrupt()
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, after)
+    try:
+        with pytest.raises(Interrupt):
+            call()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def test_interrupt_while_waiting_for_a_push_leaves_no_request_running(tmp_path, server):
     """Ctrl-C (KeyboardInterrupt) while push_changes waits for the in-flight push:
     the push is settled (closing the transport is how a real Client cuts it
@@ -48,16 +62,7 @@ def test_interrupt_while_waiting_for_a_push_leaves_no_request_running(tmp_path, 
     for i in range(3):
         dev.sql("INSERT INTO project (name) VALUES (?)", f"p{i}")
 
-    def fire(_sig, _frame):
-        raise Interrupt()
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, 0.4)
-    try:
-        with pytest.raises(Interrupt):
-            ccsync.sync_once(dev.store, dev.transport, batch_size=10)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+    interrupted_during(lambda: ccsync.sync_once(dev.store, dev.transport, batch_size=10))
     still_running = dev.transport.active      # (Thread.is_alive() lies after an
     deadline = time.monotonic() + 5            # interrupted join on 3.11)
     while dev.transport.active and time.monotonic() < deadline:
@@ -88,16 +93,7 @@ def test_interrupt_while_waiting_for_a_pull_page_settles_it(tmp_path, server):
                 SlowPull.active -= 1
     b.transport = SlowPull(srv, "b")
 
-    def fire(_sig, _frame):
-        raise Interrupt()
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, 0.4)
-    try:
-        with pytest.raises(Interrupt):
-            ccsync.sync_once(b.store, b.transport, page_size=1)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+    interrupted_during(lambda: ccsync.sync_once(b.store, b.transport, page_size=1))
     assert SlowPull.active == 0
 
 

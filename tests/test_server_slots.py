@@ -11,20 +11,8 @@ import time
 import pytest
 
 import ccsync
-from server_attacks import T, exchange
-from test_transport import register, signed, start_server  # noqa: F401  (fixture)
-
-HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
-
-
-def _hello_status(srv, key) -> int:
-    headers, body = signed(key, "/v1/hello", {})
-    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    answer = exchange(srv.server_address[:2], (
-        f"POST /v1/hello HTTP/1.1\r\nHost: x\r\n{head}Content-Length: {len(body)}\r\n\r\n"
-    ).encode() + body)
-    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.") else -1
-
+from server_attacks import HEALTH, T, exchange, hello_status
+from test_transport import register, start_server  # noqa: F401  (fixture)
 
 def test_kept_alive_health_polls_hold_every_slot_past_the_idle_timeout(start_server):
     """Sockets that each send a tiny GET /health just inside every idle timeout
@@ -51,7 +39,7 @@ def test_kept_alive_health_polls_hold_every_slot_past_the_idle_timeout(start_ser
     try:
         end = time.monotonic() + 2.5
         while time.monotonic() < end:
-            statuses.append(_hello_status(srv, key))
+            statuses.append(hello_status(srv, key))
             time.sleep(0.25)
     finally:
         stop.set()
@@ -80,7 +68,7 @@ def test_a_thread_that_fails_to_start_does_not_leak_its_slot(start_server, monke
     monkeypatch.setattr(threading.Thread, "start", real_start)
     time.sleep(0.3)
     assert failed
-    statuses = [_hello_status(srv, key) for _ in range(3)]
+    statuses = [hello_status(srv, key) for _ in range(3)]
     assert statuses == [200, 200, 200], statuses       # got: [503, 503, 503]
 
 

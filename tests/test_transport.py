@@ -86,9 +86,12 @@ def host_port(srv) -> tuple[str, int]:
 
 
 def raw(srv, method: str, path: str, headers: dict | None = None,
-        body: bytes | None = None) -> tuple[int, dict, bytes]:
-    """One request over a fresh http.client connection: (status, lower-cased headers, body)."""
-    conn = http.client.HTTPConnection(*host_port(srv), timeout=RAW_TIMEOUT)
+        body: bytes | None = None, *, source: str | None = None) -> tuple[int, dict, bytes]:
+    """One request over a fresh http.client connection: (status, lower-cased headers, body).
+
+    ``source``: from that loopback address (another machine than 127.0.0.1)."""
+    conn = http.client.HTTPConnection(*host_port(srv), timeout=RAW_TIMEOUT,
+                                      source_address=(source, 0) if source else None)
     try:
         conn.request(method, path, body=body, headers=headers or {})
         resp = conn.getresponse()
