@@ -86,7 +86,7 @@ import urllib.parse
 import uuid
 import zlib
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 
@@ -423,6 +423,7 @@ MAX_RECORD_BYTES = 16 * 1024 * 1024        # one record's payload
 MAX_RECORD_COLUMNS = 256
 MAX_HLC = 2 ** 62
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,64}$")
+AUTHOR_PREFIX_LEN = 10                     # hex digits of the key id that start a device id
 ROW_ID_COLUMN = "id"                       # cc's integer primary key: never synced
 
 
@@ -569,6 +570,23 @@ def parse_record(obj: Any) -> Record:
     return Record(table, obj["id"], dev, clocks, values, local, key)
 
 
+def author_prefix(key_id: str) -> str:
+    """The start of every device id made under the key with ``key_id``.
+
+    A device's id is this prefix, a dot and a random part (one key may serve
+    copies of a database), so the server can tell which key an edit's
+    author holds: it takes new edits under an id only from that key.
+    """
+    return key_id[:AUTHOR_PREFIX_LEN]
+
+
+def author_of(dev: str) -> str | None:
+    """The key prefix a device id was made under; None for an id without one
+    (made before sync protocol 4, or for an in-process test transport)."""
+    prefix, dot, _rest = dev.partition(".")
+    return prefix if dot and len(prefix) == AUTHOR_PREFIX_LEN else None
+
+
 def check_record_size(record: Record, max_value: int, max_record: int) -> None:
     """Refuse a record with a value over ``max_value`` bytes or over ``max_record`` in all."""
     total = 0
@@ -687,6 +705,16 @@ def surviving_versions(versions: list[tuple[Any, str, dict]]) -> set:
     return {ident for _clock, ident in best.values()}
 
 
+def versions_deleted(versions: list[tuple[str, dict[str, int]]]) -> bool:
+    """Whether a row whose stored versions are (device id, {column: hlc})
+    reads as deleted (see :func:`is_deleted`)."""
+    best: dict[str, Any] = {}
+    for dev, clocks in versions:
+        for col, hlc in clocks.items():
+            best[col] = latest(best.get(col), [hlc, dev])
+    return is_deleted(best)
+
+
 def row_identity(table: str, key: dict[str, Any], columns: Iterable[str]) -> str | None:
     """A keyed row's sync_id: derived from its natural key (``key``: wire values by
     column), or None when the key is unknown or empty.  Every device derives the
@@ -708,7 +736,7 @@ API_KEY_PREFIX = "ccs1_"
 # server of different protocols refuse each other's requests and answers (and
 # say which one to upgrade) rather than exchange records they would read
 # differently.  Requests and answers that carry none are protocol 1.
-PROTOCOL = 3
+PROTOCOL = 4
 WIRE_TYPE = "application/x-ccsync"
 H_KEY, H_TIME, H_NONCE, H_SIG = ("X-Ccsync-Key", "X-Ccsync-Time", "X-Ccsync-Nonce",
                                  "X-Ccsync-Signature")
@@ -1096,12 +1124,14 @@ CREATE TABLE IF NOT EXISTS _ccsync_base (
 CREATE TABLE IF NOT EXISTS _ccsync_held (
     digest TEXT PRIMARY KEY, tbl TEXT, sid TEXT, kind TEXT NOT NULL, reason TEXT NOT NULL,
     record TEXT NOT NULL, version TEXT NOT NULL, at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS _ccsync_seen (
+    tbl TEXT NOT NULL, sid TEXT NOT NULL, PRIMARY KEY (tbl, sid)) WITHOUT ROWID;
 """
-BOOKKEEPING_VERSION = "5"            # _ccsync_meta 'bookkeeping': the layout below
+BOOKKEEPING_VERSION = "6"            # _ccsync_meta 'bookkeeping': the layout below
 BOOKKEEPING_TABLES = ("_ccsync_meta", "_ccsync_clock", "_ccsync_dirty", "_ccsync_shadow",
                       "_ccsync_pending", "_ccsync_refused", "_ccsync_link",
                       "_ccsync_gone", "_ccsync_held", "_ccsync_base", "_ccsync_outbox",
-                      "_ccsync_named")
+                      "_ccsync_named", "_ccsync_seen")
 RETIRED_TABLES = ("_ccsync_alias",)     # bookkeeping of older versions
 
 _SQL_NOW_HLC = f"(CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER) * {HLC_PER_MS})"
@@ -1452,8 +1482,35 @@ class SyncState:
             return
         if self.meta("device_id"):
             self._set_cursor(0)
-        self.set_meta("device_id", uuid.uuid4().hex[:16])   # 64 bits: short clocks
+            if self.conn.execute("SELECT 1 FROM _ccsync_shadow LIMIT 1").fetchone():
+                self.conn.execute("DELETE FROM _ccsync_seen")
+                self.set_meta("rejoin", iso_utc(self.clock))
+        self._new_device_id(self.meta("author") or "")
         self.set_meta("fingerprint", fingerprint)
+
+    def _new_device_id(self, prefix: str) -> None:
+        # The old id stays this database's (its kept edits still go out, as
+        # copies); the random part tells copies of one database apart.
+        old = self.meta("device_id")
+        if old:
+            self.set_meta("own_ids", json.dumps(([old] + self.own_ids())[:16]))
+        self.set_meta("device_id", f"{prefix}.{secrets.token_hex(4)}" if prefix
+                      else uuid.uuid4().hex[:16])       # 64 bits: short clocks
+
+    def own_ids(self) -> list[str]:
+        """Every device id this database has sent edits under, newest first."""
+        earlier = json.loads(self.meta("own_ids") or "[]")
+        return [self.device_id] + [d for d in earlier if d != self.device_id]
+
+    def take_author(self, prefix: str) -> None:
+        """Make edits from now on under a device id of the key with this
+        :func:`author_prefix` (the server takes them only so), keeping the
+        old id as one of :meth:`own_ids`."""
+        if author_of(self.device_id) == prefix:
+            return
+        with self._write():
+            self.set_meta("author", prefix)
+            self._new_device_id(prefix)
 
     def server_changed(self, store_id: Any) -> bool:
         """True when the server's store differs from the one this device synced with.
@@ -1468,6 +1525,28 @@ class SyncState:
                 self.set_meta("server_store", store_id)
             return False
         return known != store_id
+
+    def rejoining(self) -> bool:
+        """True while this device catches up from the start (see :meth:`start_rejoin`)."""
+        return self.meta("rejoin") is not None
+
+    def start_rejoin(self) -> None:
+        """Catch up from the start: pull everything again, then let the rows of
+        the synced state that the server no longer has go here too (deleted
+        and collected there while this device was away, or before this copy
+        of the database was made).  Survives a crash: the pull resumes."""
+        with self._write():
+            self.conn.execute("DELETE FROM _ccsync_seen")
+            self.set_meta("rejoin", iso_utc(self.clock))
+            self._set_cursor(0)
+
+    def note_push_refused(self, reason: str | None) -> None:
+        """Remember why the server refused a push, with the time (None: it took one)."""
+        if reason is None and self.meta("push_refused") is None:
+            return
+        with self._write(quiet=True):
+            self.set_meta("push_refused", None if reason is None
+                          else f"{iso_utc(self.clock)} {reason}")
 
     def adopt_server(self, store_id: str) -> None:
         """Start over with a new server store: cursor 0, remember its id."""
@@ -1997,6 +2076,9 @@ class Resume(Identity):
 
     @staticmethod
     def _copy_rows(source: sqlite3.Connection, dest: sqlite3.Connection, table: str) -> None:
+        if not source.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                              (table,)).fetchone():
+            return                      # kept by a version whose bookkeeping had no such table
         cursor = source.execute(f"SELECT * FROM {table}")
         names = ", ".join(_q(d[0]) for d in cursor.description)
         marks = ",".join("?" * len(cursor.description))
@@ -2137,6 +2219,7 @@ class Install(Resume):
         # ccsync, or another tool) move to their key's id at the next sync.
         # Version 4 keeps the shadow in a rowid table (_rebuild_shadow).
         # Version 5 keeps a deleted row's unsent cells (_ccsync_gone.unsent).
+        # Version 6 notes the rows a rejoin has pulled (_ccsync_seen).
         version = self.meta("bookkeeping")
         if version == BOOKKEEPING_VERSION:
             return
@@ -2933,10 +3016,53 @@ class Incoming(RowWriter):
                         key=lambda pair: pair[0])
         chunks = [chunk for _rank, group in itertools.groupby(ranked, key=lambda pair: pair[0])
                   for chunk in _chunks([arrival for _r, arrival in group], self.FRESH_CHUNK)]
+        seen = [(raw["t"], raw["id"]) for raw in records if isinstance(raw, dict)
+                and isinstance(raw.get("t"), str) and isinstance(raw.get("id"), str)] \
+            if self.rejoining() else []
+
+        def last() -> None:
+            self.conn.executemany("INSERT OR IGNORE INTO _ccsync_seen (tbl, sid) VALUES (?, ?)",
+                                  seen)
+            if cursor is not None:
+                self._set_cursor(cursor)
+
         self._sliced(chunks, lambda chunk: self._apply_chunk(chunk, result), quiet=True,
-                     last=(lambda: self._set_cursor(cursor)) if cursor is not None
-                     else None)
+                     last=last)
         return result
+
+    def finish_rejoin(self) -> int:
+        """End a rejoin whose pull is done: rows of the synced state the server
+        did not hand out go here too, unless edited here since or needed by a
+        live row (those go out again as new rows).  Returns how many went."""
+        gone = 0
+        for info in reversed(list(self.tables().values())):     # children first
+            rows = self.conn.execute(
+                "SELECT s.sid, s.rid FROM _ccsync_shadow s WHERE s.tbl = ? AND NOT EXISTS "
+                "(SELECT 1 FROM _ccsync_seen n WHERE n.tbl = s.tbl AND n.sid = s.sid)",
+                (info.name,)).fetchall()
+            self._sliced(rows, lambda row, info=info: self._vanish(info, *row), quiet=True)
+            gone += len(rows)
+        with self._write():
+            self.conn.execute("DELETE FROM _ccsync_seen")
+            self.set_meta("rejoin", None)
+        return gone
+
+    def _vanish(self, info: TableInfo, sid: str, rid: int | None) -> None:
+        """A synced row the server no longer has: it goes, or (edited here, or
+        a live row's parent) it becomes a row new to the server."""
+        self.conn.execute("DELETE FROM _ccsync_shadow WHERE tbl = ? AND sid = ?",
+                          (info.name, sid))
+        rid = self._rid_for_sid(info.name, sid) if rid is None else rid
+        if rid is None:
+            return
+        if self._dirty_cells(info.name, rid, sid) or self._needed_by_children(info.name, rid):
+            self.conn.execute("INSERT OR REPLACE INTO _ccsync_dirty (tbl, rid, col, hlc, sid) "
+                              "VALUES (?, ?, ?, ?, ?)",
+                              (info.name, rid, INSERTED, self._hlc_tick(), sid))
+            return
+        self._null_references_to(info.name, rid, sid)
+        self.conn.execute(f"DELETE FROM {_q(info.name)} WHERE rowid = ?", (rid,))
+        self.conn.execute("DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ?", (info.name, rid))
 
     FRESH_CHUNK = 100          # records of one table merged together (one lock slice at most)
 
@@ -3318,12 +3444,15 @@ class Sending(Incoming):
 
     def _outbox_records(self, info: TableInfo, rows: list) -> tuple[list, list]:
         """This device's cells of rows deleted before it sent them (see _keep_lost_edits)."""
-        records, tokens = [], []
+        records, tokens, own = [], [], set(self.own_ids())
         for oid, sid in rows:
             shadow = self._shadow(info.name, sid)
             mine = [r for r in self._shadow_records(info, sid, shadow[1], shadow[2])
-                    if r["dev"] == self.device_id] if shadow else []
-            records.append(mine[0] if mine else None)
+                    if r["dev"] in own] if shadow else []
+            for record in mine[:-1]:           # under an earlier id of this database too
+                records.append(record)
+                tokens.append(Outgoing(info.name, None, {}))
+            records.append(mine[-1] if mine else None)
             tokens.append(Outgoing(info.name, None, {}, outbox=(oid,)))
         return records, tokens
 
@@ -3545,28 +3674,95 @@ CREATE TABLE IF NOT EXISTS device (
     enc_key BLOB NOT NULL, created_at TEXT NOT NULL, last_seen_at TEXT, revoked_at TEXT);
 CREATE TABLE IF NOT EXISTS nonce (value TEXT PRIMARY KEY, at INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS nonce_at ON nonce (at);
+CREATE TABLE IF NOT EXISTS issued (prefix TEXT PRIMARY KEY, device TEXT NOT NULL);
+INSERT OR IGNORE INTO issued (prefix, device) SELECT substr(key_id, 1, 10), name FROM device;
+CREATE TABLE IF NOT EXISTS usage (
+    device TEXT PRIMARY KEY, records INTEGER NOT NULL, bytes INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS recent (
+    device TEXT NOT NULL, minute INTEGER NOT NULL, records INTEGER NOT NULL,
+    bytes INTEGER NOT NULL, PRIMARY KEY (device, minute));
+INSERT INTO usage (device, records, bytes)
+    SELECT coalesce(device, ''), count(*), sum(length(payload) + length(clocks)) FROM change
+    WHERE NOT EXISTS (SELECT 1 FROM meta WHERE key = 'usage') GROUP BY 1;
+INSERT OR IGNORE INTO meta (key, value) VALUES ('usage', 'counted');
+CREATE TABLE IF NOT EXISTS reader (
+    dev TEXT PRIMARY KEY, device TEXT NOT NULL, merged INTEGER NOT NULL, at INTEGER NOT NULL);
 """
 DEVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
 SERVER_MAX_SKEW_MS = MAX_SKEW_S * 1000
+# A device not seen for this long no longer holds collection back; when it
+# comes back it is told to rejoin (see ServerStore.collect).
+FORGET_AFTER_S = 30 * 86400
+COLLECT_EVERY_S = 60.0                  # how often the server collects
+COLLECT_CHUNK = 500                     # rows looked at per collecting transaction
+
+
+@dataclass(frozen=True)
+class Quota:
+    """What one device may store on the server, and push in an hour (0: no limit).
+
+    The defaults hold a cc database many times larger than any seen, and
+    its first sync, so they never stop a normal user; an operator lowers
+    them with the server's --quota-* options.  Stored records are those a
+    device pushed that the server still holds (superseded and collected
+    ones no longer count); an hour's records are all it pushed, its bytes
+    those stored.
+    """
+
+    records: int = 5_000_000
+    bytes: int = 4 * 1024 ** 3
+    hour_records: int = 2_000_000
+    hour_bytes: int = 2 * 1024 ** 3
+    push_records: int = 5000            # in one push (its bytes: the server's --max-body)
+
+
+class QuotaExceeded(Exception):
+    """A push that would take a device past its :class:`Quota` (nothing of it
+    is stored); the message is the reason, ``retry_after`` the seconds until
+    the hourly window allows it (None: only the operator can)."""
+
+    def __init__(self, reason: str, retry_after: int | None = None):
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+def quota_refusal(device: str, quota: Quota, stored: tuple[int, int],
+                  hour: tuple[int, int]) -> str | None:
+    """Why a device with ``stored`` and ``hour`` (records, bytes) after a push
+    that grows them is over ``quota``; None when it is not."""
+    checks = ((stored[0], quota.records, "store {} records", "--quota-records"),
+              (stored[1], quota.bytes, "store {} bytes", "--quota-bytes"),
+              (hour[0], quota.hour_records, "have pushed {} records in the last hour",
+               "--quota-hour-records"),
+              (hour[1], quota.hour_bytes, "have stored {} bytes in the last hour",
+               "--quota-hour-bytes"))
+    for used, limit, what, option in checks:
+        if limit and used > limit:
+            return (f"quota: with this push device {device!r} would {what.format(f'{used:,}')} "
+                    f"(the server's limit is {limit:,}, {option})")
+    return None
 
 
 class ServerStore:
     """The server's change store (SQLite, WAL).  Build one with :meth:`open`."""
 
     def __init__(self, conn: sqlite3.Connection, *, clock: Callable[[], float] = time.time,
-                 max_value: int = MAX_VALUE_BYTES, max_record: int = MAX_RECORD_BYTES):
+                 max_value: int = MAX_VALUE_BYTES, max_record: int = MAX_RECORD_BYTES,
+                 quota: Quota = Quota(), forget_after: float = FORGET_AFTER_S):
         self.conn = conn
         self.clock = clock
-        self.max_value, self.max_record = max_value, max_record
+        self.max_value, self.max_record, self.quota = max_value, max_record, quota
+        self.forget_after = forget_after
 
     @classmethod
     def open(cls, path: str, *, clock: Callable[[], float] = time.time,
              create: bool = True, max_value: int = MAX_VALUE_BYTES,
-             max_record: int = MAX_RECORD_BYTES) -> "ServerStore":
+             max_record: int = MAX_RECORD_BYTES, quota: Quota = Quota()) -> "ServerStore":
         """Open the store at ``path``, creating it (mode 600) unless ``create`` is False.
 
-        ``max_value`` and ``max_record`` bound what a push may store (bytes).
+        ``max_value`` and ``max_record`` bound what a push may store (bytes),
+        ``quota`` what each device may store and push in an hour.
         """
         if not os.path.exists(path):
             if not create:
@@ -3584,7 +3780,7 @@ class ServerStore:
                 _run_script(conn, _SERVER_SQL)
                 conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)",
                              (uuid.uuid4().hex,))
-        return cls(conn, clock=clock, max_value=max_value, max_record=max_record)
+        return cls(conn, clock=clock, max_value=max_value, max_record=max_record, quota=quota)
 
     @functools.cached_property
     def store_id(self) -> str:
@@ -3598,14 +3794,19 @@ class ServerStore:
         """Add a device (or, with ``rotate``, replace its key); returns the new API key."""
         if not DEVICE_NAME_RE.match(name or ""):
             raise UsageError(f"invalid device name {name!r} (letters, digits, . _ @ -)")
-        api_key = new_api_key()
-        keys = DeviceKeys.from_api_key(api_key)
         with transaction(self.conn):
             exists = self.conn.execute("SELECT 1 FROM device WHERE name = ?", (name,)).fetchone()
             if exists and not rotate:
                 raise CcsyncError(f"device {name!r} is already registered",
                                   hint="give each machine its own name, or pass --rotate "
                                        "to issue a new key (the old one stops working)")
+            while True:                 # a key whose ids no earlier key's edits carry
+                api_key = new_api_key()
+                keys = DeviceKeys.from_api_key(api_key)
+                with contextlib.suppress(sqlite3.IntegrityError):
+                    self.conn.execute("INSERT INTO issued (prefix, device) VALUES (?, ?)",
+                                      (author_prefix(keys.key_id), name))
+                    break
             self.conn.execute(
                 "INSERT INTO device (name, key_id, mac_key, enc_key, created_at) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET key_id = excluded.key_id, "
@@ -3657,7 +3858,8 @@ class ServerStore:
             raise RecordRefused("clock ahead of the server (check this device's time)")
         return record
 
-    def push(self, records: list, *, device: str = "", cursor: int | None = None) -> dict:
+    def push(self, records: list, *, device: str = "", cursor: int | None = None,
+             author: str | None = None) -> dict:
         """Store a batch in one transaction; one result per record.
 
         Results are ``{"status": "accepted", "seq": n}``, ``{"status":
@@ -3665,34 +3867,64 @@ class ServerStore:
         column) or ``{"status": "refused", "reason": ...}``.  When the
         device had seen everything before this batch, the answer carries a
         ``cursor`` past the batch so it is not pulled back.
+
+        ``author`` is the pushing key's :func:`author_prefix`: a record under
+        the id of another registered device's key is refused (that device
+        sends its own edits).  Records under ids of no current key are
+        copies a device hands back (a re-seed) and are taken.  None (an
+        in-process caller) checks no authorship.
         """
+        if self.stale(cursor):
+            return {"stale": True, "results": [], "store": self.store_id}
         results = []
         received = iso_utc(self.clock, "microseconds")
-        with transaction(self.conn):
-            before = self._max_seq()
-            parsed: list[Record | RecordRefused] = []
-            for raw in records:
-                try:
-                    parsed.append(self._parse(raw))
-                except RecordRefused as exc:
-                    parsed.append(exc)
-            stored = self._versions([r for r in parsed if isinstance(r, Record)])
-            for item in parsed:
-                if isinstance(item, RecordRefused):
-                    results.append({"status": "refused", "reason": str(item)})
-                else:
-                    results.append(self._store_record(item, device, received, stored))
-            after = self._max_seq()
+        try:
+            with transaction(self.conn):
+                before = self._max_seq()
+                others = self._other_authors(device) if author is not None else {}
+                parsed: list[Record | RecordRefused] = []
+                for raw in records:
+                    try:
+                        parsed.append(self._check_author(self._parse(raw), others))
+                    except RecordRefused as exc:
+                        parsed.append(exc)
+                stored = self._versions([r for r in parsed if isinstance(r, Record)])
+                usage: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+                for item in parsed:
+                    if isinstance(item, RecordRefused):
+                        results.append({"status": "refused", "reason": str(item)})
+                    else:
+                        results.append(self._store_record(item, device, received, stored,
+                                                          usage))
+                self._charge(device, len(records), usage)
+                after = self._max_seq()
+        except QuotaExceeded as exc:            # rolled back: nothing of the push is kept
+            return {"results": [], "quota": str(exc), "retry_after": exc.retry_after,
+                    "store": self.store_id}
         answer = {"results": results, "store": self.store_id}
         if cursor is not None and cursor == before:
             answer["cursor"] = after
         return answer
 
+    def _other_authors(self, device: str) -> dict[str, str]:
+        """Key prefix -> name of every other device whose key works now."""
+        return {author_prefix(key_id): name for key_id, name in self.conn.execute(
+            "SELECT key_id, name FROM device WHERE revoked_at IS NULL AND name != ?", (device,))}
+
+    @staticmethod
+    def _check_author(record: Record, others: dict[str, str]) -> Record:
+        owner = others.get(author_of(record.dev) or "")
+        if owner is not None:
+            raise RecordRefused(f"edits under device id {record.dev} are device {owner!r}'s: "
+                                f"only it sends them")
+        return record
+
     def _max_seq(self) -> int:
         return self.conn.execute("SELECT coalesce(max(seq), 0) FROM change").fetchone()[0]
 
     def _versions(self, records: list[Record]) -> dict[tuple[str, str], list]:
-        """The stored versions of each record's row: (table, id) -> [(seq, dev, clocks)]."""
+        """The stored versions of each record's row: (table, id) -> [(seq, dev,
+        clocks, pushing device, size)]."""
         out: dict[tuple[str, str], list] = {(r.table, r.sid): [] for r in records}
         by_table: dict[str, set] = defaultdict(set)
         for record in records:
@@ -3700,31 +3932,79 @@ class ServerStore:
         for table, sids in by_table.items():
             for chunk in _chunks(sorted(sids), 500):
                 marks = ",".join("?" * len(chunk))
-                for seq, sid, dev, clocks in self.conn.execute(
-                        f"SELECT seq, sid, dev, clocks FROM change WHERE tbl = ? "
+                for seq, sid, dev, clocks, device, size in self.conn.execute(
+                        f"SELECT seq, sid, dev, clocks, coalesce(device, ''), "
+                        f"length(payload) + length(clocks) FROM change WHERE tbl = ? "
                         f"AND sid IN ({marks}) ORDER BY seq", (table, *chunk)):
-                    out[(table, sid)].append((seq, dev, json.loads(clocks)))
+                    out[(table, sid)].append((seq, dev, json.loads(clocks), device, size))
         return out
 
     def _store_record(self, record: Record, device: str, received: str,
-                      stored: dict[tuple[str, str], list]) -> dict:
+                      stored: dict[tuple[str, str], list],
+                      usage: dict[str, list[int]]) -> dict:
         """Store one record unless every column of it is superseded; drop the
-        versions it supersedes.  ``stored`` (from :meth:`_versions`) follows."""
+        versions it supersedes.  ``stored`` (from :meth:`_versions`) follows;
+        ``usage`` gets the (records, bytes) each pushing device gains or loses."""
         existing = stored[(record.table, record.sid)]
         new = (None, record.dev, record.clocks)
-        winners = surviving_versions(existing + [new])
+        winners = surviving_versions([v[:3] for v in existing] + [new])
         if None not in winners:
             return {"status": "superseded"}
+        clocks = json.dumps(record.clocks)
+        payload = json.dumps(record.payload(), separators=(",", ":"))
         cur = self.conn.execute(
             "INSERT INTO change (tbl, sid, dev, clocks, payload, received_at, device) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (record.table, record.sid, record.dev, json.dumps(record.clocks),
-             json.dumps(record.payload(), separators=(",", ":")), received, device))
-        losers = [(seq,) for seq, _dev, _c in existing if seq not in winners]
-        self.conn.executemany("DELETE FROM change WHERE seq = ?", losers)
+            (record.table, record.sid, record.dev, clocks, payload, received, device))
+        losers = [v for v in existing if v[0] not in winners]
+        self.conn.executemany("DELETE FROM change WHERE seq = ?", [(v[0],) for v in losers])
+        for _seq, _dev, _clocks, owner, size in losers:
+            usage[owner][0] -= 1
+            usage[owner][1] -= size
+        size = len(payload) + len(clocks)
+        usage[device][0] += 1
+        usage[device][1] += size
         existing[:] = [v for v in existing if v[0] in winners] + \
-            [(cur.lastrowid, record.dev, record.clocks)]
+            [(cur.lastrowid, record.dev, record.clocks, device, size)]
         return {"status": "accepted", "seq": cur.lastrowid}
+
+    def _charge(self, device: str, pushed: int, usage: dict[str, list[int]]) -> None:
+        """Count a push against the devices' usage; QuotaExceeded when it takes
+        the pushing device past its quota (the caller rolls back)."""
+        self.conn.executemany(
+            "INSERT INTO usage (device, records, bytes) VALUES (?, ?, ?) ON CONFLICT (device) "
+            "DO UPDATE SET records = records + excluded.records, bytes = bytes + excluded.bytes",
+            [(owner, n, size) for owner, (n, size) in usage.items()])
+        minute = int(self.clock()) // 60
+        gained = max(0, usage[device][1])
+        self.conn.execute(
+            "INSERT INTO recent (device, minute, records, bytes) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (device, minute) DO UPDATE SET records = records + excluded.records, "
+            "bytes = bytes + excluded.bytes", (device, minute, pushed, gained))
+        self.conn.execute("DELETE FROM recent WHERE minute <= ?", (minute - 60,))
+        if not pushed:
+            return
+        state = self.usage(device)
+        grows = usage[device][0] > 0 or usage[device][1] > 0   # a push that frees may go
+        reason = quota_refusal(device, self.quota, state["stored"] if grows else (0, 0),
+                               state["hour"])
+        if reason is not None:
+            retry = (state["oldest_minute"] + 61) * 60 - int(self.clock()) \
+                if "hour" in reason else None
+            raise QuotaExceeded(reason, retry)
+
+    def usage(self, device: str) -> dict:
+        """A device's use of its quota: stored (records, bytes), the last
+        hour's (records, bytes), and the limits."""
+        stored = self.conn.execute("SELECT records, bytes FROM usage WHERE device = ?",
+                                   (device,)).fetchone() or (0, 0)
+        minute = int(self.clock()) // 60
+        hour = self.conn.execute(
+            "SELECT coalesce(sum(records), 0), coalesce(sum(bytes), 0), min(minute) "
+            "FROM recent WHERE device = ? AND minute > ?", (device, minute - 60)).fetchone()
+        return {"stored": tuple(stored), "hour": tuple(hour[:2]),
+                "oldest_minute": hour[2] if hour[2] is not None else minute,
+                "limits": asdict(self.quota)}
 
     def pull(self, cursor: int = 0, limit: int = PULL_PAGE, since: str | None = None,
              max_bytes: int = PULL_PAGE_BYTES) -> dict:
@@ -3740,7 +4020,12 @@ class ServerStore:
     def pull_raw(self, cursor: int = 0, limit: int = PULL_PAGE, since: str | None = None,
                  max_bytes: int = PULL_PAGE_BYTES) -> dict:
         """:meth:`pull` with the records as :class:`RawJSON`: the stored text
-        as it is, never parsed and written again."""
+        as it is, never parsed and written again.  A device that merged too
+        little to catch up (see :meth:`stale`) gets ``"stale": true`` instead."""
+        through = self.collected_through()     # read first: what it covers exists by now
+        if self.stale(cursor, through):
+            return {"stale": True, "records": RawJSON("[]"), "cursor": int(cursor),
+                    "more": False, "store": self.store_id}
         query = "SELECT seq, tbl, sid, dev, clocks, payload FROM change WHERE seq > ?"
         args: list[Any] = [int(cursor)]
         if since is not None:
@@ -3757,8 +4042,91 @@ class ServerStore:
             f'{{"t":{json.dumps(r["tbl"])},"id":{json.dumps(r["sid"])},'
             f'"dev":{json.dumps(r["dev"])},"c":{r["clocks"]},"p":{r["payload"]}}}'
             for r in rows) + "]")
-        return {"records": records, "cursor": rows[-1]["seq"] if rows else int(cursor),
+        last = rows[-1]["seq"] if rows else int(cursor)
+        # Past the end, a device is past what was collected too (else it
+        # would look stale once the collected records were the newest).
+        return {"records": records, "cursor": last if more else max(last, through),
                 "more": more, "store": self.store_id}
+
+    # -- collection: deleted rows go once every device has merged their delete --
+
+    def note_reader(self, device: str, author: str, dev: Any, merged: Any) -> None:
+        """Remember that device id ``dev`` (of the key with prefix ``author``)
+        has merged everything up to ``merged``, with every edit it made
+        before that sent: it holds collection back no further."""
+        if not (isinstance(dev, str) and author_of(dev) == author and isinstance(merged, int)
+                and 0 <= merged < 2 ** 63):
+            return                      # only a key's own ids report for it
+        with transaction(self.conn):
+            self.conn.execute(
+                "INSERT INTO reader (dev, device, merged, at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (dev) DO UPDATE SET merged = excluded.merged, at = excluded.at",
+                (dev, device, merged, int(self.clock())))
+
+    def collected_through(self) -> int:
+        """Deleted rows whose records all lie at or before this sequence number
+        may be gone: a device that merged less must rejoin (see :meth:`stale`)."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'collected'").fetchone()
+        return int(row[0]) if row else 0
+
+    def stale(self, cursor: Any, through: int | None = None) -> bool:
+        """True when a device that merged up to ``cursor`` may have missed a
+        delete (collected since, up to ``through``): it must rejoin.  Cursor 0
+        starts afresh."""
+        through = self.collected_through() if through is None else through
+        return isinstance(cursor, int) and 0 < cursor < through
+
+
+    def horizon(self) -> int:
+        """The sequence number every device seen lately has merged up to (0: none)."""
+        row = self.conn.execute(
+            "SELECT min(r.merged) FROM reader r JOIN device d ON d.name = r.device "
+            "WHERE d.revoked_at IS NULL AND r.at >= ?",
+            (int(self.clock() - self.forget_after),)).fetchone()
+        return row[0] or 0
+
+    def collect(self, stop: threading.Event | None = None) -> int:
+        """Drop the deleted rows every device seen lately has merged the
+        delete of, a chunk per transaction (pushes go between); returns how
+        many rows went.  The tombstone goes with the row's other records."""
+        horizon = self.horizon()
+        if horizon <= self.collected_through():
+            return 0
+        with transaction(self.conn):        # first: whoever merged less is stale from now
+            self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('collected', ?)",
+                              (str(horizon),))
+        done, after = 0, 0
+        while stop is None or not stop.is_set():
+            chunk = self.conn.execute(
+                "SELECT seq, tbl, sid FROM change WHERE seq > ? AND seq <= ? ORDER BY seq "
+                "LIMIT ?", (after, horizon, COLLECT_CHUNK)).fetchall()
+            with transaction(self.conn):
+                done += self._collect_rows({(t, sid) for _seq, t, sid in chunk}, horizon)
+            if len(chunk) < COLLECT_CHUNK:
+                break
+            after = chunk[-1][0]
+        return done
+
+    def _collect_rows(self, rows: set[tuple[str, str]], horizon: int) -> int:
+        """Delete those of ``rows`` that read as deleted and whose records every
+        device has merged; returns how many went."""
+        gone, freed = 0, defaultdict(lambda: [0, 0])
+        for table, sid in rows:
+            versions = self.conn.execute(
+                "SELECT seq, dev, clocks, coalesce(device, ''), "
+                "length(payload) + length(clocks) FROM change WHERE tbl = ? AND sid = ?",
+                (table, sid)).fetchall()
+            if not versions or max(v[0] for v in versions) > horizon or not versions_deleted(
+                    [(dev, json.loads(clocks)) for _seq, dev, clocks, _o, _s in versions]):
+                continue
+            self.conn.execute("DELETE FROM change WHERE tbl = ? AND sid = ?", (table, sid))
+            gone += 1
+            for _seq, _dev, _clocks, owner, size in versions:
+                freed[owner][0] += 1
+                freed[owner][1] += size
+        self.conn.executemany("UPDATE usage SET records = records - ?, bytes = bytes - ? "
+                              "WHERE device = ?", [(n, b, d) for d, (n, b) in freed.items()])
+        return gone
 
     def stats(self) -> dict:
         """Counts for status output: records held and the newest sequence number."""
@@ -3786,8 +4154,10 @@ def _json_body(data: dict) -> bytes:
 
 
 def _op_hello(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
+    usage = store.usage(device["name"])
     return {"device": device["name"], "server_time": store.clock(), "version": __version__,
-            "seq": store.stats()["seq"], "store": store.store_id}
+            "seq": store.stats()["seq"], "store": store.store_id,
+            "usage": {k: usage[k] for k in ("stored", "hour", "limits")}}
 
 
 def _op_push(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
@@ -3795,9 +4165,11 @@ def _op_push(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
     if not isinstance(records, list) or not (cursor is None or (
             isinstance(cursor, int) and 0 <= cursor < 2 ** 63)):
         raise HttpError(400, "bad_request", "push needs a list of records")
-    if len(records) > MAX_PUSH_RECORDS:
-        raise HttpError(413, "too_large", f"at most {MAX_PUSH_RECORDS} records per push")
-    return store.push(records, device=device["name"], cursor=cursor)
+    if store.quota.push_records and len(records) > store.quota.push_records:
+        raise HttpError(413, "too_large", f"at most {store.quota.push_records} records per push "
+                                          f"(the server's --max-push-records)")
+    return store.push(records, device=device["name"], cursor=cursor,
+                      author=author_prefix(device["key_id"]))
 
 
 def _op_pull(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
@@ -3813,13 +4185,14 @@ def _op_pull(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
             since = since_key(since[:64])
         except (ValueError, OverflowError):
             raise HttpError(400, "bad_request", "since is not an ISO 8601 timestamp") from None
+    store.note_reader(device["name"], author_prefix(device["key_id"]), payload.get("dev"),
+                      payload.get("merged"))
     return store.pull_raw(cursor, min(limit, MAX_PULL_PAGE), since,
                           min(max_bytes, PULL_PAGE_BYTES))
 
 
 SERVER_POLL_S = 0.05                   # how soon serve_forever notices shutdown()
 OPERATIONS = {"/v1/hello": _op_hello, "/v1/push": _op_push, "/v1/pull": _op_pull}
-MAX_PUSH_RECORDS = 5000
 MAX_PULL_PAGE = 5000
 # What bounds the server (see SyncServer): every figure is per connection.
 MAX_CONNECTIONS = 64                   # served at once, a thread each; more go to the door
@@ -4303,10 +4676,12 @@ class SyncServer(http.server.ThreadingHTTPServer):
                  clock: Callable[[], float] = time.time, tls: ssl.SSLContext | None = None,
                  log: Callable[[str], None] | None = None, max_value: int = MAX_VALUE_BYTES,
                  max_record: int = MAX_RECORD_BYTES, max_connections: int = MAX_CONNECTIONS,
-                 idle_timeout: float = IDLE_TIMEOUT_S):
+                 idle_timeout: float = IDLE_TIMEOUT_S, quota: Quota = Quota(),
+                 forget_after: float = FORGET_AFTER_S, collect_every: float = COLLECT_EVERY_S):
         ServerStore.open(data_path, clock=clock).conn.close()     # create schema once
         self.data_path, self.max_body, self.request_timeout = data_path, max_body, request_timeout
-        self.max_value, self.max_record = max_value, max_record
+        self.max_value, self.max_record, self.quota = max_value, max_record, quota
+        self.forget_after, self.collect_every = forget_after, collect_every
         self.max_connections, self.idle_timeout = max_connections, idle_timeout
         self.clock, self._log = clock, log
         self.protocol = PROTOCOL            # the sync protocol this server speaks
@@ -4324,6 +4699,7 @@ class SyncServer(http.server.ThreadingHTTPServer):
         super().__init__(address, _Handler)
         self._reaper = threading.Thread(target=self._reap, name="ccsync-reaper", daemon=True)
         self._reaper.start()
+        threading.Thread(target=self._collect, name="ccsync-collector", daemon=True).start()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         """Accept a connection (TLS-wrapped, handshake deferred)."""
@@ -4412,6 +4788,18 @@ class SyncServer(http.server.ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"{'https' if self._tls else 'http'}://{host}:{port}"
 
+    def _collect(self) -> None:
+        """Every ``collect_every`` seconds, drop what every device has merged."""
+        while not self._closing.wait(self.collect_every):
+            try:
+                with self.store() as store:
+                    gone = store.collect(self._closing)
+            except (sqlite3.Error, CcsyncError) as exc:
+                self.log(f"collecting deleted rows failed (tried again later): {exc}")
+                continue
+            if gone:
+                self.log(f"collected {gone} deleted row(s) every device has merged")
+
     @contextlib.contextmanager
     def store(self) -> Iterator[ServerStore]:
         """A pooled ServerStore connection for one request."""
@@ -4419,7 +4807,9 @@ class SyncServer(http.server.ThreadingHTTPServer):
             store = self._pool.get_nowait()
         except queue.Empty:
             store = ServerStore.open(self.data_path, clock=self.clock, create=False,
-                                     max_value=self.max_value, max_record=self.max_record)
+                                     max_value=self.max_value, max_record=self.max_record,
+                                     quota=self.quota)
+            store.forget_after = self.forget_after
         try:
             yield store
         finally:
@@ -4536,6 +4926,11 @@ class Client:
         self._served = 0                # requests the open connection has answered
         self._lock = threading.Lock()
 
+    @property
+    def author(self) -> str:
+        """The :func:`author_prefix` of this device's key."""
+        return author_prefix(self.keys.key_id)
+
     def hello(self) -> dict:
         """An authenticated no-op: who am I to the server, and its time."""
         return self._request("/v1/hello", {"time": self.clock()})
@@ -4544,14 +4939,17 @@ class Client:
         """Send records; the server's per-record results (see ServerStore.push)."""
         return self._request("/v1/push", {"records": records, "cursor": cursor})
 
-    def pull(self, cursor: int, limit: int = PULL_PAGE, since: str | None = None) -> dict:
+    def pull(self, cursor: int, limit: int = PULL_PAGE, since: str | None = None,
+             report: dict | None = None) -> dict:
         """One page of records after ``cursor`` (see ServerStore.pull).
 
         A smaller ``limit`` also asks for proportionally fewer bytes, so a
-        device that got an answer too large can shrink its pages.
+        device that got an answer too large can shrink its pages.  ``report``
+        ({"dev", "merged"}) tells the server how far this device has merged
+        (see ServerStore.note_reader).
         """
         return self._request("/v1/pull", {"cursor": cursor, "limit": limit, "since": since,
-                                          "max_bytes": page_bytes(limit)})
+                                          "max_bytes": page_bytes(limit), **(report or {})})
 
     def close(self) -> None:
         """Close the kept-alive connection, if any (the next request opens one).
@@ -4715,17 +5113,22 @@ class LocalTransport:
     Records go through a JSON round trip, as they would on the wire.
     """
 
-    def __init__(self, server: ServerStore, device: str = "local"):
+    def __init__(self, server: ServerStore, device: str = "local", author: str | None = None):
         self.server = server
         self.device = device
+        self.author = author            # a key prefix: authorship is checked as over HTTP
 
     def push(self, records: list[dict], cursor: int | None = None) -> dict:
         """Send records to the in-process server store."""
         wire = json.loads(json.dumps(records))
-        return json.loads(json.dumps(self.server.push(wire, device=self.device, cursor=cursor)))
+        return json.loads(json.dumps(self.server.push(wire, device=self.device, cursor=cursor,
+                                                      author=self.author)))
 
-    def pull(self, cursor: int, limit: int = PULL_PAGE, since: str | None = None) -> dict:
+    def pull(self, cursor: int, limit: int = PULL_PAGE, since: str | None = None,
+             report: dict | None = None) -> dict:
         """One page of records from the in-process server store."""
+        if report and self.author:
+            self.server.note_reader(self.device, self.author, report["dev"], report["merged"])
         return json.loads(json.dumps(self.server.pull(cursor, limit, since, page_bytes(limit))))
 
 
@@ -4742,6 +5145,8 @@ class SyncResult:
     waiting: int = 0                # rows still waiting for a parent after the pull
     reseeded: int = 0               # records re-sent to a new server store
     backup: str | None = None       # the backup made before ccsync's first change
+    quota: str | None = None        # why the server took no more of this push
+    rejoined: int = 0               # rows gone here in a rejoin (collected on the server)
 
     def as_dict(self) -> dict:
         """The counts as a JSON-ready dict (the ``--json`` output)."""
@@ -4750,7 +5155,7 @@ class SyncResult:
                 "received": self.pulled.received, "applied": self.pulled.applied,
                 "rejected": dict(self.pulled.refused), "kept_aside": self.pulled.aside,
                 "waiting_for_parent": self.waiting, "reseeded": self.reseeded,
-                "backup": self.backup}
+                "backup": self.backup, "quota": self.quota, "rejoined": self.rejoined}
 
 
 class SyncCancelled(CcsyncError):
@@ -4836,11 +5241,19 @@ def push_changes(store: Store, transport: Any, result: SyncResult,
                 following = None
                 continue
             sending = None
+            if answer.get("stale"):         # nothing stored: catch up first (sync_once)
+                raise StaleDevice("this device was away longer than the server keeps deletes")
+            if "quota" in answer:           # nothing of it was stored: it all stays pending
+                result.quota = str(answer["quota"])[:300]
+                store.note_push_refused(result.quota)
+                return
             # A fast-forward cursor from a store this device does not know is not
             # ours; the pull that follows notices the new store and re-seeds it.
             trusted = not store.server_changed(answer.get("store"))
             counts, reasons = store.ack(batch, answer.get("results", []),
                                         answer.get("cursor") if trusted else None)
+            if result.sent == 0:
+                store.note_push_refused(None)
             result.sent += len(records)
             result.accepted += counts.get("accepted", 0)
             result.superseded += counts.get("superseded", 0)
@@ -4851,17 +5264,26 @@ def push_changes(store: Store, transport: Any, result: SyncResult,
             sending.settle(transport)   # short is sent again next time: pushes are idempotent)
 
 
+class StaleDevice(Exception):
+    """The server collected deletes this device has not merged: it rejoins."""
+
+
 def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: int = PULL_PAGE,
                  since: str | None = None, max_pages: int = 10 ** 6,
-                 stop: threading.Event | None = None) -> None:
+                 stop: threading.Event | None = None, report: bool = False) -> None:
     """Fetch and merge pages until the server has nothing newer.
 
     The next page is fetched while this one merges.  With ``since``, the
     pull starts from the beginning but only asks for changes the server
-    received after that time; the cursor is not moved.
+    received after that time; the cursor is not moved.  With ``report``
+    (every edit made here is on the server), the first request says how
+    far this device had merged, so the server may collect what all
+    devices have.  A device the server finds stale, or one rejoining,
+    pulls everything and then ends its rejoin (Store.finish_rejoin).
     """
     cursor = 0 if since else store.cursor
-    fetching = _InFlight(transport.pull, cursor, page_size, since)
+    told = {"dev": store.device_id, "merged": cursor} if report and not since else None
+    fetching = _InFlight(transport.pull, cursor, page_size, since, *([told] if told else []))
     try:
         for _ in range(max_pages):
             _check_stop(stop)
@@ -4880,11 +5302,21 @@ def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: in
                 cursor = 0
                 fetching = _InFlight(transport.pull, cursor, page_size, since)
                 continue
+            if page.get("stale"):
+                fetching = None
+                LOG.warning("this device was away longer than the server keeps deletes: "
+                            "pulling everything again")
+                store.start_rejoin()
+                cursor = 0
+                fetching = _InFlight(transport.pull, cursor, page_size, since)
+                continue
             records, cursor = page.get("records", []), int(page.get("cursor", cursor))
             fetching = _InFlight(transport.pull, cursor, page_size, since) \
                 if page.get("more") else None
             result.pulled.add(store.apply_page(records, None if since else cursor))
             if fetching is None:
+                if store.rejoining() and not since:
+                    result.rejoined += store.finish_rejoin()
                 result.waiting = store.resolve_pending()
                 return
     finally:
@@ -4918,12 +5350,25 @@ def sync_once(store: Store, transport: Any, *, push: bool = True, pull: bool = T
     batch and page is its own transaction, so stopping never leaves half.
     """
     result = SyncResult(stamped=store.prepare(), backup=store.backup_path)
+    if getattr(transport, "author", None):
+        store.take_author(transport.author)
     try:
+        if store.rejoining():           # a copy, or an interrupted rejoin: catch up first
+            pull_changes(store, transport, result, page_size, stop=stop)
         if push:
-            push_changes(store, transport, result, batch_size, stop)
+            try:
+                push_changes(store, transport, result, batch_size, stop)
+            except StaleDevice:
+                LOG.warning("this device was away longer than the server keeps deletes: "
+                            "pulling everything again before it sends its edits")
+                store.start_rejoin()
+                pull_changes(store, transport, result, page_size, stop=stop)
+                push_changes(store, transport, result, batch_size, stop)
         if pull:
             result.pulled.add(store.retry_held())
-            pull_changes(store, transport, result, page_size, since, stop=stop)
+            every_edit_sent = push and result.quota is None and not result.refused
+            pull_changes(store, transport, result, page_size, since, stop=stop,
+                         report=every_edit_sent)
     finally:
         if hasattr(transport, "close"):     # the connection lives as long as one sync
             transport.close()
@@ -5511,6 +5956,10 @@ def _cmd_sync(args: argparse.Namespace, *, push: bool, pull: bool) -> int:
     result = run_sync(store, client, push=push, pull=pull, since=since)
     _emit(args, result.as_dict(), summary_lines(result, push=push, pull=pull))
     refused = sum(result.refused.values())
+    if result.quota:
+        raise RemoteError(f"the server took no more of this push: {result.quota}",
+                          hint="the rows stay pending and go once the server allows; "
+                               "its operator sets the limits (`ccsync server --help`)")
     if refused:
         raise CcsyncError(f"the server refused {refused} row(s); they stay pending",
                           hint="`ccsync status` shows each row and the reason")
@@ -5549,6 +5998,8 @@ def server_state(config: Config, clock: Callable[[], float] = time.time) -> dict
         return {**state, "state": names.get(exc.kind, "unreachable"), "detail": str(exc)}
     skew = float(info.get("server_time", clock())) - clock()
     state.update(state="connected", device=info.get("device"), skew_seconds=round(skew, 1))
+    if isinstance(info.get("usage"), dict):
+        state["usage"] = info["usage"]
     if abs(skew) > 60:
         state.update(state="clock skewed", detail=f"this clock is {-skew:+.0f} s off the server's")
     return state
@@ -5564,6 +6015,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "waiting_for_parent": store.pending_references(),
             "last_sync": store.meta("last_sync") if installed else None,
             "last_error": store.meta("last_error") if installed else None,
+            "push_refused": store.meta("push_refused") if installed else None,
             "server": server_state(load_config(os.environ))}
     _emit(args, data, status_lines(data))
     return EXIT_OK
@@ -5588,12 +6040,28 @@ def status_lines(data: dict) -> list[str]:
     lines.append(f"last sync: {data['last_sync'] or 'never'}")
     if data["last_error"]:
         lines.append(f"last error: {data['last_error']}")
+    if data["push_refused"]:
+        lines.append(f"push refused by the server since {data['push_refused']}")
     server = data["server"]
     where = f" ({server['url']})" if server.get("url") else ""
     detail = f": {server['detail']}" if server.get("detail") else ""
     device = f" as '{server['device']}'" if server.get("device") else ""
     lines.append(f"server: {server['state']}{device}{where}{detail}")
+    if server.get("usage"):
+        with contextlib.suppress(KeyError, TypeError, ValueError, IndexError):
+            lines.append(usage_line(server["usage"]))
     return lines
+
+
+def usage_line(usage: dict) -> str:
+    """This device's use of its server quota, for humans."""
+    def part(used: int, limit: int, unit: str) -> str:
+        return f"{used:,} {unit}" + (f" of {limit:,}" if limit else "")
+    stored, hour, limits = usage["stored"], usage["hour"], usage["limits"]
+    return (f"quota: stores {part(stored[0], limits['records'], 'records')}, "
+            f"{part(stored[1], limits['bytes'], 'bytes')}; last hour "
+            f"{part(hour[0], limits['hour_records'], 'records')}, "
+            f"{part(hour[1], limits['hour_bytes'], 'bytes')}")
 
 
 def cmd_server(args: argparse.Namespace) -> int:
@@ -5605,7 +6073,10 @@ def cmd_server(args: argparse.Namespace) -> int:
                             request_timeout=args.timeout, log=_log_line,
                             max_value=args.max_value, max_record=args.max_record,
                             max_connections=args.max_connections,
-                            idle_timeout=args.idle_timeout)
+                            idle_timeout=args.idle_timeout, quota=Quota(
+                                args.quota_records, args.quota_bytes, args.quota_hour_records,
+                                args.quota_hour_bytes, args.max_push_records),
+                            forget_after=args.forget_after * 86400.0)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
                           ) from None
@@ -5938,6 +6409,18 @@ def _connections(text: str) -> int:
     return int(text)
 
 
+def _days(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 3650:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days from 1 to 3650")
+    return int(text)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) >= 2 ** 62:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (0: no limit)")
+    return int(text)
+
+
 def _add_server_parser(sub: Any) -> None:
     p = sub.add_parser("server", help="run the sync server")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
@@ -5959,6 +6442,21 @@ def _add_server_parser(sub: Any) -> None:
                    help="largest single value a push may store (default: 4 MiB)")
     p.add_argument("--max-record", type=int, default=MAX_RECORD_BYTES, metavar="BYTES",
                    help="largest record a push may store (default: 16 MiB)")
+    limits = Quota()
+    for option, default, what in (
+            ("--max-push-records", limits.push_records, "records in one push"),
+            ("--quota-records", limits.records, "records one device may store"),
+            ("--quota-bytes", limits.bytes, "bytes one device may store"),
+            ("--quota-hour-records", limits.hour_records,
+             "records one device may push in an hour"),
+            ("--quota-hour-bytes", limits.hour_bytes,
+             "bytes one device may store in an hour")):
+        p.add_argument(option, type=_count, default=default, metavar="N",
+                       help=f"{what} (default: {default:,}; 0: no limit)")
+    p.add_argument("--forget-after", type=_days, default=FORGET_AFTER_S // 86400,
+                   metavar="DAYS", help="a device not seen for this long no longer holds back "
+                                        "the collection of deleted rows; it catches up from "
+                                        "the start when it returns (default: 30)")
     _flags(p, db=False, data=True)
     p.set_defaults(func=cmd_server)
 

@@ -1,0 +1,194 @@
+"""Collection on the server: deleted rows go once every device has merged the delete.
+
+Devices report how far they have merged (with every edit made before that
+sent); the server drops a deleted row, tombstone and all, when every
+device seen lately is past its records.  A device away longer than the
+server's --forget-after, or a copy of a database made before a
+collection, catches up from the start ("rejoins"): rows the server no
+longer has go there too, unless edited there since (those come back as
+new rows).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import time
+
+import ccsync
+from conftest import Device
+from test_transport import register, start_server  # noqa: F401  (fixture)
+
+DAY = 86400.0
+
+
+class Clock:
+    def __init__(self):
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def keyed(server: ccsync.ServerStore, name: str, key: str | None = None):
+    key = key or server.register(name)
+    prefix = ccsync.author_prefix(ccsync.DeviceKeys.from_api_key(key).key_id)
+    return ccsync.LocalTransport(server, name, author=prefix), key
+
+
+def devices(tmp_path, server, *names):
+    made = []
+    for name in names:
+        device = Device(tmp_path / f"{name}.db", server, name)
+        device.transport, device.key = keyed(server, name)
+        made.append(device)
+    return made
+
+
+def projects(device, *names):
+    for name in names:
+        device.sql("INSERT INTO project (name, main_branch) VALUES (?, 'main')", name)
+
+
+def held(server) -> set[str]:
+    """The project names the server holds any record of."""
+    names = set()
+    for (payload,) in server.conn.execute("SELECT payload FROM change WHERE tbl = 'project'"):
+        names.add(ccsync.json.loads(payload)["k"].get("name"))
+    return names
+
+
+def names(device) -> set[str]:
+    return {n for (n,) in device.sql("SELECT name FROM project")}
+
+
+def sync_all(*devs, rounds: int = 2):
+    for _ in range(rounds):
+        for device in devs:
+            result = device.sync()
+            assert result.quota is None and not result.refused
+
+
+def test_a_deleted_row_goes_once_every_device_has_merged_its_delete(tmp_path):
+    server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
+    a, b = devices(tmp_path, server, "a", "b")
+    projects(a, "p1", "p2", "p3")
+    sync_all(a, b)
+    a.sql("DELETE FROM project WHERE name = 'p1'")
+    a.sync()
+    assert server.collect() == 0                # b has not merged the delete
+    b.sync()
+    assert server.collect() == 0                # ... and has not said so yet
+    sync_all(a, b)
+
+    before = server.stats()["records"]
+    assert server.collect() == 1
+    assert held(server) == {"p2", "p3"}
+    assert server.stats()["records"] == before - 2       # the row and its tombstone
+    assert server.collect() == 0
+    c = Device(tmp_path / "c.db", server, "c")
+    c.transport, c.key = keyed(server, "c")
+    sync_all(a, b, c)
+    assert a.snapshot() == b.snapshot() == c.snapshot()
+    assert names(c) == {"p2", "p3"}
+    usage = dict(server.conn.execute("SELECT device, records FROM usage"))
+    counted = dict(server.conn.execute("SELECT device, count(*) FROM change GROUP BY device"))
+    assert {d: n for d, n in usage.items() if n} == counted
+
+
+def test_a_device_away_too_long_rejoins_and_keeps_its_own_edits(tmp_path):
+    clock = Clock()
+    server = ccsync.ServerStore.open(str(tmp_path / "server.db"), clock=clock)
+    a, b, c = devices(tmp_path, server, "a", "b", "c")
+    projects(a, "p1", "p2", "p3")
+    sync_all(a, b, c)
+    c.sql("UPDATE project SET main_branch = 'c-work' WHERE name = 'p1'")   # c goes offline
+    a.sql("DELETE FROM project WHERE name IN ('p1', 'p3')")
+    sync_all(a, b)
+    assert server.collect() == 0                # c still holds collection back
+
+    clock.now += 31 * DAY
+    sync_all(a, b)
+    assert server.collect() == 2
+    assert held(server) == {"p2"}
+
+    back = c.sync()                             # told it is stale; rejoins
+    assert back.rejoined == 2 and back.quota is None
+    sync_all(a, b, c)
+    assert a.snapshot() == b.snapshot() == c.snapshot()
+    assert names(a) == {"p1", "p2"}             # p1 came back with c's edit, p3 stays gone
+    assert a.sql("SELECT main_branch FROM project WHERE name = 'p1'") == [("c-work",)]
+    assert not c.store.rejoining()
+
+
+def test_a_copy_of_a_database_made_before_a_collection_loses_the_collected_rows(tmp_path):
+    server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
+    a, b = devices(tmp_path, server, "a", "b")
+    projects(a, "p1", "p2")
+    sync_all(a, b)
+    copy = tmp_path / "elsewhere" / "a.db"
+    copy.parent.mkdir()
+    a.cc.execute("VACUUM INTO ?", (str(copy),))
+    a.sql("DELETE FROM project WHERE name = 'p1'")
+    sync_all(a, b)
+    assert server.collect() == 1
+
+    moved = Device(copy, server, "a")
+    moved.transport, _ = keyed(server, "a", a.key)
+    moved.sync()
+    sync_all(a, b, moved)
+    assert names(moved) == {"p2"}
+    assert moved.snapshot() == a.snapshot() == b.snapshot()
+    assert moved.store.device_id != a.store.device_id
+    moved.store.conn.close()
+
+
+def test_a_device_cannot_report_for_another_devices_id(tmp_path):
+    server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
+    a, b = devices(tmp_path, server, "a", "b")
+    projects(a, "p1")
+    sync_all(a, b)
+    a.sql("DELETE FROM project")
+    a.sync()
+    server.note_reader("a", a.transport.author, b.store.device_id, 10 ** 9)
+    assert server.collect() == 0
+    assert dict(server.conn.execute("SELECT dev, merged FROM reader"))[b.store.device_id] < 10
+
+
+def test_a_stale_push_stores_nothing(tmp_path):
+    clock = Clock()
+    server = ccsync.ServerStore.open(str(tmp_path / "server.db"), clock=clock)
+    a, b = devices(tmp_path, server, "a", "b")
+    projects(a, "p1", "p2")
+    sync_all(a, b)
+    old = b.store.cursor
+    a.sql("DELETE FROM project WHERE name = 'p1'")
+    clock.now += 31 * DAY
+    sync_all(a)
+    assert server.collect() == 1
+    before = server.stats()
+    answer = b.transport.push([], old)
+    assert answer["stale"] is True and server.stats() == before
+    assert b.transport.pull(old)["stale"] is True
+
+
+def test_the_running_server_collects_on_its_own(tmp_path, start_server):
+    srv = start_server(collect_every=0.1)
+    a = Device(tmp_path / "a.db", None, "a")
+    b = Device(tmp_path / "b.db", None, "b")
+    a.transport = ccsync.Client(srv.url, register(srv, "a"))
+    b.transport = ccsync.Client(srv.url, register(srv, "b"))
+    projects(a, "p1", "p2")
+    sync_all(a, b)
+    a.sql("DELETE FROM project WHERE name = 'p1'")
+    sync_all(a, b, rounds=3)
+    for _ in range(100):
+        if any("collected 1 deleted row" in line for line in srv.lines):
+            break
+        time.sleep(0.05)
+    assert any("collected 1 deleted row" in line for line in srv.lines), srv.lines
+    conn = sqlite3.connect(srv.data_path)
+    assert conn.execute("SELECT count(*) FROM change WHERE tbl = 'project'").fetchone() == (1,)
+    conn.close()
+    assert names(a) == names(b) == {"p2"}
+    shutil.rmtree(tmp_path / "a.db", ignore_errors=True)
