@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 .PHONY: test pyz bench bench-store stress demo clean venv hunt
 
 test: $(STAMP)
-	$(VENV_PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(VENV_PY) tests/run_parallel.py $(PYTEST_ARGS)
 
 venv: $(STAMP)
 
@@ -37,11 +37,13 @@ hunt: $(STAMP)
 		tests/test_fuzz_records.py tests/test_property.py
 
 # Long forms: cc's writer during 100,000-row syncs, then the attacks on the server
-# (floods of 1,000 sockets, junk connections, oversized heads, deadlines).
+# (floods of 1,000 sockets, junk connections, oversized heads, deadlines, 50 clients
+# for 60 s with /health polled, 10,000 hostile HTTP cases).
 stress: $(STAMP)
 	$(VENV_PY) bench/stress_lockout.py --rows 100000 --modes delete,wal
 	$(VENV_PY) -m pytest -q -s tests/stress_server_door.py tests/stress_server_junk.py \
-		tests/stress_server_memory.py tests/stress_server_deadlines.py
+		tests/stress_server_memory.py tests/stress_server_deadlines.py \
+		tests/stress_clients.py tests/stress_hostile.py
 	CCSYNC_BIG_ROWS=100000 CCSYNC_SMALL_BATCH_SEEDS=30 $(VENV_PY) -m pytest -q \
 		tests/test_transport.py -k big_first_sync tests/test_small_batches.py
 

@@ -3815,9 +3815,13 @@ class ServerStore:
         return api_key
 
     def devices(self) -> list[dict]:
-        """Registered devices with created, last-seen and revoked times."""
+        """Registered devices with created, last-seen and revoked times, the
+        records and bytes each stores, and how far it has merged."""
         return [dict(r) for r in self.conn.execute(
-            "SELECT name, created_at, last_seen_at, revoked_at FROM device ORDER BY name")]
+            "SELECT d.name, d.created_at, d.last_seen_at, d.revoked_at, "
+            "coalesce(u.records, 0) AS records, coalesce(u.bytes, 0) AS bytes, "
+            "(SELECT max(merged) FROM reader r WHERE r.device = d.name) AS merged "
+            "FROM device d LEFT JOIN usage u ON u.device = d.name ORDER BY d.name")]
 
     def revoke(self, name: str) -> None:
         """Disable a device's key."""
@@ -4420,7 +4424,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def handle_one_request(self) -> None:
         self.server.watch(self.connection, self.server.idle_timeout)
         body_file = self.rfile
-        self.rfile = _Bounded(body_file, MAX_HEAD)     # the request line and headers
+        # The request line and headers; one byte over, so that http.server
+        # sees a request line longer than 64 KiB as such (414).
+        self.rfile = _Bounded(body_file, MAX_HEAD + 1)
         try:
             super().handle_one_request()
         finally:
@@ -4432,6 +4438,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def parse_request(self) -> bool:
         ok = super().parse_request()
         self.rfile = getattr(self.rfile, "raw_file", self.rfile)   # the body: unbounded
+        if self.request_version == "HTTP/0.9":    # answered with a status line all the same
+            self.request_version, self.close_connection = "HTTP/1.0", True
         return ok
 
     def __getattr__(self, name: str) -> Any:
@@ -6118,7 +6126,8 @@ def cmd_register(args: argparse.Namespace) -> int:
 def cmd_devices(args: argparse.Namespace) -> int:
     """devices: list registered devices with their last-seen time."""
     devices = ServerStore.open(resolve_server_data(args.data), create=False).devices()
-    lines = [f"{d['name']:<20} last seen {d['last_seen_at'] or 'never':<22}"
+    lines = [f"{d['name']:<20} last seen {d['last_seen_at'] or 'never':<22} "
+             f"stores {d['records']:,} records, {d['bytes']:,} bytes"
              f"{' REVOKED ' + d['revoked_at'] if d['revoked_at'] else ''}" for d in devices]
     _emit(args, {"devices": devices}, lines or ["no devices registered"])
     return EXIT_OK

@@ -135,19 +135,23 @@ def test_sync_and_status_say_why_the_server_took_no_more(tmp_path):
     try:
         dev = CliDevice(tmp_path, "laptop")
         dev.setup(srv.url, srv.register("laptop"))
-        for name in ("p1", "p2", "p3"):
+        for name in ("p1", "p2"):
             dev.sql("INSERT INTO project (name) VALUES (?)", name)
+        assert dev.json("sync")["accepted"] == 2
+        assert srv.devices()["laptop"]["records"] == 2
+        dev.sql("INSERT INTO project (name) VALUES ('p3')")
 
         assert_error(dev.cli("sync"), 1, "took no more of this push", "--quota-records",
                      quiet_stdout=False)
 
         status = dev.json("status")
         assert "would store 3 records" in status["push_refused"]
-        assert status["pending"]["project"]["insert"] == 3
+        assert status["pending"]["project"]["insert"] == 1
         assert status["server"]["usage"]["limits"]["records"] == 2
         text = dev.ok("status").stdout
         assert "push refused by the server since" in text
-        assert "quota: stores 0 records of 2" in text
+        assert "quota: stores 2 records of 2" in text
+        assert "stores 2 records" in srv.admin("devices").stdout
         dev.close()
     finally:
         srv.stop()
