@@ -38,12 +38,14 @@ hunt: $(STAMP)
 
 # Long forms: cc's writer during 100,000-row syncs, then the attacks on the server
 # (floods of 1,000 sockets, junk connections, oversized heads, deadlines, 50 clients
-# for 60 s with /health polled, 10,000 hostile HTTP cases).
+# for 60 s with /health polled, 10,000 hostile HTTP cases, kill -9 of client and server
+# in 30 large first syncs, the fault proxy's refused, reset, stalled and cut connections).
 stress: $(STAMP)
 	$(VENV_PY) bench/stress_lockout.py --rows 100000 --modes delete,wal
 	$(VENV_PY) -m pytest -q -s tests/stress_server_door.py tests/stress_server_junk.py \
 		tests/stress_server_memory.py tests/stress_server_deadlines.py \
-		tests/stress_clients.py tests/stress_hostile.py
+		tests/stress_clients.py tests/stress_hostile.py tests/stress_kill9.py \
+		tests/stress_faults.py
 	CCSYNC_BIG_ROWS=100000 CCSYNC_SMALL_BATCH_SEEDS=30 $(VENV_PY) -m pytest -q \
 		tests/test_transport.py -k big_first_sync tests/test_small_batches.py
 

@@ -3,6 +3,7 @@ signed anew) when the server closed it, shared safely by threads.  Written by a
 reviewer trying to break it; each case failed on the first version."""
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -175,3 +176,35 @@ def test_one_client_shared_by_two_threads(start_server):
         list(pool.map(many, range(3)))
     cl.close()
     assert not errors, errors[:5]
+
+
+@pytest.mark.parametrize("answer", [b"HTTP/1.1 200 OK\r\nX-Ccsync-Signature: ab",
+                                    b"HTTP/1.1 200 OK\r\n\r\n"])
+def test_an_answer_cut_in_its_headers_is_a_cut_not_a_key_problem(answer):
+    """Headers that end where the connection closed (http.client takes them as
+    they are) are reported as a cut connection, never as failed authentication."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(RAW_TIMEOUT)
+
+    def serve():
+        for _ in range(2):                      # the client tries a cut once more
+            with contextlib.suppress(OSError):
+                conn, _ = listener.accept()
+                with conn:
+                    conn.settimeout(RAW_TIMEOUT)
+                    conn.recv(65536)
+                    conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    client = ccsync.Client(f"http://127.0.0.1:{listener.getsockname()[1]}",
+                           ccsync.new_api_key(), timeout=RAW_TIMEOUT)
+    try:
+        with pytest.raises(ccsync.RemoteError) as caught:
+            client.hello()
+    finally:
+        client.close()
+        thread.join(RAW_TIMEOUT)
+        listener.close()
+    assert caught.value.kind == "cut", str(caught.value)
+    assert "authentication" not in str(caught.value)
