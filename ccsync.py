@@ -142,6 +142,11 @@ SPEC: tuple[TableSpec, ...] = (
               refs={"repository_id": "repository"}),
 )
 SPEC_BY_NAME = {spec.name: spec for spec in SPEC}
+# Tables no reference names: a deleted row of these can go from the server
+# for good.  A row another may name stays (a live row here may still need it
+# as its parent, or a device joining later would wait for it).
+COLLECTABLE = tuple(spec.name for spec in SPEC if not any(
+    spec.name in (*other.refs.values(), *other.list_refs.values()) for other in SPEC))
 TABLE_ORDER = {spec.name: i for i, spec in enumerate(SPEC)}
 
 SYNC_COLUMNS = ("sync_id", "synced_at")   # cc's own columns; never synced as data
@@ -982,6 +987,20 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("COMMIT")
 
 
+@contextlib.contextmanager
+def snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """A read transaction: every query inside sees the database as of one moment."""
+    if conn.in_transaction:
+        yield conn
+        return
+    conn.execute("BEGIN")
+    try:
+        yield conn
+    finally:
+        if conn.in_transaction:
+            conn.execute("COMMIT")
+
+
 # The lock policy, in one place.  ccsync is a guest in cc's database, and
 # SQLite's busy handler is not fair: a writer that waits sleeps between tries
 # (1, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50 ms, then 100 ms each), so write
@@ -1493,7 +1512,8 @@ class SyncState:
         # copies); the random part tells copies of one database apart.
         old = self.meta("device_id")
         if old:
-            self.set_meta("own_ids", json.dumps(([old] + self.own_ids())[:16]))
+            earlier = [d for d in json.loads(self.meta("own_ids") or "[]") if d != old]
+            self.set_meta("own_ids", json.dumps(([old] + earlier)[:16]))
         self.set_meta("device_id", f"{prefix}.{secrets.token_hex(4)}" if prefix
                       else uuid.uuid4().hex[:16])       # 64 bits: short clocks
 
@@ -3034,35 +3054,40 @@ class Incoming(RowWriter):
         """End a rejoin whose pull is done: rows of the synced state the server
         did not hand out go here too, unless edited here since or needed by a
         live row (those go out again as new rows).  Returns how many went."""
-        gone = 0
+        gone = []
         for info in reversed(list(self.tables().values())):     # children first
             rows = self.conn.execute(
                 "SELECT s.sid, s.rid FROM _ccsync_shadow s WHERE s.tbl = ? AND NOT EXISTS "
                 "(SELECT 1 FROM _ccsync_seen n WHERE n.tbl = s.tbl AND n.sid = s.sid)",
                 (info.name,)).fetchall()
-            self._sliced(rows, lambda row, info=info: self._vanish(info, *row), quiet=True)
-            gone += len(rows)
+            self._sliced(rows, lambda row, info=info: gone.append(self._vanish(info, *row)),
+                         quiet=True)
         with self._write():
+            # Records kept for later (a table cc lacks here) the server no longer has go too.
+            self.conn.execute("DELETE FROM _ccsync_held WHERE tbl IS NOT NULL AND NOT EXISTS "
+                              "(SELECT 1 FROM _ccsync_seen n WHERE n.tbl = _ccsync_held.tbl "
+                              "AND n.sid = _ccsync_held.sid)")
             self.conn.execute("DELETE FROM _ccsync_seen")
             self.set_meta("rejoin", None)
-        return gone
+        return sum(gone)
 
-    def _vanish(self, info: TableInfo, sid: str, rid: int | None) -> None:
-        """A synced row the server no longer has: it goes, or (edited here, or
-        a live row's parent) it becomes a row new to the server."""
+    def _vanish(self, info: TableInfo, sid: str, rid: int | None) -> bool:
+        """A synced row the server no longer has: it goes (True), or (edited
+        here, or a live row's parent) it becomes a row new to the server."""
         self.conn.execute("DELETE FROM _ccsync_shadow WHERE tbl = ? AND sid = ?",
                           (info.name, sid))
         rid = self._rid_for_sid(info.name, sid) if rid is None else rid
         if rid is None:
-            return
+            return False
         if self._dirty_cells(info.name, rid, sid) or self._needed_by_children(info.name, rid):
             self.conn.execute("INSERT OR REPLACE INTO _ccsync_dirty (tbl, rid, col, hlc, sid) "
                               "VALUES (?, ?, ?, ?, ?)",
                               (info.name, rid, INSERTED, self._hlc_tick(), sid))
-            return
+            return False
         self._null_references_to(info.name, rid, sid)
         self.conn.execute(f"DELETE FROM {_q(info.name)} WHERE rowid = ?", (rid,))
         self.conn.execute("DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ?", (info.name, rid))
+        return True
 
     FRESH_CHUNK = 100          # records of one table merged together (one lock slice at most)
 
@@ -3686,7 +3711,8 @@ INSERT INTO usage (device, records, bytes)
     WHERE NOT EXISTS (SELECT 1 FROM meta WHERE key = 'usage') GROUP BY 1;
 INSERT OR IGNORE INTO meta (key, value) VALUES ('usage', 'counted');
 CREATE TABLE IF NOT EXISTS reader (
-    dev TEXT PRIMARY KEY, device TEXT NOT NULL, merged INTEGER NOT NULL, at INTEGER NOT NULL);
+    dev TEXT PRIMARY KEY, device TEXT NOT NULL, merged INTEGER NOT NULL, at INTEGER NOT NULL,
+    floor INTEGER NOT NULL);
 """
 DEVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
@@ -3807,6 +3833,8 @@ class ServerStore:
                     self.conn.execute("INSERT INTO issued (prefix, device) VALUES (?, ?)",
                                       (author_prefix(keys.key_id), name))
                     break
+            # The old key's ids cannot report again: they hold collection back no more.
+            self.conn.execute("DELETE FROM reader WHERE device = ?", (name,))
             self.conn.execute(
                 "INSERT INTO device (name, key_id, mac_key, enc_key, created_at) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET key_id = excluded.key_id, "
@@ -3878,13 +3906,10 @@ class ServerStore:
         copies a device hands back (a re-seed) and are taken.  None (an
         in-process caller) checks no authorship.
         """
-        if self.stale(cursor):
-            return {"stale": True, "results": [], "store": self.store_id}
         results = []
         received = iso_utc(self.clock, "microseconds")
         try:
             with transaction(self.conn):
-                before = self._max_seq()
                 others = self._other_authors(device) if author is not None else {}
                 parsed: list[Record | RecordRefused] = []
                 for raw in records:
@@ -3892,6 +3917,12 @@ class ServerStore:
                         parsed.append(self._check_author(self._parse(raw), others))
                     except RecordRefused as exc:
                         parsed.append(exc)
+                own = {r.dev for r in parsed if isinstance(r, Record) and author is not None
+                       and author_of(r.dev) == author}
+                if self.stale(cursor) or (author is not None and self._uncounted(
+                        device, own, cursor)):
+                    return {"stale": True, "results": [], "store": self.store_id}
+                before = self._max_seq()
                 stored = self._versions([r for r in parsed if isinstance(r, Record)])
                 usage: dict[str, list[int]] = defaultdict(lambda: [0, 0])
                 for item in parsed:
@@ -3900,7 +3931,8 @@ class ServerStore:
                     else:
                         results.append(self._store_record(item, device, received, stored,
                                                           usage))
-                self._charge(device, len(records), usage)
+                self._charge(device, len(records), usage, only_deletes=all(
+                    isinstance(r, Record) and set(r.clocks) == {TOMBSTONE} for r in parsed))
                 after = self._max_seq()
         except QuotaExceeded as exc:            # rolled back: nothing of the push is kept
             return {"results": [], "quota": str(exc), "retry_after": exc.retry_after,
@@ -3972,7 +4004,8 @@ class ServerStore:
             [(cur.lastrowid, record.dev, record.clocks, device, size)]
         return {"status": "accepted", "seq": cur.lastrowid}
 
-    def _charge(self, device: str, pushed: int, usage: dict[str, list[int]]) -> None:
+    def _charge(self, device: str, pushed: int, usage: dict[str, list[int]],
+                only_deletes: bool = False) -> None:
         """Count a push against the devices' usage; QuotaExceeded when it takes
         the pushing device past its quota (the caller rolls back)."""
         self.conn.executemany(
@@ -3989,12 +4022,14 @@ class ServerStore:
         if not pushed:
             return
         state = self.usage(device)
-        grows = usage[device][0] > 0 or usage[device][1] > 0   # a push that frees may go
+        # A push that frees space, or holds only deletes (which collection
+        # frees later), may go however much the device stores.
+        grows = not only_deletes and (usage[device][0] > 0 or usage[device][1] > 0)
         reason = quota_refusal(device, self.quota, state["stored"] if grows else (0, 0),
                                state["hour"])
         if reason is not None:
-            retry = (state["oldest_minute"] + 61) * 60 - int(self.clock()) \
-                if "hour" in reason else None
+            hourly = quota_refusal(device, self.quota, (0, 0), state["hour"]) == reason
+            retry = (state["oldest_minute"] + 61) * 60 - int(self.clock()) if hourly else None
             raise QuotaExceeded(reason, retry)
 
     def usage(self, device: str) -> dict:
@@ -4026,7 +4061,11 @@ class ServerStore:
         """:meth:`pull` with the records as :class:`RawJSON`: the stored text
         as it is, never parsed and written again.  A device that merged too
         little to catch up (see :meth:`stale`) gets ``"stale": true`` instead."""
-        through = self.collected_through()     # read first: what it covers exists by now
+        with snapshot(self.conn):          # the collected mark and the rows of one moment
+            return self._page(cursor, limit, since, max_bytes)
+
+    def _page(self, cursor: int, limit: int, since: str | None, max_bytes: int) -> dict:
+        through = self.collected_through()
         if self.stale(cursor, through):
             return {"stale": True, "records": RawJSON("[]"), "cursor": int(cursor),
                     "more": False, "store": self.store_id}
@@ -4054,18 +4093,33 @@ class ServerStore:
 
     # -- collection: deleted rows go once every device has merged their delete --
 
+    MAX_READERS = 16                    # device ids one device name reports under
+
     def note_reader(self, device: str, author: str, dev: Any, merged: Any) -> None:
         """Remember that device id ``dev`` (of the key with prefix ``author``)
         has merged everything up to ``merged``, with every edit it made
-        before that sent: it holds collection back no further."""
-        if not (isinstance(dev, str) and author_of(dev) == author and isinstance(merged, int)
-                and 0 <= merged < 2 ** 63):
-            return                      # only a key's own ids report for it
+        before that sent: it holds collection back no further.  A report of
+        0 (a device starting afresh) also says it holds nothing collected
+        so far."""
+        if not (isinstance(dev, str) and DEVICE_ID_RE.match(dev) and author_of(dev) == author
+                and type(merged) is int and 0 <= merged <= self._seq_high()):
+            return                      # only a key's own ids, and only cursors it was given
         with transaction(self.conn):
+            through = self.collected_through()
             self.conn.execute(
-                "INSERT INTO reader (dev, device, merged, at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (dev) DO UPDATE SET merged = excluded.merged, at = excluded.at",
-                (dev, device, merged, int(self.clock())))
+                "INSERT INTO reader (dev, device, merged, at, floor) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (dev) DO UPDATE SET merged = excluded.merged, at = excluded.at, "
+                "floor = CASE WHEN excluded.merged = 0 THEN excluded.floor ELSE floor END",
+                (dev, device, merged, int(self.clock()), through if merged == 0 else 0))
+            self.conn.execute(
+                "DELETE FROM reader WHERE device = ? AND dev NOT IN (SELECT dev FROM reader "
+                "WHERE device = ? ORDER BY at DESC LIMIT ?)", (device, device, self.MAX_READERS))
+
+    def _seq_high(self) -> int:
+        """The highest sequence number ever given (collected records included)."""
+        row = self.conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'change'"
+                                ).fetchone()
+        return row[0] if row else 0
 
     def collected_through(self) -> int:
         """Deleted rows whose records all lie at or before this sequence number
@@ -4080,30 +4134,55 @@ class ServerStore:
         through = self.collected_through() if through is None else through
         return isinstance(cursor, int) and 0 < cursor < through
 
+    def _uncounted(self, device: str, devs: set[str], cursor: Any) -> bool:
+        """True when a push from ``devs`` (ids of ``device``'s key; none: any of
+        its ids) may carry an edit of a row collected without this device
+        being counted: it has to rejoin first (it may hold such a row alive)."""
+        through = self.collected_through()
+        if not through or not isinstance(cursor, int) or cursor == 0:
+            return False
+        if devs:
+            counted = self.conn.execute(
+                f"SELECT count(*) FROM reader WHERE floor >= ? AND dev IN "
+                f"({','.join('?' * len(devs))})", (through, *devs)).fetchone()[0]
+            return counted < len(devs)
+        return self.conn.execute("SELECT 1 FROM reader WHERE device = ? AND floor >= ?",
+                                 (device, through)).fetchone() is None
+
+    def _counted(self) -> tuple[int, list[str]]:
+        """The horizon (the lowest cursor every device seen lately has merged,
+        0: none) and the ids of those devices."""
+        rows = self.conn.execute(
+            "SELECT r.dev, r.merged FROM reader r JOIN device d ON d.name = r.device "
+            "WHERE d.revoked_at IS NULL AND r.at >= ?",
+            (int(self.clock() - self.forget_after),)).fetchall()
+        return (min(m for _d, m in rows) if rows else 0), [d for d, _m in rows]
 
     def horizon(self) -> int:
         """The sequence number every device seen lately has merged up to (0: none)."""
-        row = self.conn.execute(
-            "SELECT min(r.merged) FROM reader r JOIN device d ON d.name = r.device "
-            "WHERE d.revoked_at IS NULL AND r.at >= ?",
-            (int(self.clock() - self.forget_after),)).fetchone()
-        return row[0] or 0
+        return self._counted()[0]
 
     def collect(self, stop: threading.Event | None = None) -> int:
-        """Drop the deleted rows every device seen lately has merged the
-        delete of, a chunk per transaction (pushes go between); returns how
-        many rows went.  The tombstone goes with the row's other records."""
-        horizon = self.horizon()
-        if horizon <= self.collected_through():
-            return 0
-        with transaction(self.conn):        # first: whoever merged less is stale from now
+        """Drop the deleted rows of :data:`COLLECTABLE` tables that every device
+        seen lately has merged the delete of, a chunk per transaction (pushes
+        go between); returns how many rows went.  The tombstone goes with the
+        row's other records."""
+        with transaction(self.conn):    # first: whoever merged less is stale from now
+            through = self.collected_through()
+            horizon, counted = self._counted()
+            if horizon <= through:
+                return 0
             self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('collected', ?)",
                               (str(horizon),))
-        done, after = 0, 0
+            self.conn.executemany("UPDATE reader SET floor = ? WHERE dev = ?",
+                                  [(horizon, dev) for dev in counted])
+        done, after = 0, through
+        tables = ",".join("?" * len(COLLECTABLE))
         while stop is None or not stop.is_set():
             chunk = self.conn.execute(
-                "SELECT seq, tbl, sid FROM change WHERE seq > ? AND seq <= ? ORDER BY seq "
-                "LIMIT ?", (after, horizon, COLLECT_CHUNK)).fetchall()
+                f"SELECT seq, tbl, sid FROM change WHERE seq > ? AND seq <= ? AND tbl IN "
+                f"({tables}) ORDER BY seq LIMIT ?",
+                (after, horizon, *COLLECTABLE, COLLECT_CHUNK)).fetchall()
             with transaction(self.conn):
                 done += self._collect_rows({(t, sid) for _seq, t, sid in chunk}, horizon)
             if len(chunk) < COLLECT_CHUNK:
@@ -5294,7 +5373,9 @@ def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: in
     pulls everything and then ends its rejoin (Store.finish_rejoin).
     """
     cursor = 0 if since else store.cursor
-    told = {"dev": store.device_id, "merged": cursor} if report and not since else None
+    # Starting afresh (cursor 0) is always worth saying: it holds nothing collected.
+    told = {"dev": store.device_id, "merged": cursor} \
+        if (report or cursor == 0) and not since else None
     fetching = _InFlight(transport.pull, cursor, page_size, since, *([told] if told else []))
     try:
         for _ in range(max_pages):
@@ -5320,7 +5401,8 @@ def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: in
                             "pulling everything again")
                 store.start_rejoin()
                 cursor = 0
-                fetching = _InFlight(transport.pull, cursor, page_size, since)
+                fetching = _InFlight(transport.pull, cursor, page_size, since,
+                                     {"dev": store.device_id, "merged": 0})
                 continue
             records, cursor = page.get("records", []), int(page.get("cursor", cursor))
             fetching = _InFlight(transport.pull, cursor, page_size, since) \
@@ -5341,13 +5423,25 @@ def reseed_server(store: Store, transport: Any, result: SyncResult, store_id: st
                   stop: threading.Event | None = None) -> None:
     """Hand this device's synced state to a new (or rebuilt) server store."""
     LOG.warning("the server's change store is new: sending this device's synced state again")
-    position = None
+    position, size = None, PUSH_BATCH
     while True:
         _check_stop(stop)
-        records, position = store.reseed_records(position)
+        records, following = store.reseed_records(position, size)
         if records:
-            transport.push(records, None)
+            try:
+                answer = transport.push(records, None)
+            except RemoteError as exc:
+                if exc.kind != "too_large" or size <= 1:
+                    raise
+                size //= 2              # the same position, a smaller batch
+                continue
+            if "quota" in answer:       # not adopted: the whole re-seed is tried again later
+                raise RemoteError(f"the new server store took no more of this device's "
+                                  f"synced state: {str(answer['quota'])[:300]}",
+                                  hint="its operator sets the limits (`ccsync server "
+                                       "--help`); the next sync tries again").with_kind("quota")
             result.reseeded += len(records)
+        position = following
         if position is None:
             break
     store.adopt_server(store_id)

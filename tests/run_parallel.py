@@ -1,18 +1,21 @@
 """Run the test suite as a few pytest processes at once (`make test`).
 
-Most tests wait on a server, a child process or a lock, so a 2-core machine
-runs two pytest processes in about 60 % of the time of one.  Test files are
-dealt out by size (largest first, each to the least loaded worker); each
-worker has its own temporary directory, and its output is printed whole
-when it ends.  Exit status: 0 when every worker passed, else the first
-failing worker's.  Arguments after the options go to every pytest.
+Many tests wait on a server, a child process or a lock, so two pytest
+processes share a 2-core machine better than one.  Test files are dealt out
+by their time in tests/durations.json (longest first, each to the least
+loaded worker; a file not listed counts by its size); each worker has its
+own temporary directory, and its output is printed whole when it ends.
+``--record`` writes the times of this run to tests/durations.json.  Exit
+status: 0 when every worker passed, else the first failing worker's.
+Arguments after the options go to every pytest.
 
-    python tests/run_parallel.py [--workers N] [pytest args...]
+    python tests/run_parallel.py [--workers N] [--record] [pytest args...]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -20,23 +23,47 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from xml.etree import ElementTree
 
 TESTS = Path(__file__).resolve().parent
-# The model test starts its own worker processes on the other cores (see
-# test_model.py); it goes first so they run while the rest of its worker's
-# share does.
-FIRST = ("test_model.py",)
+DURATIONS = TESTS / "durations.json"
+# The model test starts its own worker processes on the other cores when
+# its file is collected (see test_model.py) and waits for them in its test:
+# it runs last in its worker, and counts as the CPU time they take.
+LAST = ("test_model.py",)
+MODEL_S = 25.0
+BYTES_PER_S = 4000                      # a file not in durations.json: a guess by its size
+
+
+def weights(files: list[Path]) -> dict[Path, float]:
+    """Each file's expected seconds."""
+    known = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+    return {p: float(known.get(p.name, p.stat().st_size / BYTES_PER_S)) for p in files}
 
 
 def deal(files: list[Path], workers: int) -> list[list[Path]]:
-    """Files into ``workers`` groups of about equal size (largest first)."""
+    """Files into ``workers`` groups of about equal time (longest first)."""
     groups: list[list[Path]] = [[] for _ in range(workers)]
-    loads = [0] * workers
-    for path in sorted(files, key=lambda p: (p.name not in FIRST, -p.stat().st_size)):
+    loads = [0.0] * workers
+    weight = weights(files)
+    for path in sorted(files, key=lambda p: (p.name not in LAST, -weight[p])):
         least = loads.index(min(loads))
         groups[least].append(path)
-        loads[least] += path.stat().st_size
-    return [g for g in groups if g]
+        loads[least] += weight[path]
+    return [sorted(g, key=lambda p: p.name in LAST) for g in groups if g]
+
+
+def record(reports: list[Path]) -> None:
+    """Write each file's seconds (from the workers' JUnit reports) to durations.json."""
+    seconds: dict[str, float] = {}
+    for report in reports:
+        for case in ElementTree.parse(report).iter("testcase"):
+            name = case.get("classname", "").split(".")[-1] + ".py"
+            seconds[name] = seconds.get(name, 0.0) + float(case.get("time") or 0)
+    for name in LAST:
+        seconds[name] = max(seconds.get(name, 0.0), MODEL_S)
+    DURATIONS.write_text(json.dumps({k: round(v, 1) for k, v in sorted(seconds.items())},
+                                    indent=1) + "\n")
 
 
 def counts(text: str) -> dict[str, int]:
@@ -49,6 +76,7 @@ def counts(text: str) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--record", action="store_true", help="write tests/durations.json")
     args, pytest_args = parser.parse_known_args(argv)
     files = sorted(TESTS.glob("test_*.py"))
     started = time.monotonic()
@@ -57,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         for n, group in enumerate(deal(files, max(1, args.workers))):
             log = open(Path(scratch) / f"worker{n}.log", "w+")
             command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                       f"--basetemp={Path(scratch) / f'tmp{n}'}", *map(str, group),
+                       f"--basetemp={Path(scratch) / f'tmp{n}'}",
+                       f"--junitxml={Path(scratch) / f'worker{n}.xml'}", *map(str, group),
                        *pytest_args]
             running.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                              cwd=TESTS.parent), log))
@@ -71,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             for word, n in counts(text).items():
                 total[word] = total.get(word, 0) + n
             status = status or code
+        if args.record and status == 0:
+            record([Path(scratch) / f"worker{n}.xml" for n in range(len(running))])
     summary = ", ".join(f"{n} {word}" for word, n in sorted(total.items()))
     print(f"== {summary or 'no tests ran'} in {time.monotonic() - started:.1f} s "
           f"({len(running)} workers) ==")

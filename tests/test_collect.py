@@ -45,21 +45,22 @@ def devices(tmp_path, server, *names):
     return made
 
 
-def projects(device, *names):
+def settings(device, *names):
+    """Settings, a table no other row references (so its deleted rows can go)."""
     for name in names:
-        device.sql("INSERT INTO project (name, main_branch) VALUES (?, 'main')", name)
+        device.sql("INSERT INTO setting (name, value) VALUES (?, 'v')", name)
 
 
 def held(server) -> set[str]:
-    """The project names the server holds any record of."""
+    """The setting names the server holds any record of."""
     names = set()
-    for (payload,) in server.conn.execute("SELECT payload FROM change WHERE tbl = 'project'"):
+    for (payload,) in server.conn.execute("SELECT payload FROM change WHERE tbl = 'setting'"):
         names.add(ccsync.json.loads(payload)["k"].get("name"))
     return names
 
 
 def names(device) -> set[str]:
-    return {n for (n,) in device.sql("SELECT name FROM project")}
+    return {n for (n,) in device.sql("SELECT name FROM setting")}
 
 
 def sync_all(*devs, rounds: int = 2):
@@ -69,12 +70,23 @@ def sync_all(*devs, rounds: int = 2):
             assert result.quota is None and not result.refused
 
 
+def test_rows_other_rows_may_reference_are_kept(tmp_path):
+    server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
+    a, b = devices(tmp_path, server, "a", "b")
+    a.sql("INSERT INTO project (name) VALUES ('acme')")
+    sync_all(a, b)
+    a.sql("DELETE FROM project")
+    sync_all(a, b, rounds=3)
+    assert server.horizon() > 0 and server.collect() == 0
+    assert "project" not in ccsync.COLLECTABLE and "switch_log" in ccsync.COLLECTABLE
+
+
 def test_a_deleted_row_goes_once_every_device_has_merged_its_delete(tmp_path):
     server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
     a, b = devices(tmp_path, server, "a", "b")
-    projects(a, "p1", "p2", "p3")
+    settings(a, "p1", "p2", "p3")
     sync_all(a, b)
-    a.sql("DELETE FROM project WHERE name = 'p1'")
+    a.sql("DELETE FROM setting WHERE name = 'p1'")
     a.sync()
     assert server.collect() == 0                # b has not merged the delete
     b.sync()
@@ -100,10 +112,10 @@ def test_a_device_away_too_long_rejoins_and_keeps_its_own_edits(tmp_path):
     clock = Clock()
     server = ccsync.ServerStore.open(str(tmp_path / "server.db"), clock=clock)
     a, b, c = devices(tmp_path, server, "a", "b", "c")
-    projects(a, "p1", "p2", "p3")
+    settings(a, "p1", "p2", "p3")
     sync_all(a, b, c)
-    c.sql("UPDATE project SET main_branch = 'c-work' WHERE name = 'p1'")   # c goes offline
-    a.sql("DELETE FROM project WHERE name IN ('p1', 'p3')")
+    c.sql("UPDATE setting SET value = 'c-work' WHERE name = 'p1'")   # c goes offline
+    a.sql("DELETE FROM setting WHERE name IN ('p1', 'p3')")
     sync_all(a, b)
     assert server.collect() == 0                # c still holds collection back
 
@@ -113,23 +125,23 @@ def test_a_device_away_too_long_rejoins_and_keeps_its_own_edits(tmp_path):
     assert held(server) == {"p2"}
 
     back = c.sync()                             # told it is stale; rejoins
-    assert back.rejoined == 2 and back.quota is None
+    assert back.rejoined == 1 and back.quota is None    # p3 went; p1 goes out again
     sync_all(a, b, c)
     assert a.snapshot() == b.snapshot() == c.snapshot()
     assert names(a) == {"p1", "p2"}             # p1 came back with c's edit, p3 stays gone
-    assert a.sql("SELECT main_branch FROM project WHERE name = 'p1'") == [("c-work",)]
+    assert a.sql("SELECT value FROM setting WHERE name = 'p1'") == [("c-work",)]
     assert not c.store.rejoining()
 
 
 def test_a_copy_of_a_database_made_before_a_collection_loses_the_collected_rows(tmp_path):
     server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
     a, b = devices(tmp_path, server, "a", "b")
-    projects(a, "p1", "p2")
+    settings(a, "p1", "p2")
     sync_all(a, b)
     copy = tmp_path / "elsewhere" / "a.db"
     copy.parent.mkdir()
     a.cc.execute("VACUUM INTO ?", (str(copy),))
-    a.sql("DELETE FROM project WHERE name = 'p1'")
+    a.sql("DELETE FROM setting WHERE name = 'p1'")
     sync_all(a, b)
     assert server.collect() == 1
 
@@ -146,9 +158,9 @@ def test_a_copy_of_a_database_made_before_a_collection_loses_the_collected_rows(
 def test_a_device_cannot_report_for_another_devices_id(tmp_path):
     server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
     a, b = devices(tmp_path, server, "a", "b")
-    projects(a, "p1")
+    settings(a, "p1")
     sync_all(a, b)
-    a.sql("DELETE FROM project")
+    a.sql("DELETE FROM setting")
     a.sync()
     server.note_reader("a", a.transport.author, b.store.device_id, 10 ** 9)
     assert server.collect() == 0
@@ -159,10 +171,10 @@ def test_a_stale_push_stores_nothing(tmp_path):
     clock = Clock()
     server = ccsync.ServerStore.open(str(tmp_path / "server.db"), clock=clock)
     a, b = devices(tmp_path, server, "a", "b")
-    projects(a, "p1", "p2")
+    settings(a, "p1", "p2")
     sync_all(a, b)
     old = b.store.cursor
-    a.sql("DELETE FROM project WHERE name = 'p1'")
+    a.sql("DELETE FROM setting WHERE name = 'p1'")
     clock.now += 31 * DAY
     sync_all(a)
     assert server.collect() == 1
@@ -178,9 +190,9 @@ def test_the_running_server_collects_on_its_own(tmp_path, start_server):
     b = Device(tmp_path / "b.db", None, "b")
     a.transport = ccsync.Client(srv.url, register(srv, "a"))
     b.transport = ccsync.Client(srv.url, register(srv, "b"))
-    projects(a, "p1", "p2")
+    settings(a, "p1", "p2")
     sync_all(a, b)
-    a.sql("DELETE FROM project WHERE name = 'p1'")
+    a.sql("DELETE FROM setting WHERE name = 'p1'")
     sync_all(a, b, rounds=3)
     for _ in range(100):
         if any("collected 1 deleted row" in line for line in srv.lines):
@@ -188,7 +200,7 @@ def test_the_running_server_collects_on_its_own(tmp_path, start_server):
         time.sleep(0.05)
     assert any("collected 1 deleted row" in line for line in srv.lines), srv.lines
     conn = sqlite3.connect(srv.data_path)
-    assert conn.execute("SELECT count(*) FROM change WHERE tbl = 'project'").fetchone() == (1,)
+    assert conn.execute("SELECT count(*) FROM change WHERE tbl = 'setting'").fetchone() == (1,)
     conn.close()
     assert names(a) == names(b) == {"p2"}
     shutil.rmtree(tmp_path / "a.db", ignore_errors=True)
