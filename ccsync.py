@@ -4838,8 +4838,8 @@ class SyncServer(http.server.ThreadingHTTPServer):
             self.log(f"{client_address[0]} - connection error: {sys.exc_info()[1]!r}"[:300])
         finally:
             self.watch(request, None)
+            self._free_slot()           # before the close: whoever sees it may come back
             self.shutdown_request(request)
-            self._free_slot()
 
     def watch(self, sock: Any, seconds: float | None, *, writing: bool = False) -> None:
         """Cut ``sock`` short if it is still at this step ``seconds`` from now
@@ -5110,7 +5110,7 @@ class Client:
         reused = self._conn is not None and self._served > 0
         try:
             return self._exchange(request)
-        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+        except (http.client.BadStatusLine, ConnectionResetError, BrokenPipeError,
                 ssl.SSLEOFError, ssl.SSLZeroReturnError, http.client.IncompleteRead) as exc:
             self.close()
             if reused and not isinstance(exc, http.client.IncompleteRead):
@@ -5419,6 +5419,23 @@ def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: in
     raise RemoteError("server kept sending pages; stopped after %d" % max_pages)
 
 
+def _push_rejoining(store: Store, transport: Any, result: SyncResult, batch_size: int,
+                    page_size: int, stop: threading.Event | None) -> None:
+    """push_changes; a device the server finds stale rejoins first (a few times
+    at most: the server may collect again meanwhile)."""
+    for _attempt in range(3):
+        try:
+            push_changes(store, transport, result, batch_size, stop)
+            return
+        except StaleDevice:
+            LOG.warning("this device was away longer than the server keeps deletes: "
+                        "pulling everything again before it sends its edits")
+            store.start_rejoin()
+            pull_changes(store, transport, result, page_size, stop=stop)
+    raise RemoteError("the server kept collecting while this device caught up",
+                      hint="sync again; nothing was lost").with_kind("stale")
+
+
 def reseed_server(store: Store, transport: Any, result: SyncResult, store_id: str,
                   stop: threading.Event | None = None) -> None:
     """Hand this device's synced state to a new (or rebuilt) server store."""
@@ -5462,14 +5479,7 @@ def sync_once(store: Store, transport: Any, *, push: bool = True, pull: bool = T
         if store.rejoining():           # a copy, or an interrupted rejoin: catch up first
             pull_changes(store, transport, result, page_size, stop=stop)
         if push:
-            try:
-                push_changes(store, transport, result, batch_size, stop)
-            except StaleDevice:
-                LOG.warning("this device was away longer than the server keeps deletes: "
-                            "pulling everything again before it sends its edits")
-                store.start_rejoin()
-                pull_changes(store, transport, result, page_size, stop=stop)
-                push_changes(store, transport, result, batch_size, stop)
+            _push_rejoining(store, transport, result, batch_size, page_size, stop)
         if pull:
             result.pulled.add(store.retry_held())
             every_edit_sent = push and result.quota is None and not result.refused

@@ -204,3 +204,22 @@ def test_the_running_server_collects_on_its_own(tmp_path, start_server):
     conn.close()
     assert names(a) == names(b) == {"p2"}
     shutil.rmtree(tmp_path / "a.db", ignore_errors=True)
+
+
+def test_a_server_that_keeps_saying_stale_gets_one_clear_error(tmp_path):
+    """The server may collect again while a device catches up; after a few
+    rejoins the sync ends with a clear error (never a loop, never a traceback)."""
+    server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
+    (a,) = devices(tmp_path, server, "a")
+    settings(a, "p1")
+    real_push = a.transport.push
+    a.transport.push = lambda records, cursor=None: {"stale": True, "results": [],
+                                                     "store": server.store_id}
+    try:
+        a.sync()
+    except ccsync.RemoteError as exc:
+        assert exc.kind == "stale" and "nothing was lost" in (exc.hint or "")
+    else:
+        raise AssertionError("no error")
+    a.transport.push = real_push
+    assert a.sync().accepted == 1
