@@ -30,11 +30,13 @@ bench-store: $(STAMP)
 	$(VENV_PY) bench/bench_sync.py
 
 # Model-based hunt: 10,000 fresh random programs judged by the oracle (tests/model_sim.py),
-# then the long forms of the fuzz and property tests with fresh seeds (CI runs short forms).
+# then the long forms of the fuzz, property and collection property tests with fresh seeds
+# (CI runs short forms).
 hunt: $(STAMP)
 	$(VENV_PY) bench/hunt.py --count 10000
-	CCSYNC_FUZZ_EXAMPLES=3000 CCSYNC_PROPERTY_EXAMPLES=1000 $(VENV_PY) -m pytest -q \
-		tests/test_fuzz_records.py tests/test_property.py
+	CCSYNC_FUZZ_EXAMPLES=3000 CCSYNC_PROPERTY_EXAMPLES=1000 CCSYNC_COLLECT_EXAMPLES=500 \
+		$(VENV_PY) -m pytest -q tests/test_fuzz_records.py tests/test_property.py \
+		tests/test_collect_property.py
 
 # Long forms: cc's writer during 100,000-row syncs, then the attacks on the server
 # (floods of 1,000 sockets, junk connections, oversized heads, deadlines, 50 clients
