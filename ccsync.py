@@ -3684,7 +3684,9 @@ def open_store(path: str, *, clock: Callable[[], float] = time.time,
 # The central change store: accepts records, keeps per row only the records
 # that still win some column, hands them out by sequence number.  It works
 # from metadata (table, sync_id, device, per-column clocks) only; the row
-# payload is opaque to it.
+# payload is opaque to it.  In layers that each use only those above: the
+# registry (devices, keys, nonces), collection (reports, stale devices) and
+# the change store itself (authors, quotas, pushes, pages).
 
 _SERVER_SQL = """
 CREATE TABLE IF NOT EXISTS change (
@@ -3770,8 +3772,11 @@ def quota_refusal(device: str, quota: Quota, stored: tuple[int, int],
     return None
 
 
-class ServerStore:
-    """The server's change store (SQLite, WAL).  Build one with :meth:`open`."""
+class ServerRegistry:
+    """The server's data file (SQLite, WAL): its identity, the registered
+    devices and their keys, and the nonces of requests taken.  The layers
+    below add collection and the change store; build a :class:`ServerStore`
+    with :meth:`open`."""
 
     def __init__(self, conn: sqlite3.Connection, *, clock: Callable[[], float] = time.time,
                  max_value: int = MAX_VALUE_BYTES, max_record: int = MAX_RECORD_BYTES,
@@ -3881,6 +3886,134 @@ class ServerStore:
             self.conn.execute("UPDATE device SET last_seen_at = ? WHERE name = ?",
                               (iso_utc(self.clock), name))
         return True
+
+
+class ServerCollection(ServerRegistry):
+    """Collection: deleted rows go once every device has merged their delete.
+    Devices report how far they have merged (:meth:`note_reader`); a device
+    that may hold what was collected is stale and rejoins."""
+
+    MAX_READERS = 16                    # device ids one device name reports under
+
+    def note_reader(self, device: str, author: str, dev: Any, merged: Any) -> None:
+        """Remember that device id ``dev`` (of the key with prefix ``author``)
+        has merged everything up to ``merged``, with every edit it made
+        before that sent: it holds collection back no further.  A report of
+        0 (a device starting afresh) also says it holds nothing collected
+        so far."""
+        if not (isinstance(dev, str) and DEVICE_ID_RE.match(dev) and author_of(dev) == author
+                and type(merged) is int and 0 <= merged <= self._seq_high()):
+            return                      # only a key's own ids, and only cursors it was given
+        with transaction(self.conn):
+            through = self.collected_through()
+            self.conn.execute(
+                "INSERT INTO reader (dev, device, merged, at, floor) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (dev) DO UPDATE SET merged = excluded.merged, at = excluded.at, "
+                "floor = CASE WHEN excluded.merged = 0 THEN excluded.floor ELSE floor END",
+                (dev, device, merged, int(self.clock()), through if merged == 0 else 0))
+            self.conn.execute(
+                "DELETE FROM reader WHERE device = ? AND dev NOT IN (SELECT dev FROM reader "
+                "WHERE device = ? ORDER BY at DESC LIMIT ?)", (device, device, self.MAX_READERS))
+
+    def _seq_high(self) -> int:
+        """The highest sequence number ever given (collected records included)."""
+        row = self.conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'change'"
+                                ).fetchone()
+        return row[0] if row else 0
+
+    def collected_through(self) -> int:
+        """Deleted rows whose records all lie at or before this sequence number
+        may be gone: a device that merged less must rejoin (see :meth:`stale`)."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'collected'").fetchone()
+        return int(row[0]) if row else 0
+
+    def stale(self, cursor: Any, through: int | None = None) -> bool:
+        """True when a device that merged up to ``cursor`` may have missed a
+        delete (collected since, up to ``through``): it must rejoin.  Cursor 0
+        starts afresh."""
+        through = self.collected_through() if through is None else through
+        return isinstance(cursor, int) and 0 < cursor < through
+
+    def _uncounted(self, device: str, devs: set[str], cursor: Any) -> bool:
+        """True when a push from ``devs`` (ids of ``device``'s key; none: any of
+        its ids) may carry an edit of a row collected without this device
+        being counted: it has to rejoin first (it may hold such a row alive)."""
+        through = self.collected_through()
+        if not through or not isinstance(cursor, int) or cursor == 0:
+            return False
+        if devs:
+            counted = self.conn.execute(
+                f"SELECT count(*) FROM reader WHERE floor >= ? AND dev IN "
+                f"({','.join('?' * len(devs))})", (through, *devs)).fetchone()[0]
+            return counted < len(devs)
+        return self.conn.execute("SELECT 1 FROM reader WHERE device = ? AND floor >= ?",
+                                 (device, through)).fetchone() is None
+
+    def _counted(self) -> tuple[int, list[str]]:
+        """The horizon (the lowest cursor every device seen lately has merged,
+        0: none) and the ids of those devices."""
+        rows = self.conn.execute(
+            "SELECT r.dev, r.merged FROM reader r JOIN device d ON d.name = r.device "
+            "WHERE d.revoked_at IS NULL AND r.at >= ?",
+            (int(self.clock() - self.forget_after),)).fetchall()
+        return (min(m for _d, m in rows) if rows else 0), [d for d, _m in rows]
+
+    def horizon(self) -> int:
+        """The sequence number every device seen lately has merged up to (0: none)."""
+        return self._counted()[0]
+
+    def collect(self, stop: threading.Event | None = None) -> int:
+        """Drop the deleted rows of :data:`COLLECTABLE` tables that every device
+        seen lately has merged the delete of, a chunk per transaction (pushes
+        go between); returns how many rows went.  The tombstone goes with the
+        row's other records."""
+        with transaction(self.conn):    # first: whoever merged less is stale from now
+            through = self.collected_through()
+            horizon, counted = self._counted()
+            if horizon <= through:
+                return 0
+            self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('collected', ?)",
+                              (str(horizon),))
+            self.conn.executemany("UPDATE reader SET floor = ? WHERE dev = ?",
+                                  [(horizon, dev) for dev in counted])
+        done, after = 0, through
+        tables = ",".join("?" * len(COLLECTABLE))
+        while stop is None or not stop.is_set():
+            chunk = self.conn.execute(
+                f"SELECT seq, tbl, sid FROM change WHERE seq > ? AND seq <= ? AND tbl IN "
+                f"({tables}) ORDER BY seq LIMIT ?",
+                (after, horizon, *COLLECTABLE, COLLECT_CHUNK)).fetchall()
+            with transaction(self.conn):
+                done += self._collect_rows({(t, sid) for _seq, t, sid in chunk}, horizon)
+            if len(chunk) < COLLECT_CHUNK:
+                break
+            after = chunk[-1][0]
+        return done
+
+    def _collect_rows(self, rows: set[tuple[str, str]], horizon: int) -> int:
+        """Delete those of ``rows`` that read as deleted and whose records every
+        device has merged; returns how many went."""
+        gone, freed = 0, defaultdict(lambda: [0, 0])
+        for table, sid in rows:
+            versions = self.conn.execute(
+                "SELECT seq, dev, clocks, coalesce(device, ''), "
+                "length(payload) + length(clocks) FROM change WHERE tbl = ? AND sid = ?",
+                (table, sid)).fetchall()
+            if not versions or max(v[0] for v in versions) > horizon or not versions_deleted(
+                    [(dev, json.loads(clocks)) for _seq, dev, clocks, _o, _s in versions]):
+                continue
+            self.conn.execute("DELETE FROM change WHERE tbl = ? AND sid = ?", (table, sid))
+            gone += 1
+            for _seq, _dev, _clocks, owner, size in versions:
+                freed[owner][0] += 1
+                freed[owner][1] += size
+        self.conn.executemany("UPDATE usage SET records = records - ?, bytes = bytes - ? "
+                              "WHERE device = ?", [(n, b, d) for d, (n, b) in freed.items()])
+        return gone
+
+
+class ServerStore(ServerCollection):
+    """The change store: accepts pushes (authors, quotas), hands out pages."""
 
     def _parse(self, raw: Any) -> Record:
         """The pushed record, checked for shape, sizes and clock; or RecordRefused."""
@@ -4090,126 +4223,6 @@ class ServerStore:
         # would look stale once the collected records were the newest).
         return {"records": records, "cursor": last if more else max(last, through),
                 "more": more, "store": self.store_id}
-
-    # -- collection: deleted rows go once every device has merged their delete --
-
-    MAX_READERS = 16                    # device ids one device name reports under
-
-    def note_reader(self, device: str, author: str, dev: Any, merged: Any) -> None:
-        """Remember that device id ``dev`` (of the key with prefix ``author``)
-        has merged everything up to ``merged``, with every edit it made
-        before that sent: it holds collection back no further.  A report of
-        0 (a device starting afresh) also says it holds nothing collected
-        so far."""
-        if not (isinstance(dev, str) and DEVICE_ID_RE.match(dev) and author_of(dev) == author
-                and type(merged) is int and 0 <= merged <= self._seq_high()):
-            return                      # only a key's own ids, and only cursors it was given
-        with transaction(self.conn):
-            through = self.collected_through()
-            self.conn.execute(
-                "INSERT INTO reader (dev, device, merged, at, floor) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (dev) DO UPDATE SET merged = excluded.merged, at = excluded.at, "
-                "floor = CASE WHEN excluded.merged = 0 THEN excluded.floor ELSE floor END",
-                (dev, device, merged, int(self.clock()), through if merged == 0 else 0))
-            self.conn.execute(
-                "DELETE FROM reader WHERE device = ? AND dev NOT IN (SELECT dev FROM reader "
-                "WHERE device = ? ORDER BY at DESC LIMIT ?)", (device, device, self.MAX_READERS))
-
-    def _seq_high(self) -> int:
-        """The highest sequence number ever given (collected records included)."""
-        row = self.conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'change'"
-                                ).fetchone()
-        return row[0] if row else 0
-
-    def collected_through(self) -> int:
-        """Deleted rows whose records all lie at or before this sequence number
-        may be gone: a device that merged less must rejoin (see :meth:`stale`)."""
-        row = self.conn.execute("SELECT value FROM meta WHERE key = 'collected'").fetchone()
-        return int(row[0]) if row else 0
-
-    def stale(self, cursor: Any, through: int | None = None) -> bool:
-        """True when a device that merged up to ``cursor`` may have missed a
-        delete (collected since, up to ``through``): it must rejoin.  Cursor 0
-        starts afresh."""
-        through = self.collected_through() if through is None else through
-        return isinstance(cursor, int) and 0 < cursor < through
-
-    def _uncounted(self, device: str, devs: set[str], cursor: Any) -> bool:
-        """True when a push from ``devs`` (ids of ``device``'s key; none: any of
-        its ids) may carry an edit of a row collected without this device
-        being counted: it has to rejoin first (it may hold such a row alive)."""
-        through = self.collected_through()
-        if not through or not isinstance(cursor, int) or cursor == 0:
-            return False
-        if devs:
-            counted = self.conn.execute(
-                f"SELECT count(*) FROM reader WHERE floor >= ? AND dev IN "
-                f"({','.join('?' * len(devs))})", (through, *devs)).fetchone()[0]
-            return counted < len(devs)
-        return self.conn.execute("SELECT 1 FROM reader WHERE device = ? AND floor >= ?",
-                                 (device, through)).fetchone() is None
-
-    def _counted(self) -> tuple[int, list[str]]:
-        """The horizon (the lowest cursor every device seen lately has merged,
-        0: none) and the ids of those devices."""
-        rows = self.conn.execute(
-            "SELECT r.dev, r.merged FROM reader r JOIN device d ON d.name = r.device "
-            "WHERE d.revoked_at IS NULL AND r.at >= ?",
-            (int(self.clock() - self.forget_after),)).fetchall()
-        return (min(m for _d, m in rows) if rows else 0), [d for d, _m in rows]
-
-    def horizon(self) -> int:
-        """The sequence number every device seen lately has merged up to (0: none)."""
-        return self._counted()[0]
-
-    def collect(self, stop: threading.Event | None = None) -> int:
-        """Drop the deleted rows of :data:`COLLECTABLE` tables that every device
-        seen lately has merged the delete of, a chunk per transaction (pushes
-        go between); returns how many rows went.  The tombstone goes with the
-        row's other records."""
-        with transaction(self.conn):    # first: whoever merged less is stale from now
-            through = self.collected_through()
-            horizon, counted = self._counted()
-            if horizon <= through:
-                return 0
-            self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('collected', ?)",
-                              (str(horizon),))
-            self.conn.executemany("UPDATE reader SET floor = ? WHERE dev = ?",
-                                  [(horizon, dev) for dev in counted])
-        done, after = 0, through
-        tables = ",".join("?" * len(COLLECTABLE))
-        while stop is None or not stop.is_set():
-            chunk = self.conn.execute(
-                f"SELECT seq, tbl, sid FROM change WHERE seq > ? AND seq <= ? AND tbl IN "
-                f"({tables}) ORDER BY seq LIMIT ?",
-                (after, horizon, *COLLECTABLE, COLLECT_CHUNK)).fetchall()
-            with transaction(self.conn):
-                done += self._collect_rows({(t, sid) for _seq, t, sid in chunk}, horizon)
-            if len(chunk) < COLLECT_CHUNK:
-                break
-            after = chunk[-1][0]
-        return done
-
-    def _collect_rows(self, rows: set[tuple[str, str]], horizon: int) -> int:
-        """Delete those of ``rows`` that read as deleted and whose records every
-        device has merged; returns how many went."""
-        gone, freed = 0, defaultdict(lambda: [0, 0])
-        for table, sid in rows:
-            versions = self.conn.execute(
-                "SELECT seq, dev, clocks, coalesce(device, ''), "
-                "length(payload) + length(clocks) FROM change WHERE tbl = ? AND sid = ?",
-                (table, sid)).fetchall()
-            if not versions or max(v[0] for v in versions) > horizon or not versions_deleted(
-                    [(dev, json.loads(clocks)) for _seq, dev, clocks, _o, _s in versions]):
-                continue
-            self.conn.execute("DELETE FROM change WHERE tbl = ? AND sid = ?", (table, sid))
-            gone += 1
-            for _seq, _dev, _clocks, owner, size in versions:
-                freed[owner][0] += 1
-                freed[owner][1] += size
-        self.conn.executemany("UPDATE usage SET records = records - ?, bytes = bytes - ? "
-                              "WHERE device = ?", [(n, b, d) for d, (n, b) in freed.items()])
-        return gone
 
     def stats(self) -> dict:
         """Counts for status output: records held and the newest sequence number."""

@@ -6,7 +6,8 @@ by their time in tests/durations.json (longest first, each to the least
 loaded worker; a file not listed counts by its size); each worker has its
 own temporary directory, and its output is printed whole when it ends.
 ``--record`` writes the times of this run to tests/durations.json.  Exit
-status: 0 when every worker passed, else the first failing worker's.
+status: 0 when every worker passed (or found nothing to run, while another
+ran something), else the first failing worker's.
 Arguments after the options go to every pytest.
 
     python tests/run_parallel.py [--workers N] [--record] [pytest args...]
@@ -33,6 +34,7 @@ DURATIONS = TESTS / "durations.json"
 LAST = ("test_model.py",)
 MODEL_S = 25.0
 BYTES_PER_S = 4000                      # a file not in durations.json: a guess by its size
+NO_TESTS = 5                            # pytest's exit status when it collected nothing
 
 
 def weights(files: list[Path]) -> dict[Path, float]:
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                        *pytest_args]
             running.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                              cwd=TESTS.parent), log))
-        status, total = 0, {}
+        codes: list[int] = []
+        total: dict[str, int] = {}
         for proc, log in running:
             code = proc.wait()
             log.seek(0)
@@ -99,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(text)
             for word, n in counts(text).items():
                 total[word] = total.get(word, 0) + n
-            status = status or code
+            codes.append(code)
+        # A worker whose files hold no test the arguments select exits 5: that
+        # is a failure only when no worker ran a test.
+        ran = [c for c in codes if c != NO_TESTS] or codes[:1]
+        status = next((c for c in ran if c), 0)
         if args.record and status == 0:
             record([Path(scratch) / f"worker{n}.xml" for n in range(len(running))])
     summary = ", ".join(f"{n} {word}" for word, n in sorted(total.items()))
