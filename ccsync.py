@@ -408,6 +408,15 @@ def _chunks(items: list, size: int) -> Iterator[list]:
         yield items[start:start + size]
 
 
+def select_in(conn: sqlite3.Connection, sql: str, values: Iterable[Any],
+              *args: Any) -> Iterator[sqlite3.Row]:
+    """Rows of ``sql`` for each of ``values`` (distinct, sorted), 500 at a
+    time: ``sql`` has ``{marks}`` where the IN list goes, after the
+    placeholders ``args`` fill."""
+    for chunk in _chunks(sorted(set(values)), 500):
+        yield from conn.execute(sql.format(marks=",".join("?" * len(chunk))), (*args, *chunk))
+
+
 ##### Records #################################################################
 # The one parser of a wire record, shared by device and server: what a record
 # may hold depends only on the record and SPEC, so every device refuses the
@@ -1392,12 +1401,8 @@ class SyncState:
                 self.gate.leave()
 
     def _select_in(self, sql: str, values: Iterable[Any], *args: Any) -> Iterator[sqlite3.Row]:
-        """Rows of ``sql`` for each of ``values`` (distinct, sorted), 500 at a
-        time: ``sql`` has ``{marks}`` where the IN list goes, after the
-        placeholders ``args`` fill."""
-        for chunk in _chunks(sorted(set(values)), 500):
-            yield from self.conn.execute(sql.format(marks=",".join("?" * len(chunk))),
-                                         (*args, *chunk))
+        """:func:`select_in` on this database."""
+        return select_in(self.conn, sql, values, *args)
 
     DIFF_PAGE = 2000           # rows a scan of a whole table (a diff) reads at a time
 
@@ -1502,18 +1507,15 @@ class SyncState:
         if self.meta("device_id"):
             self._set_cursor(0)
             if self.conn.execute("SELECT 1 FROM _ccsync_shadow LIMIT 1").fetchone():
-                self.conn.execute("DELETE FROM _ccsync_seen")
-                self.set_meta("rejoin", iso_utc(self.clock))
+                self.start_rejoin()
         self._new_device_id(self.meta("author") or "")
         self.set_meta("fingerprint", fingerprint)
 
     def _new_device_id(self, prefix: str) -> None:
         # The old id stays this database's (its kept edits still go out, as
         # copies); the random part tells copies of one database apart.
-        old = self.meta("device_id")
-        if old:
-            earlier = [d for d in json.loads(self.meta("own_ids") or "[]") if d != old]
-            self.set_meta("own_ids", json.dumps(([old] + earlier)[:16]))
+        if self.meta("device_id"):
+            self.set_meta("own_ids", json.dumps(self.own_ids()[:16]))
         self.set_meta("device_id", f"{prefix}.{secrets.token_hex(4)}" if prefix
                       else uuid.uuid4().hex[:16])       # 64 bits: short clocks
 
@@ -2805,10 +2807,7 @@ class RowWriter(Capture):
         if not stays(deleted, keep or self._needed_by_children(info.name, rid)):
             if rid is not None:
                 self._keep_lost_edits(info, sid, rid, vals, clocks, local_cells)
-                self._null_references_to(info.name, rid, sid)
-                self.conn.execute(f"DELETE FROM {_q(info.name)} WHERE rowid = ?", (rid,))
-                self.conn.execute("DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ?",
-                                  (info.name, rid))
+                self._remove_here(info, rid, sid)
                 self.conn.execute("UPDATE _ccsync_shadow SET rid = NULL WHERE tbl = ? "
                                   "AND sid = ?", (info.name, sid))
             self.conn.execute("DELETE FROM _ccsync_pending WHERE tbl = ? AND sid = ?",
@@ -2871,6 +2870,13 @@ class RowWriter(Capture):
         cells = {c: stamp for c, stamp in local_cells.items() if c in info.tracked}
         if cells:
             self._keep_unsent(info, sid, rid, self._row_at(info, rid), vals, clocks, cells)
+
+    def _remove_here(self, info: TableInfo, rid: int, sid: str) -> None:
+        """Delete a table row that the synced state says is gone, with its
+        pending cells; references to it read NULL (see _null_references_to)."""
+        self._null_references_to(info.name, rid, sid)
+        self.conn.execute(f"DELETE FROM {_q(info.name)} WHERE rowid = ?", (rid,))
+        self.conn.execute("DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ?", (info.name, rid))
 
     def _needed_by_children(self, table: str, rid: int | None) -> bool:
         """True when a live row holds ``rid`` in a required (e.g. NOT NULL) reference."""
@@ -3080,13 +3086,9 @@ class Incoming(RowWriter):
         if rid is None:
             return False
         if self._dirty_cells(info.name, rid, sid) or self._needed_by_children(info.name, rid):
-            self.conn.execute("INSERT OR REPLACE INTO _ccsync_dirty (tbl, rid, col, hlc, sid) "
-                              "VALUES (?, ?, ?, ?, ?)",
-                              (info.name, rid, INSERTED, self._hlc_tick(), sid))
+            self._mark_dirty(info.name, rid, {INSERTED: self._hlc_tick()})
             return False
-        self._null_references_to(info.name, rid, sid)
-        self.conn.execute(f"DELETE FROM {_q(info.name)} WHERE rowid = ?", (rid,))
-        self.conn.execute("DELETE FROM _ccsync_dirty WHERE tbl = ? AND rid = ?", (info.name, rid))
+        self._remove_here(info, rid, sid)
         return True
 
     FRESH_CHUNK = 100          # records of one table merged together (one lock slice at most)
@@ -3789,11 +3791,13 @@ class ServerRegistry:
     @classmethod
     def open(cls, path: str, *, clock: Callable[[], float] = time.time,
              create: bool = True, max_value: int = MAX_VALUE_BYTES,
-             max_record: int = MAX_RECORD_BYTES, quota: Quota = Quota()) -> "ServerStore":
+             max_record: int = MAX_RECORD_BYTES, quota: Quota = Quota(),
+             forget_after: float = FORGET_AFTER_S) -> "ServerStore":
         """Open the store at ``path``, creating it (mode 600) unless ``create`` is False.
 
         ``max_value`` and ``max_record`` bound what a push may store (bytes),
-        ``quota`` what each device may store and push in an hour.
+        ``quota`` what each device may store and push in an hour;
+        ``forget_after`` is how long an unseen device holds collection back.
         """
         if not os.path.exists(path):
             if not create:
@@ -3811,7 +3815,8 @@ class ServerRegistry:
                 _run_script(conn, _SERVER_SQL)
                 conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)",
                              (uuid.uuid4().hex,))
-        return cls(conn, clock=clock, max_value=max_value, max_record=max_record, quota=quota)
+        return cls(conn, clock=clock, max_value=max_value, max_record=max_record, quota=quota,
+                   forget_after=forget_after)
 
     @functools.cached_property
     def store_id(self) -> str:
@@ -3934,18 +3939,17 @@ class ServerCollection(ServerRegistry):
         through = self.collected_through() if through is None else through
         return isinstance(cursor, int) and 0 < cursor < through
 
-    def _uncounted(self, device: str, devs: set[str], cursor: Any) -> bool:
+    def _uncounted(self, device: str, devs: set[str], cursor: Any, through: int) -> bool:
         """True when a push from ``devs`` (ids of ``device``'s key; none: any of
-        its ids) may carry an edit of a row collected without this device
-        being counted: it has to rejoin first (it may hold such a row alive)."""
-        through = self.collected_through()
+        its ids) may carry an edit of a row collected (up to ``through``)
+        without this device being counted: it has to rejoin first (it may
+        hold such a row alive)."""
         if not through or not isinstance(cursor, int) or cursor == 0:
             return False
         if devs:
-            counted = self.conn.execute(
-                f"SELECT count(*) FROM reader WHERE floor >= ? AND dev IN "
-                f"({','.join('?' * len(devs))})", (through, *devs)).fetchone()[0]
-            return counted < len(devs)
+            counted = select_in(self.conn, "SELECT dev FROM reader WHERE floor >= ? AND dev "
+                                "IN ({marks})", devs, through)
+            return len(list(counted)) < len(devs)
         return self.conn.execute("SELECT 1 FROM reader WHERE device = ? AND floor >= ?",
                                  (device, through)).fetchone() is None
 
@@ -3990,25 +3994,46 @@ class ServerCollection(ServerRegistry):
             after = chunk[-1][0]
         return done
 
+    def _versions(self, rows: Iterable[tuple[str, str]]) -> dict[tuple[str, str], list]:
+        """The stored versions of each (table, id): [(seq, dev, clocks, pushing
+        device, size)], oldest first."""
+        out: dict[tuple[str, str], list] = {row: [] for row in rows}
+        by_table: dict[str, set] = defaultdict(set)
+        for table, sid in out:
+            by_table[table].add(sid)
+        for table, sids in by_table.items():
+            for seq, sid, dev, clocks, device, size in select_in(
+                    self.conn, "SELECT seq, sid, dev, clocks, coalesce(device, ''), "
+                    "length(payload) + length(clocks) FROM change WHERE tbl = ? "
+                    "AND sid IN ({marks}) ORDER BY seq", sids, table):
+                out[(table, sid)].append((seq, dev, json.loads(clocks), device, size))
+        return out
+
+    def _drop_versions(self, versions: list, usage: dict[str, list[int]]) -> None:
+        """Delete stored versions (from :meth:`_versions`), counting what each
+        pushing device no longer stores into ``usage``."""
+        self.conn.executemany("DELETE FROM change WHERE seq = ?", [(v[0],) for v in versions])
+        for _seq, _dev, _clocks, owner, size in versions:
+            usage[owner][0] -= 1
+            usage[owner][1] -= size
+
+    def _add_usage(self, usage: dict[str, list[int]]) -> None:
+        """Add (records, bytes) changes to each device's stored usage."""
+        self.conn.executemany(
+            "INSERT INTO usage (device, records, bytes) VALUES (?, ?, ?) ON CONFLICT (device) "
+            "DO UPDATE SET records = records + excluded.records, bytes = bytes + excluded.bytes",
+            [(owner, n, size) for owner, (n, size) in usage.items()])
+
     def _collect_rows(self, rows: set[tuple[str, str]], horizon: int) -> int:
         """Delete those of ``rows`` that read as deleted and whose records every
         device has merged; returns how many went."""
         gone, freed = 0, defaultdict(lambda: [0, 0])
-        for table, sid in rows:
-            versions = self.conn.execute(
-                "SELECT seq, dev, clocks, coalesce(device, ''), "
-                "length(payload) + length(clocks) FROM change WHERE tbl = ? AND sid = ?",
-                (table, sid)).fetchall()
-            if not versions or max(v[0] for v in versions) > horizon or not versions_deleted(
-                    [(dev, json.loads(clocks)) for _seq, dev, clocks, _o, _s in versions]):
-                continue
-            self.conn.execute("DELETE FROM change WHERE tbl = ? AND sid = ?", (table, sid))
-            gone += 1
-            for _seq, _dev, _clocks, owner, size in versions:
-                freed[owner][0] += 1
-                freed[owner][1] += size
-        self.conn.executemany("UPDATE usage SET records = records - ?, bytes = bytes - ? "
-                              "WHERE device = ?", [(n, b, d) for d, (n, b) in freed.items()])
+        for versions in self._versions(rows).values():
+            if versions and max(v[0] for v in versions) <= horizon and versions_deleted(
+                    [(dev, clocks) for _seq, dev, clocks, _o, _s in versions]):
+                self._drop_versions(versions, freed)
+                gone += 1
+        self._add_usage(freed)
         return gone
 
 
@@ -4052,11 +4077,12 @@ class ServerStore(ServerCollection):
                         parsed.append(exc)
                 own = {r.dev for r in parsed if isinstance(r, Record) and author is not None
                        and author_of(r.dev) == author}
-                if self.stale(cursor) or (author is not None and self._uncounted(
-                        device, own, cursor)):
+                through = self.collected_through()
+                if self.stale(cursor, through) or (author is not None and self._uncounted(
+                        device, own, cursor, through)):
                     return {"stale": True, "results": [], "store": self.store_id}
                 before = self._max_seq()
-                stored = self._versions([r for r in parsed if isinstance(r, Record)])
+                stored = self._versions((r.table, r.sid) for r in parsed if isinstance(r, Record))
                 usage: dict[str, list[int]] = defaultdict(lambda: [0, 0])
                 for item in parsed:
                     if isinstance(item, RecordRefused):
@@ -4091,23 +4117,6 @@ class ServerStore(ServerCollection):
     def _max_seq(self) -> int:
         return self.conn.execute("SELECT coalesce(max(seq), 0) FROM change").fetchone()[0]
 
-    def _versions(self, records: list[Record]) -> dict[tuple[str, str], list]:
-        """The stored versions of each record's row: (table, id) -> [(seq, dev,
-        clocks, pushing device, size)]."""
-        out: dict[tuple[str, str], list] = {(r.table, r.sid): [] for r in records}
-        by_table: dict[str, set] = defaultdict(set)
-        for record in records:
-            by_table[record.table].add(record.sid)
-        for table, sids in by_table.items():
-            for chunk in _chunks(sorted(sids), 500):
-                marks = ",".join("?" * len(chunk))
-                for seq, sid, dev, clocks, device, size in self.conn.execute(
-                        f"SELECT seq, sid, dev, clocks, coalesce(device, ''), "
-                        f"length(payload) + length(clocks) FROM change WHERE tbl = ? "
-                        f"AND sid IN ({marks}) ORDER BY seq", (table, *chunk)):
-                    out[(table, sid)].append((seq, dev, json.loads(clocks), device, size))
-        return out
-
     def _store_record(self, record: Record, device: str, received: str,
                       stored: dict[tuple[str, str], list],
                       usage: dict[str, list[int]]) -> dict:
@@ -4125,11 +4134,7 @@ class ServerStore(ServerCollection):
             "INSERT INTO change (tbl, sid, dev, clocks, payload, received_at, device) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
             (record.table, record.sid, record.dev, clocks, payload, received, device))
-        losers = [v for v in existing if v[0] not in winners]
-        self.conn.executemany("DELETE FROM change WHERE seq = ?", [(v[0],) for v in losers])
-        for _seq, _dev, _clocks, owner, size in losers:
-            usage[owner][0] -= 1
-            usage[owner][1] -= size
+        self._drop_versions([v for v in existing if v[0] not in winners], usage)
         size = len(payload) + len(clocks)
         usage[device][0] += 1
         usage[device][1] += size
@@ -4141,10 +4146,7 @@ class ServerStore(ServerCollection):
                 only_deletes: bool = False) -> None:
         """Count a push against the devices' usage; QuotaExceeded when it takes
         the pushing device past its quota (the caller rolls back)."""
-        self.conn.executemany(
-            "INSERT INTO usage (device, records, bytes) VALUES (?, ?, ?) ON CONFLICT (device) "
-            "DO UPDATE SET records = records + excluded.records, bytes = bytes + excluded.bytes",
-            [(owner, n, size) for owner, (n, size) in usage.items()])
+        self._add_usage(usage)
         minute = int(self.clock()) // 60
         gained = max(0, usage[device][1])
         self.conn.execute(
@@ -4908,8 +4910,7 @@ class SyncServer(http.server.ThreadingHTTPServer):
         except queue.Empty:
             store = ServerStore.open(self.data_path, clock=self.clock, create=False,
                                      max_value=self.max_value, max_record=self.max_record,
-                                     quota=self.quota)
-            store.forget_after = self.forget_after
+                                     quota=self.quota, forget_after=self.forget_after)
         try:
             yield store
         finally:
@@ -5315,6 +5316,15 @@ class _InFlight:
         self._done.wait(patience)
 
 
+def _halved(exc: RemoteError, size: int) -> int:
+    """The smaller batch or page to ask for after ``exc``: half of ``size``
+    when the server found it too large (and a smaller one exists), else
+    ``exc`` is raised again."""
+    if exc.kind != "too_large" or size <= 1:
+        raise exc
+    return size // 2
+
+
 def push_changes(store: Store, transport: Any, result: SyncResult,
                  batch_size: int = PUSH_BATCH, stop: threading.Event | None = None) -> None:
     """Send every pending row in batches, settling each batch as it returns.
@@ -5339,9 +5349,7 @@ def push_changes(store: Store, transport: Any, result: SyncResult,
                 answer = sending.result() if sending else {"results": []}
             except RemoteError as exc:
                 sending = None
-                if exc.kind != "too_large" or batch_size <= 1:
-                    raise
-                batch_size //= 2            # same position, smaller batch
+                batch_size = _halved(exc, batch_size)    # the same position, a smaller batch
                 following = None
                 continue
             sending = None
@@ -5372,6 +5380,12 @@ class StaleDevice(Exception):
     """The server collected deletes this device has not merged: it rejoins."""
 
 
+def _start_rejoin(store: Store) -> None:
+    LOG.warning("this device was away longer than the server keeps deletes: pulling "
+                "everything again (its own edits since still go out)")
+    store.start_rejoin()
+
+
 def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: int = PULL_PAGE,
                  since: str | None = None, max_pages: int = 10 ** 6,
                  stop: threading.Event | None = None, report: bool = False) -> None:
@@ -5385,41 +5399,38 @@ def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: in
     devices have.  A device the server finds stale, or one rejoining,
     pulls everything and then ends its rejoin (Store.finish_rejoin).
     """
+    def fetch(cursor: int, report: bool = False) -> _InFlight:
+        # Starting afresh (cursor 0) is always worth saying: it holds nothing collected.
+        told = [{"dev": store.device_id, "merged": cursor}] \
+            if (report or cursor == 0) and not since else []
+        return _InFlight(transport.pull, cursor, page_size, since, *told)
+
     cursor = 0 if since else store.cursor
-    # Starting afresh (cursor 0) is always worth saying: it holds nothing collected.
-    told = {"dev": store.device_id, "merged": cursor} \
-        if (report or cursor == 0) and not since else None
-    fetching = _InFlight(transport.pull, cursor, page_size, since, *([told] if told else []))
+    fetching = fetch(cursor, report)
     try:
         for _ in range(max_pages):
             _check_stop(stop)
             try:
                 page = fetching.result()
             except RemoteError as exc:
-                if exc.kind != "too_large" or page_size <= 1:
-                    fetching = None
-                    raise
-                page_size //= 2             # same cursor, a smaller page
-                fetching = _InFlight(transport.pull, cursor, page_size, since)
+                fetching = None
+                page_size = _halved(exc, page_size)      # the same cursor, a smaller page
+                fetching = fetch(cursor)
                 continue
             if store.server_changed(page.get("store")):
                 fetching = None
                 reseed_server(store, transport, result, page["store"], stop)
                 cursor = 0
-                fetching = _InFlight(transport.pull, cursor, page_size, since)
+                fetching = fetch(cursor)
                 continue
             if page.get("stale"):
                 fetching = None
-                LOG.warning("this device was away longer than the server keeps deletes: "
-                            "pulling everything again")
-                store.start_rejoin()
+                _start_rejoin(store)
                 cursor = 0
-                fetching = _InFlight(transport.pull, cursor, page_size, since,
-                                     {"dev": store.device_id, "merged": 0})
+                fetching = fetch(cursor)
                 continue
             records, cursor = page.get("records", []), int(page.get("cursor", cursor))
-            fetching = _InFlight(transport.pull, cursor, page_size, since) \
-                if page.get("more") else None
+            fetching = fetch(cursor) if page.get("more") else None
             result.pulled.add(store.apply_page(records, None if since else cursor))
             if fetching is None:
                 if store.rejoining() and not since:
@@ -5441,9 +5452,7 @@ def _push_rejoining(store: Store, transport: Any, result: SyncResult, batch_size
             push_changes(store, transport, result, batch_size, stop)
             return
         except StaleDevice:
-            LOG.warning("this device was away longer than the server keeps deletes: "
-                        "pulling everything again before it sends its edits")
-            store.start_rejoin()
+            _start_rejoin(store)
             pull_changes(store, transport, result, page_size, stop=stop)
     raise RemoteError("the server kept collecting while this device caught up",
                       hint="sync again; nothing was lost").with_kind("stale")
@@ -5461,9 +5470,7 @@ def reseed_server(store: Store, transport: Any, result: SyncResult, store_id: st
             try:
                 answer = transport.push(records, None)
             except RemoteError as exc:
-                if exc.kind != "too_large" or size <= 1:
-                    raise
-                size //= 2              # the same position, a smaller batch
+                size = _halved(exc, size)               # the same position, a smaller batch
                 continue
             if "quota" in answer:       # not adopted: the whole re-seed is tried again later
                 raise RemoteError(f"the new server store took no more of this device's "
@@ -6533,22 +6540,18 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _connections(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 10000:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a connection count from 1 to 10000")
-    return int(text)
+def _whole(low: int, high: int, what: str) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` to ``high`` (``what`` it counts)."""
+    def parse(text: str) -> int:
+        if not text.isdigit() or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} from {low} to {high:,}")
+        return int(text)
+    return parse
 
 
-def _days(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 3650:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days from 1 to 3650")
-    return int(text)
-
-
-def _count(text: str) -> int:
-    if not text.isdigit() or int(text) >= 2 ** 62:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (0: no limit)")
-    return int(text)
+_connections = _whole(1, 10000, "a connection count")
+_days = _whole(1, 3650, "a number of days")
+_count = _whole(0, 2 ** 62, "a limit (0: none)")
 
 
 def _add_server_parser(sub: Any) -> None:
