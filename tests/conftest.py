@@ -75,6 +75,18 @@ class Device:
         return content(self.cc)
 
 
+def key_author(api_key: str) -> str:
+    """The author prefix of the device ids made under ``api_key``."""
+    return ccsync.author_prefix(ccsync.DeviceKeys.from_api_key(api_key).key_id)
+
+
+def keyed(server: ccsync.ServerStore, name: str, key: str | None = None):
+    """A registered device's in-process transport, its authorship checked as
+    over HTTP (``key``: one registered already): (transport, api key)."""
+    key = key or server.register(name)
+    return ccsync.LocalTransport(server, name, author=key_author(key)), key
+
+
 def content(conn: sqlite3.Connection) -> dict:
     """Synced content, comparable across devices.
 

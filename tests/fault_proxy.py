@@ -28,7 +28,6 @@ Long form: tests/stress_faults.py; CI form: tests/test_faults.py.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import contextlib
 import math
 import random
@@ -42,7 +41,7 @@ from pathlib import Path
 
 import ccsync
 from stress_tools import (World, add_rows, assert_converged, canonical, cli, converge, error_line,
-                          failure_text, fill, integrity, sync, sync_ids)
+                          failure_text, fill, in_parallel, integrity, sync, sync_ids)
 
 FAULTS = ("refuse", "reset_request", "reset_response", "stall", "truncate")
 SOCKET_TIMEOUT = 30.0       # every proxy socket gives up after this
@@ -294,11 +293,7 @@ def run_lanes(root: Path, seed: int, plan: Plan, faults=FAULTS) -> list[Lane]:
     def one(index_fault):
         index, fault = index_fault
         return run_lane(root / fault, fault, random.Random(f"{seed}:{fault}"), plan, index)
-    with concurrent.futures.ThreadPoolExecutor(len(faults)) as pool:
-        lanes = list(pool.map(one, enumerate(faults)))
-    for lane in lanes:
-        print(lane.line(), flush=True)
-    return lanes
+    return in_parallel(one, list(enumerate(faults)), len(faults))
 
 
 def summary(lanes: list[Lane]) -> str:

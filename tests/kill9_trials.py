@@ -20,7 +20,6 @@ Long form: tests/stress_kill9.py; CI form: tests/test_kill9.py.
 
 from __future__ import annotations
 
-import concurrent.futures
 import random
 import signal
 import subprocess
@@ -30,7 +29,7 @@ from pathlib import Path
 
 from e2e_helpers import COMMAND, clean_env
 from stress_tools import (CLI_TIMEOUT, World, assert_converged, canonical, converge, error_line,
-                          failure_text, fill, sync)
+                          failure_text, fill, in_parallel, sync)
 
 MODES = ("a", "b", "c")
 # Where each mode's delay runs from: a's start (its whole first sync: stamping, then
@@ -82,11 +81,7 @@ def run_trials(root: Path, seed: int, trials: int, rows: tuple[int, int], *,
         rng = random.Random(f"{seed}:{i}")
         return run_trial(root / f"trial{i}", i, modes[i % len(modes)], rng,
                          rng.randint(*rows))
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        outcomes = list(pool.map(one, range(trials)))
-    for outcome in outcomes:
-        print(outcome.line(), flush=True)
-    return outcomes
+    return in_parallel(one, range(trials), workers)
 
 
 def summary(outcomes: list[Outcome]) -> str:

@@ -13,6 +13,7 @@ a subprocess, every wait has a deadline, and every process started is stopped.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import datetime as _dt
 import json
@@ -44,6 +45,16 @@ _LAUNCHER = ("import sys, ccsync; "
 
 
 ##### knobs ####################################################################
+
+def in_parallel(run, items, workers: int) -> list:
+    """``run(item)`` for every item, ``workers`` at a time; each outcome's
+    ``line()`` is printed as the runs end, in order."""
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+        outcomes = list(pool.map(run, items))
+    for outcome in outcomes:
+        print(outcome.line(), flush=True)
+    return outcomes
+
 
 def env_int(name: str, default: int) -> int:
     """An integer from the environment (``default`` when unset or empty)."""

@@ -9,21 +9,14 @@ re-seed hands them back with their original authors).
 from __future__ import annotations
 
 import ccsync
-from conftest import Device
+from conftest import Device, key_author, keyed
 from test_transport import register, srv, start_server  # noqa: F401  (fixtures)
-
-
-def keyed(server: ccsync.ServerStore, name: str) -> ccsync.LocalTransport:
-    """A registered device's in-process transport, checked as over HTTP."""
-    key = server.register(name)
-    prefix = ccsync.author_prefix(ccsync.DeviceKeys.from_api_key(key).key_id)
-    return ccsync.LocalTransport(server, name, author=prefix)
 
 
 def pair(tmp_path, server):
     a = Device(tmp_path / "a.db", server, "a")
     b = Device(tmp_path / "b.db", server, "b")
-    a.transport, b.transport = keyed(server, "a"), keyed(server, "b")
+    (a.transport, _), (b.transport, _) = keyed(server, "a"), keyed(server, "b")
     return a, b
 
 
@@ -63,8 +56,7 @@ def test_a_new_key_gives_a_new_device_id_and_edits_kept_under_the_old_one_still_
     a.sync()
     b.sync()
     old = a.store.device_id
-    a.transport = ccsync.LocalTransport(server, "a", author=ccsync.author_prefix(
-        ccsync.DeviceKeys.from_api_key(server.register("a", rotate=True)).key_id))
+    a.transport, _ = keyed(server, "a", server.register("a", rotate=True))
     a.sql("UPDATE project SET main_branch = 'dev' WHERE name = 'acme'")
 
     a.sync()
@@ -84,7 +76,7 @@ def test_a_reseed_keeps_the_original_authors_and_nobody_edits_under_them(tmp_pat
     authors = {a.store.device_id, b.store.device_id}
 
     rebuilt = ccsync.ServerStore.open(str(tmp_path / "rebuilt.db"))
-    a.transport, b.transport = keyed(rebuilt, "a"), keyed(rebuilt, "b")
+    (a.transport, _), (b.transport, _) = keyed(rebuilt, "a"), keyed(rebuilt, "b")
     a.sync()                            # hands back b's edit too, under b's old id
     b.sync()
     a.sync()
@@ -127,6 +119,5 @@ def test_over_http_the_authenticated_key_decides(srv, tmp_path):
 
     assert answer["results"][0]["status"] == "refused"
     assert record["dev"] == a.store.device_id
-    assert ccsync.author_of(record["dev"]) == ccsync.author_prefix(
-        ccsync.DeviceKeys.from_api_key(key_a).key_id)
+    assert ccsync.author_of(record["dev"]) == key_author(key_a)
     client_b.close()

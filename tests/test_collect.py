@@ -16,7 +16,7 @@ import sqlite3
 import time
 
 import ccsync
-from conftest import Device
+from conftest import Device, keyed
 from test_transport import register, start_server  # noqa: F401  (fixture)
 
 DAY = 86400.0
@@ -28,12 +28,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def keyed(server: ccsync.ServerStore, name: str, key: str | None = None):
-    key = key or server.register(name)
-    prefix = ccsync.author_prefix(ccsync.DeviceKeys.from_api_key(key).key_id)
-    return ccsync.LocalTransport(server, name, author=prefix), key
 
 
 def devices(tmp_path, server, *names):

@@ -14,8 +14,8 @@ import sqlite3
 import pytest
 
 import ccsync
-from conftest import Device
-from test_collect import DAY, Clock, devices, keyed, settings, sync_all
+from conftest import Device, key_author, keyed
+from test_collect import DAY, Clock, devices, settings, sync_all
 from test_transport import register, start_server  # noqa: F401  (fixture)
 
 
@@ -290,8 +290,7 @@ def test_own_ids_lists_each_id_once(tmp_path, server):
     a = Device(tmp_path / "a.db", server, "a")
     a.store.prepare()
     for _ in range(3):
-        a.store.take_author(ccsync.author_prefix(
-            ccsync.DeviceKeys.from_api_key(server.register("a", rotate=True)).key_id))
+        a.store.take_author(key_author(server.register("a", rotate=True)))
     ids = a.store.own_ids()
     assert len(ids) == len(set(ids)), ids
 

@@ -52,7 +52,7 @@ from hypothesis import strategies as st
 
 import ccsync
 import model_sim
-from conftest import Device, content
+from conftest import Device, content, keyed
 from model_sim import Model, cc_op, diff_events, logical_view, maximal, needed
 from test_property import DAY_MS, JD_EPOCH, TMP_ROOT, fresh_cc_db
 
@@ -98,9 +98,7 @@ class Net:
             fresh_cc_db(path)
             self.keys[name] = self.server.register(name)
         dev = Device(path, self.server, name)
-        key_id = ccsync.DeviceKeys.from_api_key(self.keys[name]).key_id
-        dev.transport = ccsync.LocalTransport(self.server, name,
-                                              author=ccsync.author_prefix(key_id))
+        dev.transport, _ = keyed(self.server, name, self.keys[name])
         for conn in (dev.cc, dev.store.conn):
             conn.execute("PRAGMA synchronous = OFF")
         dev.cc.create_function("julianday", 1, self._julianday)
