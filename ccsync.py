@@ -82,6 +82,7 @@ import tempfile
 import sys
 import threading
 import time
+import unicodedata
 import urllib.parse
 import uuid
 import zlib
@@ -552,6 +553,15 @@ def _parse_part(payload: dict, name: str) -> dict:
     return dict(part)
 
 
+class Unreadable(RecordRefused):
+    """A record of an encrypted batch that did not open: never kept."""
+
+    keep = False
+
+
+UNREADABLE = "unreadable"       # the key of a stand-in for a record that did not open
+
+
 def parse_record(obj: Any) -> Record:
     """Parse a wire record into a :class:`Record`, or raise RecordRefused(reason).
 
@@ -560,6 +570,8 @@ def parse_record(obj: Any) -> Record:
     server refuse the same records for the same reasons.
     """
     _refuse_unless(isinstance(obj, dict), "malformed record")
+    if UNREADABLE in obj:
+        raise Unreadable(str(obj[UNREADABLE])[:200])
     table = obj.get("t")
     _refuse_unless(isinstance(table, str) and table in SPEC_BY_NAME, "unknown table")
     spec = SPEC_BY_NAME[table]
@@ -582,6 +594,19 @@ def parse_record(obj: Any) -> Record:
         _refuse_unless(col in spec.key, "malformed record: key part")
         _check_value(spec, col, value)
     return Record(table, obj["id"], dev, clocks, values, local, key)
+
+
+def parse_sealed(obj: Any) -> Record:
+    """Parse an end-to-end record's metadata ``[table, keyed id, device id,
+    clocks]`` (all the server sees of it) into a :class:`Record` with no
+    values, or raise RecordRefused(reason)."""
+    _refuse_unless(isinstance(obj, list) and len(obj) == 4, "malformed record")
+    table, sid, dev, clocks = obj
+    _refuse_unless(isinstance(table, str) and table in SPEC_BY_NAME, "unknown table")
+    _refuse_unless(_is_sid(sid), "malformed record: id")
+    _refuse_unless(isinstance(dev, str) and DEVICE_ID_RE.match(dev) is not None,
+                   "malformed record: dev")
+    return Record(table, sid, dev, _parse_clocks(SPEC_BY_NAME[table], clocks), {}, {}, {})
 
 
 def author_prefix(key_id: str) -> str:
@@ -750,7 +775,7 @@ API_KEY_PREFIX = "ccs1_"
 # server of different protocols refuse each other's requests and answers (and
 # say which one to upgrade) rather than exchange records they would read
 # differently.  Requests and answers that carry none are protocol 1.
-PROTOCOL = 4
+PROTOCOL = 5
 WIRE_TYPE = "application/x-ccsync"
 H_KEY, H_TIME, H_NONCE, H_SIG = ("X-Ccsync-Key", "X-Ccsync-Time", "X-Ccsync-Nonce",
                                  "X-Ccsync-Signature")
@@ -880,19 +905,29 @@ def wire_json(data: dict) -> str:
         v, separators=(",", ":"))) for k, v in data.items()) + "}"
 
 
-def seal(enc_key: bytes, data: dict, context: bytes) -> bytes:
-    """Compress then AES-256-GCM encrypt ``data`` with a fresh nonce."""
+def seal(enc_key: bytes, data: dict, context: bytes, blobs: Iterable[bytes] = ()) -> bytes:
+    """Compress then AES-256-GCM encrypt ``data`` with a fresh nonce.
+
+    ``blobs`` (bytes already encrypted end to end, which compress no
+    further) travel after the compressed JSON as they are; the JSON's
+    ``blobs`` lists their lengths.
+    """
     aes = _aes()
-    plain = zlib.compress(wire_json(data).encode("utf-8"), 6)
+    blobs = list(blobs)
+    if blobs:
+        data = {**data, "blobs": [len(b) for b in blobs]}
+    packed = zlib.compress(wire_json(data).encode("utf-8"), 6)
     nonce = secrets.token_bytes(12)
     cipher = aes.new(enc_key, aes.MODE_GCM, nonce=nonce)
     cipher.update(context)
-    sealed, tag = cipher.encrypt_and_digest(plain)
+    sealed, tag = cipher.encrypt_and_digest(b"".join((len(packed).to_bytes(4, "big"), packed,
+                                                      *blobs)))
     return nonce + sealed + tag
 
 
 def unseal(enc_key: bytes, blob: bytes, context: bytes, max_size: int) -> dict:
-    """Inverse of :func:`seal`; raises WireError (BodyTooLarge past ``max_size``)."""
+    """Inverse of :func:`seal` (attached blobs as a list of bytes in
+    ``blobs``); raises WireError (BodyTooLarge past ``max_size``)."""
     aes = _aes()
     if len(blob) < 12 + 16:
         raise WireError("body too short")
@@ -902,20 +937,214 @@ def unseal(enc_key: bytes, blob: bytes, context: bytes, max_size: int) -> dict:
         plain = cipher.decrypt_and_verify(blob[12:-16], blob[-16:])
     except ValueError:
         raise WireError("body failed authentication") from None
-    inflater = zlib.decompressobj()
-    try:
-        text = inflater.decompress(plain, max_size)
-    except zlib.error:
-        raise WireError("body is not compressed JSON") from None
-    if inflater.unconsumed_tail:
-        raise BodyTooLarge("body too large once decompressed")
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError):
-        raise WireError("body is not JSON (or nested too deeply)") from None
+    packed = int.from_bytes(plain[:4], "big")
+    if len(plain) < 4 + packed:
+        raise WireError("body is cut short")
+    data = _inflate_json(plain[4:4 + packed], max_size, "body")
     if not isinstance(data, dict):
         raise WireError("body is not a JSON object")
+    rest, lengths = memoryview(plain)[4 + packed:], data.get("blobs", [])
+    if not (isinstance(lengths, list) and all(type(n) is int and n >= 0 for n in lengths)
+            and sum(lengths) == len(rest)):
+        raise WireError("body's attachments do not add up")
+    if lengths:
+        offsets = list(itertools.accumulate(lengths, initial=0))
+        data["blobs"] = [bytes(rest[a:b]) for a, b in zip(offsets, offsets[1:])]
     return data
+
+
+def _inflate_json(packed: bytes, max_size: int, what: str) -> Any:
+    """zlib-compressed JSON text, at most ``max_size`` once decompressed."""
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(packed, max_size)
+    except zlib.error:
+        raise WireError(f"{what} is not compressed JSON") from None
+    if inflater.unconsumed_tail:
+        raise BodyTooLarge(f"{what} too large once decompressed")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise WireError(f"{what} is not JSON (or nested too deeply)") from None
+
+
+# End-to-end encryption: every device of a user derives one key from the
+# sync passphrase (scrypt, with a salt and cost the server keeps for it) and
+# encrypts the records of each push as one batch.  The server sees a batch
+# as opaque bytes plus, per record, what merging needs: the table, a row id
+# keyed with the shared secret, the device id and the per-column clocks.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 17, 8, 1   # 128 MiB and ~0.4 s a guess
+KDF_BOUNDS = {"n": (2 ** 10, 2 ** 20), "r": (1, 32), "p": (1, 16)}   # what a store may ask
+MIN_PASSPHRASE = 8
+E2E_AAD = b"ccsync-e2e-batch/1"
+VAULT_PREFIX = "e2e1:"
+
+
+class WrongPassphrase(CcsyncError):
+    """A passphrase (or a stored key) that does not open this server's data."""
+
+    def __init__(self, server: str):
+        super().__init__(f"the sync passphrase does not match the one {server} holds data under",
+                         hint="enter the passphrase you chose when you set up your first "
+                              "device (lost it? the README's 'Lost passphrase' says what to do)")
+
+
+@dataclass(frozen=True)
+class Vault:
+    """The user's end-to-end key: derived from the sync passphrase on every
+    device alike, kept on each device (mode 600), never sent anywhere.
+
+    From it come the batch key, the row-id key, the digest key of
+    ``status --verify``, a check value (a device tells a wrong passphrase
+    from a right one at setup; testing a guess against it costs a whole
+    scrypt) and a proof key the server holds to tell a device that has the
+    passphrase from one that does not.
+    """
+
+    key: bytes
+    salt: bytes
+    n: int = SCRYPT_N
+    r: int = SCRYPT_R
+    p: int = SCRYPT_P
+
+    @classmethod
+    def derive(cls, passphrase: str, salt: bytes, n: int = SCRYPT_N, r: int = SCRYPT_R,
+               p: int = SCRYPT_P) -> "Vault":
+        """The vault a passphrase gives under ``salt`` and the scrypt cost (n, r, p)."""
+        raw = unicodedata.normalize("NFC", passphrase).encode("utf-8")
+        key = hashlib.scrypt(raw, salt=salt, n=n, r=r, p=p, dklen=32,
+                             maxmem=256 * r * n + (1 << 20))
+        return cls(key, salt, n, r, p)
+
+    @classmethod
+    def new(cls, passphrase: str, n: int = SCRYPT_N) -> "Vault":
+        """A vault for a new passphrase, with a fresh salt."""
+        if len(passphrase) < MIN_PASSPHRASE:
+            raise UsageError(f"a sync passphrase needs at least {MIN_PASSPHRASE} characters")
+        return cls.derive(passphrase, secrets.token_bytes(16), n)
+
+    @classmethod
+    def opening(cls, passphrase: str, params: Any, server: str) -> "Vault":
+        """The vault a passphrase gives under a store's published ``params``;
+        WrongPassphrase when its check value differs."""
+        if not isinstance(params, dict):
+            raise WireError("the server's end-to-end parameters are malformed")
+        cost = {k: params.get(k) for k in KDF_BOUNDS}
+        if not all(type(v) is int and KDF_BOUNDS[k][0] <= v <= KDF_BOUNDS[k][1]
+                   for k, v in cost.items()) or cost["n"] & (cost["n"] - 1):
+            raise WireError("the server asks for an scrypt cost out of bounds")
+        try:
+            salt = base64.b64decode(str(params.get("salt")), validate=True)
+        except ValueError:
+            raise WireError("the server's end-to-end salt is malformed") from None
+        vault = cls.derive(passphrase, salt, **cost)
+        if not hmac.compare_digest(vault.check, str(params.get("check", ""))):
+            raise WrongPassphrase(server)
+        return vault
+
+    @classmethod
+    def parse(cls, text: str) -> "Vault":
+        """The vault of a :meth:`text` line (as the device's .env holds it)."""
+        try:
+            n, r, p, salt, key = text.removeprefix(VAULT_PREFIX).split(":")
+            vault = cls(base64.b64decode(key, validate=True), base64.b64decode(salt, validate=True),
+                        int(n), int(r), int(p))
+        except ValueError:
+            raise ConfigError("the stored end-to-end key (CCSYNC_E2E_KEY) is malformed",
+                              hint="run `ccsync setup` and enter the sync passphrase") from None
+        if len(vault.key) != 32 or not text.startswith(VAULT_PREFIX):
+            raise ConfigError("the stored end-to-end key (CCSYNC_E2E_KEY) is malformed",
+                              hint="run `ccsync setup` and enter the sync passphrase")
+        return vault
+
+    def text(self) -> str:
+        """One line that :meth:`parse` reads back (a secret: mode 600 only)."""
+        b64 = lambda raw: base64.b64encode(raw).decode()   # noqa: E731
+        return f"{VAULT_PREFIX}{self.n}:{self.r}:{self.p}:{b64(self.salt)}:{b64(self.key)}"
+
+    @functools.cached_property
+    def check(self) -> str:
+        """Tells a right passphrase from a wrong one; public."""
+        return hkdf(self.key, b"e2e-check", 16).hex()
+
+    @functools.cached_property
+    def proof(self) -> bytes:
+        """The key the server checks pushed batches with (it cannot decrypt with it)."""
+        return hkdf(self.key, b"e2e-proof")
+
+    @functools.cached_property
+    def digest_key(self) -> bytes:
+        """Keys the content digests devices compare (``status --verify``)."""
+        return hkdf(self.key, b"e2e-digest")
+
+    def params(self, *, private: bool = False) -> dict:
+        """What a server store keeps so that other devices derive the same key
+        (with ``private``, the proof key too, for the server alone)."""
+        out = {"kdf": "scrypt", "salt": base64.b64encode(self.salt).decode(), "n": self.n,
+               "r": self.r, "p": self.p, "check": self.check}
+        return {**out, "proof": self.proof.hex()} if private else out
+
+    def row_id(self, table: str, sid: str) -> str:
+        """The id the server knows a row by: keyed, so nobody without the key
+        can tell which names (``setting:theme``) exist."""
+        return "e" + hmac.new(self._id_key, f"{table}\n{sid}".encode("utf-8", "surrogatepass"),
+                              hashlib.sha256).hexdigest()[:40]
+
+    def seal_records(self, records: list[dict]) -> tuple[list[list], bytes, str]:
+        """One push's records as (per-record metadata for the server, the
+        encrypted batch, the batch's proof)."""
+        aes = _aes()
+        meta = [[r["t"], self.row_id(r["t"], r["id"]), r["dev"], r["c"]] for r in records]
+        plain = zlib.compress(json.dumps(records, separators=(",", ":")).encode("utf-8"), 6)
+        nonce = secrets.token_bytes(12)
+        cipher = aes.new(self._batch_key, aes.MODE_GCM, nonce=nonce)
+        cipher.update(E2E_AAD)
+        sealed, tag = cipher.encrypt_and_digest(plain)
+        blob = nonce + sealed + tag
+        return meta, blob, batch_proof(self.proof, blob)
+
+    def open_batch(self, blob: bytes, max_size: int) -> list:
+        """The records of an encrypted batch; WireError when it does not open
+        with this key (forged, or sealed under another passphrase)."""
+        aes = _aes()
+        if len(blob) < 12 + 16:
+            raise WireError("record batch too short")
+        cipher = aes.new(self._batch_key, aes.MODE_GCM, nonce=blob[:12])
+        cipher.update(E2E_AAD)
+        try:
+            plain = cipher.decrypt_and_verify(blob[12:-16], blob[-16:])
+        except ValueError:
+            raise WireError("record batch failed authentication") from None
+        records = _inflate_json(plain, max_size, "record batch")
+        if not isinstance(records, list):
+            raise WireError("record batch is not a list")
+        return records
+
+    @functools.cached_property
+    def _batch_key(self) -> bytes:
+        return hkdf(self.key, b"e2e-batch")
+
+    @functools.cached_property
+    def _id_key(self) -> bytes:
+        return hkdf(self.key, b"e2e-row-id")
+
+
+def batch_proof(proof_key: bytes, blob: bytes) -> str:
+    """What shows the server that a batch comes from a device with the passphrase."""
+    return hmac.new(proof_key, blob, hashlib.sha256).hexdigest()
+
+
+def valid_params(params: Any) -> bool:
+    """True for end-to-end parameters as :meth:`Vault.params` makes them (private)."""
+    return (isinstance(params, dict) and set(params) == {"kdf", "salt", "n", "r", "p", "check",
+                                                         "proof"}
+            and params["kdf"] == "scrypt" and all(isinstance(params[k], str) and
+                                                  re.fullmatch(r"[A-Za-z0-9+/=]{1,128}",
+                                                               params[k])
+                                                  for k in ("salt", "check", "proof"))
+            and re.fullmatch(r"[0-9a-f]{64}", params["proof"]) is not None
+            and all(type(params[k]) is int and KDF_BOUNDS[k][0] <= params[k] <= KDF_BOUNDS[k][1]
+                    for k in KDF_BOUNDS))
 
 
 ##### Local store #############################################################
@@ -1570,6 +1799,25 @@ class SyncState:
             self.set_meta("push_refused", None if reason is None
                           else f"{iso_utc(self.clock)} {reason}")
 
+    def digest_due(self, every: float) -> bool:
+        """True when this device's content digest is worth reporting (see
+        sync_once): nothing waits to go out, and the cursor moved since the
+        last report, which was ``every`` seconds ago or more (or never)."""
+        last = json.loads(self.meta("digest_reported") or "[null, 0]")
+        if last[0] == self.cursor or self.clock() - last[1] < every:
+            return False
+        return not self.unsent()
+
+    def unsent(self) -> bool:
+        """True when an edit made here has not reached the server yet."""
+        return not self.installed() or self.conn.execute(
+            "SELECT 1 FROM _ccsync_dirty LIMIT 1").fetchone() is not None
+
+    def note_digest_reported(self, cursor: int) -> None:
+        """Remember that a digest at ``cursor`` went to the server now."""
+        with self._write(quiet=True):
+            self.set_meta("digest_reported", json.dumps([cursor, self.clock()]))
+
     def adopt_server(self, store_id: str) -> None:
         """Start over with a new server store: cursor 0, remember its id."""
         with self._write():
@@ -1656,6 +1904,42 @@ class LocalRows(SyncState):
                 values[col] = value
             out.append(values)
         return out
+
+    DIGEST_CHUNK = 2000
+
+    def content_digest(self, key: bytes) -> str | None:
+        """A digest, keyed with ``key``, of the data this device syncs: every
+        row's synced columns in wire form (references as sync_ids; device-local
+        columns and settings left out).  Devices that hold the same data give
+        the same digest whatever their rowids.  Read in chunks, never holding
+        cc back; None when cc kept writing while it was read."""
+        for _attempt in range(3):
+            before = self.conn.execute("PRAGMA data_version").fetchone()[0]
+            total, count = 0, 0
+            for info in self.tables().values():
+                for line in self._digest_lines(info):
+                    total += int.from_bytes(hashlib.sha256(line).digest(), "big")
+                    count += 1
+            if self.conn.execute("PRAGMA data_version").fetchone()[0] == before:
+                text = f"ccsync-content\n{count}\n{total % 2 ** 256:064x}".encode()
+                return hmac.new(key, text, hashlib.sha256).hexdigest()
+        return None
+
+    def _digest_lines(self, info: TableInfo) -> Iterator[bytes]:
+        """One canonical line per row of ``info`` that syncs."""
+        after = -(2 ** 63)
+        while True:
+            rows = self.conn.execute(f"SELECT rowid AS _rid, * FROM {_q(info.name)} WHERE "
+                                     f"rowid > ? ORDER BY rowid LIMIT ?",
+                                     (after, self.DIGEST_CHUNK)).fetchall()
+            for row, values in zip(rows, self._wire_rows(info, rows)):
+                if not self._skip_row(info, row):
+                    yield json.dumps([info.name, row["sync_id"], {c: values[c] for c in
+                                                                  info.tracked}],
+                                     sort_keys=True, separators=(",", ":")).encode()
+            if len(rows) < self.DIGEST_CHUNK:
+                return
+            after = rows[-1]["_rid"]
 
     def _list_sids(self, info: TableInfo, col: str, rows: list[sqlite3.Row]) -> dict[int, Any]:
         parsed = {r["_rid"]: parse_id_list(r[col]) for r in rows}
@@ -3717,8 +4001,18 @@ INSERT OR IGNORE INTO meta (key, value) VALUES ('usage', 'counted');
 CREATE TABLE IF NOT EXISTS reader (
     dev TEXT PRIMARY KEY, device TEXT NOT NULL, merged INTEGER NOT NULL, at INTEGER NOT NULL,
     floor INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS batch (id INTEGER PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS report (
+    dev TEXT PRIMARY KEY, device TEXT NOT NULL, cursor INTEGER NOT NULL, digest TEXT NOT NULL,
+    at INTEGER NOT NULL);
 """
+# Columns later versions added to tables an earlier one made: (table, column, type).
+_SERVER_COLUMNS = (("change", "batch", "INTEGER"), ("change", "slot", "INTEGER"),
+                   ("change", "share", "INTEGER"))
 DEVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+# What a stored record counts against its pushing device: its text, and its
+# share of the encrypted batch it came in (fixed when it is stored).
+_STORED_SIZE = "length(c.payload) + length(c.clocks) + coalesce(c.share, 0)"
 
 SERVER_MAX_SKEW_MS = MAX_SKEW_S * 1000
 # A device not seen for this long no longer holds collection back; when it
@@ -3810,15 +4104,20 @@ class ServerRegistry:
         conn = connect(path, must_exist=False, timeout=30.0)
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA secure_delete = ON")     # what goes from the file goes for good
         if create:
             with transaction(conn):
                 _run_script(conn, _SERVER_SQL)
+                for table, column, kind in _SERVER_COLUMNS:
+                    if column not in {c[1] for c in conn.execute(f"PRAGMA table_info({table})")}:
+                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                conn.execute("CREATE INDEX IF NOT EXISTS change_batch ON change (batch)")
                 conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)",
                              (uuid.uuid4().hex,))
         return cls(conn, clock=clock, max_value=max_value, max_record=max_record, quota=quota,
                    forget_after=forget_after)
 
-    @functools.cached_property
+    @property
     def store_id(self) -> str:
         """This change store's identity: a device that sees it change re-seeds it."""
         row = self.conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
@@ -3996,26 +4295,30 @@ class ServerCollection(ServerRegistry):
 
     def _versions(self, rows: Iterable[tuple[str, str]]) -> dict[tuple[str, str], list]:
         """The stored versions of each (table, id): [(seq, dev, clocks, pushing
-        device, size)], oldest first."""
+        device, size, batch)], oldest first."""
         out: dict[tuple[str, str], list] = {row: [] for row in rows}
         by_table: dict[str, set] = defaultdict(set)
         for table, sid in out:
             by_table[table].add(sid)
         for table, sids in by_table.items():
-            for seq, sid, dev, clocks, device, size in select_in(
-                    self.conn, "SELECT seq, sid, dev, clocks, coalesce(device, ''), "
-                    "length(payload) + length(clocks) FROM change WHERE tbl = ? "
-                    "AND sid IN ({marks}) ORDER BY seq", sids, table):
-                out[(table, sid)].append((seq, dev, json.loads(clocks), device, size))
+            for seq, sid, dev, clocks, device, size, batch in select_in(
+                    self.conn, "SELECT c.seq, c.sid, c.dev, c.clocks, coalesce(c.device, ''), "
+                    f"{_STORED_SIZE}, c.batch FROM change c WHERE c.tbl = ? "
+                    "AND c.sid IN ({marks}) ORDER BY c.seq", sids, table):
+                out[(table, sid)].append((seq, dev, json.loads(clocks), device, size, batch))
         return out
 
     def _drop_versions(self, versions: list, usage: dict[str, list[int]]) -> None:
         """Delete stored versions (from :meth:`_versions`), counting what each
         pushing device no longer stores into ``usage``."""
         self.conn.executemany("DELETE FROM change WHERE seq = ?", [(v[0],) for v in versions])
-        for _seq, _dev, _clocks, owner, size in versions:
+        for _seq, _dev, _clocks, owner, size, _batch in versions:
             usage[owner][0] -= 1
             usage[owner][1] -= size
+        # A batch goes with the last record of it the store keeps.
+        self.conn.executemany("DELETE FROM batch WHERE id = ? AND NOT EXISTS (SELECT 1 FROM "
+                              "change WHERE change.batch = batch.id)",
+                              [(b,) for b in {v[5] for v in versions if v[5] is not None}])
 
     def _add_usage(self, usage: dict[str, list[int]]) -> None:
         """Add (records, bytes) changes to each device's stored usage."""
@@ -4030,26 +4333,143 @@ class ServerCollection(ServerRegistry):
         gone, freed = 0, defaultdict(lambda: [0, 0])
         for versions in self._versions(rows).values():
             if versions and max(v[0] for v in versions) <= horizon and versions_deleted(
-                    [(dev, clocks) for _seq, dev, clocks, _o, _s in versions]):
+                    [(v[1], v[2]) for v in versions]):
                 self._drop_versions(versions, freed)
                 gone += 1
         self._add_usage(freed)
         return gone
 
 
-class ServerStore(ServerCollection):
-    """The change store: accepts pushes (authors, quotas), hands out pages."""
+class _StoredBatch:
+    """The encrypted batch a push brought: stored with the first of its
+    records the store keeps, each of which counts an equal share of it."""
 
-    def _parse(self, raw: Any) -> Record:
-        """The pushed record, checked for shape, sizes and clock; or RecordRefused."""
-        record = parse_record(raw)
+    def __init__(self, conn: sqlite3.Connection, data: bytes, records: int):
+        self.conn, self.data, self.share = conn, data, len(data) // max(1, records)
+        self.id: int | None = None
+
+    def place(self, slot: int) -> tuple[int, int, int]:
+        """(batch id, slot, share) of its ``slot``-th record."""
+        if self.id is None:
+            self.id = self.conn.execute("INSERT INTO batch (data) VALUES (?)",
+                                        (self.data,)).lastrowid
+        return self.id, slot, self.share
+
+
+class ServerStore(ServerCollection):
+    """The change store: accepts pushes (authors, quotas), hands out pages.
+
+    A store is plaintext (records as devices sent them) or end to end
+    (:meth:`begin_e2e`): then it holds per record only what merging needs
+    and the encrypted batches the records came in, and takes nothing else.
+    """
+
+    def _parse(self, raw: Any, sealed: bool = False) -> Record:
+        """The pushed record (or, ``sealed``, its metadata), checked for shape,
+        sizes and clock; or RecordRefused."""
+        record = parse_sealed(raw) if sealed else parse_record(raw)
         check_record_size(record, self.max_value, self.max_record)
         if max(record.clocks.values()) > hlc_at(now_ms(self.clock) + SERVER_MAX_SKEW_MS):
             raise RecordRefused("clock ahead of the server (check this device's time)")
         return record
 
+    def e2e_params(self, *, private: bool = False) -> dict | None:
+        """The end-to-end parameters devices derive the key with (None: a
+        plaintext store); ``private`` adds the proof key."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'e2e'").fetchone()
+        if row is None:
+            return None
+        params = json.loads(row[0])
+        return params if private else {k: v for k, v in params.items() if k != "proof"}
+
+    def begin_e2e(self, params: dict, cursor: Any, *, replace: bool = False) -> dict:
+        """Make this store end to end under ``params`` (a vault's private
+        parameters).  A store holding records is emptied for it (its devices
+        re-seed it, encrypted), but only by a device that has merged all of
+        them (``cursor``) unless ``replace`` (a new passphrase: devices keep
+        their data and re-seed under it).  What was deleted is erased from
+        the file.  Answers ``{"e2e": parameters, "store": id}``, or
+        ``"behind": n`` (merge up to n first), or ``"conflict": true`` (the
+        store is end to end under another passphrase already)."""
+        with transaction(self.conn):
+            current = self.e2e_params(private=True)
+            public = {k: v for k, v in params.items() if k != "proof"}
+            if current is not None and not replace:
+                same = current["check"] == params["check"]
+                return {"e2e": public if same else self.e2e_params(), "conflict": not same,
+                        "store": self.store_id}
+            high = self._max_seq()
+            if high and not replace and not (type(cursor) is int and cursor >= high):
+                return {"behind": high, "store": self.store_id}
+            wiped = bool(high) or current is not None
+            if wiped:
+                for table in ("change", "batch", "reader", "usage", "recent", "report"):
+                    self.conn.execute(f"DELETE FROM {table}")
+                self.conn.execute("DELETE FROM meta WHERE key = 'collected'")
+                self.conn.execute("UPDATE meta SET value = ? WHERE key = 'store_id'",
+                                  (uuid.uuid4().hex,))
+            self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('e2e', ?)",
+                              (json.dumps(params),))
+        if wiped:
+            self.erase_freed()
+        return {"e2e": public, "store": self.store_id, "emptied": wiped}
+
+    def erase_freed(self) -> None:
+        """Rebuild the file without its free pages and empty the WAL, so what
+        was deleted is gone from both (secure_delete alone leaves old WAL
+        frames and pages freed before it was on)."""
+        self.conn.execute("VACUUM")
+        for _ in range(100):            # a reader of another connection holds it a moment
+            busy = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            if not busy:
+                return
+            time.sleep(0.05)
+        raise StoreError("could not empty the server's WAL (another process holds it)",
+                         hint="stop other processes using the server's data, then sync again")
+
+    def note_digest(self, device: str, author: str | None, report: Any) -> None:
+        """Keep a device id's report ``{"dev", "cursor", "digest"}`` of what it
+        holds (see :meth:`Store.content_digest`); only a key's own ids report
+        (``author`` None: an in-process caller, who may report any)."""
+        if not isinstance(report, dict):
+            return
+        dev, cursor, digest = report.get("dev"), report.get("cursor"), report.get("digest")
+        if not (isinstance(dev, str) and DEVICE_ID_RE.match(dev)
+                and (author is None or author_of(dev) == author)
+                and type(cursor) is int and 0 <= cursor < 2 ** 63 and isinstance(digest, str)
+                and re.fullmatch(r"[0-9a-f]{64}", digest)):
+            return
+        with transaction(self.conn):
+            self.conn.execute("INSERT OR REPLACE INTO report (dev, device, cursor, digest, at) "
+                              "VALUES (?, ?, ?, ?, ?)", (dev, device, cursor, digest,
+                                                         int(self.clock())))
+            self.conn.execute(
+                "DELETE FROM report WHERE device = ? AND dev NOT IN (SELECT dev FROM report "
+                "WHERE device = ? ORDER BY at DESC LIMIT ?)", (device, device, self.MAX_READERS))
+
+    def digests(self) -> dict:
+        """Every device's latest content reports, and the devices registered."""
+        reports = [dict(r) for r in self.conn.execute(
+            "SELECT device, dev, cursor, digest, at FROM report ORDER BY device, at DESC")]
+        names = [r[0] for r in self.conn.execute(
+            "SELECT name FROM device WHERE revoked_at IS NULL ORDER BY name")]
+        return {"reports": reports, "devices": names}
+
+    def _mode_refusal(self, sealed: tuple[bytes, str] | None, check: str | None) -> dict | None:
+        """The answer to a request that does not suit this store's mode (None: it does)."""
+        params = self.e2e_params(private=True)
+        if params is None:
+            return {"plaintext": True} if sealed is not None or check else None
+        public = {k: v for k, v in params.items() if k != "proof"}
+        if sealed is not None:
+            right = same_signature(batch_proof(bytes.fromhex(params["proof"]), sealed[0]),
+                                   sealed[1])
+        else:
+            right = check is not None and same_signature(params["check"], check)
+        return None if right else {"e2e": public}
+
     def push(self, records: list, *, device: str = "", cursor: int | None = None,
-             author: str | None = None) -> dict:
+             author: str | None = None, sealed: tuple[bytes, str] | None = None) -> dict:
         """Store a batch in one transaction; one result per record.
 
         Results are ``{"status": "accepted", "seq": n}``, ``{"status":
@@ -4063,16 +4483,27 @@ class ServerStore(ServerCollection):
         sends its own edits).  Records under ids of no current key are
         copies a device hands back (a re-seed) and are taken.  None (an
         in-process caller) checks no authorship.
+
+        ``sealed`` (an end-to-end store's only kind of push) is the encrypted
+        batch and its proof; ``records`` are then the records' metadata
+        (see :meth:`Vault.seal_records`).  A push that does not suit the
+        store's mode stores nothing and is answered ``{"e2e": parameters}``
+        (the store is end to end, or the batch's proof is not its key's) or
+        ``{"plaintext": true}``.
         """
         results = []
         received = iso_utc(self.clock, "microseconds")
         try:
             with transaction(self.conn):
+                refusal = self._mode_refusal(sealed, None)
+                if refusal is not None:
+                    return {**refusal, "results": [], "store": self.store_id}
                 others = self._other_authors(device) if author is not None else {}
                 parsed: list[Record | RecordRefused] = []
                 for raw in records:
                     try:
-                        parsed.append(self._check_author(self._parse(raw), others))
+                        parsed.append(self._check_author(self._parse(raw, sealed is not None),
+                                                         others))
                     except RecordRefused as exc:
                         parsed.append(exc)
                 own = {r.dev for r in parsed if isinstance(r, Record) and author is not None
@@ -4084,12 +4515,13 @@ class ServerStore(ServerCollection):
                 before = self._max_seq()
                 stored = self._versions((r.table, r.sid) for r in parsed if isinstance(r, Record))
                 usage: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-                for item in parsed:
+                batch = _StoredBatch(self.conn, sealed[0], len(records)) if sealed else None
+                for slot, item in enumerate(parsed):
                     if isinstance(item, RecordRefused):
                         results.append({"status": "refused", "reason": str(item)})
                     else:
                         results.append(self._store_record(item, device, received, stored,
-                                                          usage))
+                                                          usage, batch, slot))
                 self._charge(device, len(records), usage, only_deletes=all(
                     isinstance(r, Record) and set(r.clocks) == {TOMBSTONE} for r in parsed))
                 after = self._max_seq()
@@ -4118,28 +4550,31 @@ class ServerStore(ServerCollection):
         return self.conn.execute("SELECT coalesce(max(seq), 0) FROM change").fetchone()[0]
 
     def _store_record(self, record: Record, device: str, received: str,
-                      stored: dict[tuple[str, str], list],
-                      usage: dict[str, list[int]]) -> dict:
+                      stored: dict[tuple[str, str], list], usage: dict[str, list[int]],
+                      batch: "_StoredBatch | None" = None, slot: int = 0) -> dict:
         """Store one record unless every column of it is superseded; drop the
         versions it supersedes.  ``stored`` (from :meth:`_versions`) follows;
-        ``usage`` gets the (records, bytes) each pushing device gains or loses."""
+        ``usage`` gets the (records, bytes) each pushing device gains or loses.
+        A sealed record is the ``slot``-th of ``batch``."""
         existing = stored[(record.table, record.sid)]
         new = (None, record.dev, record.clocks)
         winners = surviving_versions([v[:3] for v in existing] + [new])
         if None not in winners:
             return {"status": "superseded"}
         clocks = json.dumps(record.clocks)
-        payload = json.dumps(record.payload(), separators=(",", ":"))
+        payload = "" if batch else json.dumps(record.payload(), separators=(",", ":"))
+        batch_id, slot, share = batch.place(slot) if batch else (None, None, None)
         cur = self.conn.execute(
-            "INSERT INTO change (tbl, sid, dev, clocks, payload, received_at, device) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (record.table, record.sid, record.dev, clocks, payload, received, device))
+            "INSERT INTO change (tbl, sid, dev, clocks, payload, received_at, device, batch, "
+            "slot, share) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (record.table, record.sid, record.dev, clocks, payload, received, device, batch_id,
+             slot, share))
         self._drop_versions([v for v in existing if v[0] not in winners], usage)
-        size = len(payload) + len(clocks)
+        size = len(payload) + len(clocks) + (share or 0)
         usage[device][0] += 1
         usage[device][1] += size
         existing[:] = [v for v in existing if v[0] in winners] + \
-            [(cur.lastrowid, record.dev, record.clocks, device, size)]
+            [(cur.lastrowid, record.dev, record.clocks, device, size, batch_id)]
         return {"status": "accepted", "seq": cur.lastrowid}
 
     def _charge(self, device: str, pushed: int, usage: dict[str, list[int]],
@@ -4181,36 +4616,87 @@ class ServerStore(ServerCollection):
                 "limits": asdict(self.quota)}
 
     def pull(self, cursor: int = 0, limit: int = PULL_PAGE, since: str | None = None,
-             max_bytes: int = PULL_PAGE_BYTES) -> dict:
+             max_bytes: int = PULL_PAGE_BYTES, check: str | None = None) -> dict:
         """Records after ``cursor`` (and received after ``since``), oldest first.
 
         A page holds at most ``limit`` records and about ``max_bytes`` of
         stored text, but always at least one record, so large rows still
         travel.  Returns ``{"records": [...], "cursor": last seq, "more": bool}``.
         """
-        page = self.pull_raw(cursor, limit, since, max_bytes)
-        return {**page, "records": json.loads(page["records"])}
+        page = self.pull_raw(cursor, limit, since, max_bytes, check)
+        return {**page, "records": json.loads(page["records"])} if "records" in page else page
 
     def pull_raw(self, cursor: int = 0, limit: int = PULL_PAGE, since: str | None = None,
-                 max_bytes: int = PULL_PAGE_BYTES) -> dict:
+                 max_bytes: int = PULL_PAGE_BYTES, check: str | None = None) -> dict:
         """:meth:`pull` with the records as :class:`RawJSON`: the stored text
         as it is, never parsed and written again.  A device that merged too
-        little to catch up (see :meth:`stale`) gets ``"stale": true`` instead."""
+        little to catch up (see :meth:`stale`) gets ``"stale": true`` instead.
+
+        ``check`` is a vault's check value: an end-to-end store answers with
+        ``refs`` ([batch number, slot] per record) and the batches in
+        ``blobs``, and a request whose check is not the store's (or a
+        plaintext one) with ``{"e2e": parameters}``; a plaintext store asked
+        with a check answers ``{"plaintext": true}``.
+        """
         with snapshot(self.conn):          # the collected mark and the rows of one moment
+            refusal = self._mode_refusal(None, check)
+            if refusal is not None:
+                return {**refusal, "records": RawJSON("[]"), "cursor": int(cursor),
+                        "more": False, "store": self.store_id}
+            if check is not None:
+                return self._sealed_page(cursor, limit, since, max_bytes)
             return self._page(cursor, limit, since, max_bytes)
 
-    def _page(self, cursor: int, limit: int, since: str | None, max_bytes: int) -> dict:
+    def _page_start(self, cursor: int, since: str | None, columns: str,
+                    limit: int) -> tuple[dict | None, int, sqlite3.Cursor]:
+        """(a stale answer or None, the collected mark, the rows after ``cursor``)."""
         through = self.collected_through()
         if self.stale(cursor, through):
-            return {"stale": True, "records": RawJSON("[]"), "cursor": int(cursor),
-                    "more": False, "store": self.store_id}
-        query = "SELECT seq, tbl, sid, dev, clocks, payload FROM change WHERE seq > ?"
-        args: list[Any] = [int(cursor)]
+            return ({"stale": True, "records": RawJSON("[]"), "cursor": int(cursor),
+                     "more": False, "store": self.store_id}, through, None)
+        query, args = f"SELECT {columns} FROM change WHERE seq > ?", [int(cursor)]
         if since is not None:
             query += " AND received_at > ?"
             args.append(since)
+        return None, through, self.conn.execute(query + " ORDER BY seq LIMIT ?", (*args, limit))
+
+    def _page_end(self, cursor: int, last: int | None, more: bool, through: int) -> dict:
+        last = int(cursor) if last is None else last
+        # Past the end, a device is past what was collected too (else it
+        # would look stale once the collected records were the newest).
+        return {"cursor": last if more else max(last, through), "more": more,
+                "store": self.store_id}
+
+    def _sealed_page(self, cursor: int, limit: int, since: str | None, max_bytes: int) -> dict:
+        """A page of an end-to-end store: each batch once, whole; records of a
+        batch already on the page go past ``limit`` (they cost no bytes more)."""
+        stale, through, rows = self._page_start(cursor, since, "seq, batch, slot", 4 * limit + 1)
+        if stale is not None:
+            return stale
+        refs, blobs, numbers, size, last, more = [], [], {}, 0, None, False
+        for seq, batch, slot in rows:
+            if batch not in numbers:
+                data = self.conn.execute("SELECT data FROM batch WHERE id = ?",
+                                         (batch,)).fetchone()[0]
+                if refs and (len(refs) >= limit or size + len(data) > max_bytes):
+                    more = True
+                    break
+                numbers[batch], size = len(blobs), size + len(data)
+                blobs.append(data)
+            elif len(refs) >= 4 * limit:
+                more = True
+                break
+            refs.append([numbers[batch], slot])
+            last = seq
+        return {"refs": refs, "blobs": blobs, **self._page_end(cursor, last, more, through)}
+
+    def _page(self, cursor: int, limit: int, since: str | None, max_bytes: int) -> dict:
+        stale, through, found = self._page_start(cursor, since,
+                                                 "seq, tbl, sid, dev, clocks, payload", limit + 1)
+        if stale is not None:
+            return stale
         rows, size, more = [], 0, False
-        for row in self.conn.execute(query + " ORDER BY seq LIMIT ?", (*args, limit + 1)):
+        for row in found:
             size += len(row["payload"]) + len(row["clocks"]) + 64
             if len(rows) == limit or (rows and size > max_bytes):
                 more = True
@@ -4220,11 +4706,8 @@ class ServerStore(ServerCollection):
             f'{{"t":{json.dumps(r["tbl"])},"id":{json.dumps(r["sid"])},'
             f'"dev":{json.dumps(r["dev"])},"c":{r["clocks"]},"p":{r["payload"]}}}'
             for r in rows) + "]")
-        last = rows[-1]["seq"] if rows else int(cursor)
-        # Past the end, a device is past what was collected too (else it
-        # would look stale once the collected records were the newest).
-        return {"records": records, "cursor": last if more else max(last, through),
-                "more": more, "store": self.store_id}
+        return {"records": records,
+                **self._page_end(cursor, rows[-1]["seq"] if rows else None, more, through)}
 
     def stats(self) -> dict:
         """Counts for status output: records held and the newest sequence number."""
@@ -4255,11 +4738,19 @@ def _op_hello(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
     usage = store.usage(device["name"])
     return {"device": device["name"], "server_time": store.clock(), "version": __version__,
             "seq": store.stats()["seq"], "store": store.store_id,
-            "usage": {k: usage[k] for k in ("stored", "hour", "limits")}}
+            "usage": {k: usage[k] for k in ("stored", "hour", "limits")},
+            "e2e": store.e2e_params()}
 
 
 def _op_push(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
     records, cursor = payload.get("records"), payload.get("cursor")
+    sealed, blobs, proof = payload.get("sealed"), payload.get("blobs"), payload.get("proof")
+    if sealed is not None:              # an end-to-end push: metadata and one batch
+        if not (isinstance(sealed, list) and isinstance(blobs, list) and len(blobs) == 1
+                and isinstance(proof, str) and records is None):
+            raise HttpError(400, "bad_request", "a sealed push needs metadata, one batch "
+                                                "and its proof")
+        records = sealed
     if not isinstance(records, list) or not (cursor is None or (
             isinstance(cursor, int) and 0 <= cursor < 2 ** 63)):
         raise HttpError(400, "bad_request", "push needs a list of records")
@@ -4267,7 +4758,8 @@ def _op_push(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
         raise HttpError(413, "too_large", f"at most {store.quota.push_records} records per push "
                                           f"(the server's --max-push-records)")
     return store.push(records, device=device["name"], cursor=cursor,
-                      author=author_prefix(device["key_id"]))
+                      author=author_prefix(device["key_id"]),
+                      sealed=(blobs[0], proof) if sealed is not None else None)
 
 
 def _op_pull(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
@@ -4283,14 +4775,30 @@ def _op_pull(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
             since = since_key(since[:64])
         except (ValueError, OverflowError):
             raise HttpError(400, "bad_request", "since is not an ISO 8601 timestamp") from None
+    check = payload.get("e2e")
+    if not (check is None or isinstance(check, str)):
+        raise HttpError(400, "bad_request", "e2e is a vault's check value")
     store.note_reader(device["name"], author_prefix(device["key_id"]), payload.get("dev"),
                       payload.get("merged"))
     return store.pull_raw(cursor, min(limit, MAX_PULL_PAGE), since,
-                          min(max_bytes, PULL_PAGE_BYTES))
+                          min(max_bytes, PULL_PAGE_BYTES), check)
+
+
+def _op_e2e(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
+    params = payload.get("params")
+    if not valid_params(params):
+        raise HttpError(400, "bad_request", "malformed end-to-end parameters")
+    return store.begin_e2e(params, payload.get("cursor"), replace=payload.get("replace") is True)
+
+
+def _op_verify(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
+    store.note_digest(device["name"], author_prefix(device["key_id"]), payload.get("report"))
+    return store.digests()
 
 
 SERVER_POLL_S = 0.05                   # how soon serve_forever notices shutdown()
-OPERATIONS = {"/v1/hello": _op_hello, "/v1/push": _op_push, "/v1/pull": _op_pull}
+OPERATIONS = {"/v1/hello": _op_hello, "/v1/push": _op_push, "/v1/pull": _op_pull,
+              "/v1/e2e": _op_e2e, "/v1/verify": _op_verify}
 MAX_PULL_PAGE = 5000
 # What bounds the server (see SyncServer): every figure is per connection.
 MAX_CONNECTIONS = 64                   # served at once, a thread each; more go to the door
@@ -4451,7 +4959,8 @@ def serve_admitted(server: "SyncServer", admission: Admission, headers: dict[str
             if mismatch:
                 raise HttpError(426, "protocol", mismatch)
             answer = {**admission.operation(store, device, payload), "protocol": server.protocol}
-        sealed = seal(device["enc_key"], answer, response_context(nonce, 200))
+        blobs = answer.pop("blobs", ())
+        sealed = seal(device["enc_key"], answer, response_context(nonce, 200), blobs)
         return 200, {"Content-Type": WIRE_TYPE,
                      H_SIG: sign(device["mac_key"], response_context(nonce, 200), sealed)}, sealed
     except HttpError as exc:
@@ -4989,6 +5498,59 @@ class _StaleConnection(Exception):
     """A kept-alive connection failed before an answer: send it anew."""
 
 
+class PassphraseNeeded(CcsyncError):
+    """The server's store is end to end and this device cannot take part:
+    it has no sync passphrase, or one that is not the store's (changed on
+    another device)."""
+
+
+class PlaintextStore(Exception):
+    """A device with a sync passphrase met a store that is not end to end
+    yet: it makes it so (see encrypt_server)."""
+
+
+def checked_mode(answer: dict, vault: "Vault | None", where: str) -> dict:
+    """``answer``, unless it says the store's mode is not this device's."""
+    if "plaintext" in answer:
+        raise PlaintextStore()
+    if "e2e" in answer:
+        if vault is None:
+            raise PassphraseNeeded(f"the data on {where} is encrypted end to end and this "
+                                   f"device has no sync passphrase",
+                                   hint="run `ccsync setup` here and enter the sync passphrase "
+                                        "of your other devices")
+        raise PassphraseNeeded(f"this device's sync passphrase is not the one the data on "
+                               f"{where} is encrypted with (changed on another device?)",
+                               hint="run `ccsync setup` here and enter the current passphrase")
+    return answer
+
+
+def opened_page(vault: "Vault | None", page: dict, max_size: int) -> dict:
+    """A page whose records came sealed (``refs`` into ``blobs``) with its
+    records opened: a batch that does not open gives stand-ins the device
+    refuses (see :class:`Unreadable`), so one forged batch stops nothing."""
+    if vault is None or "refs" not in page:
+        return page
+    batches: list[list | str] = []
+    for blob in page.pop("blobs", []):
+        try:
+            batches.append(vault.open_batch(blob, max_size))
+        except WireError as exc:
+            batches.append(str(exc))
+    records = []
+    for ref in page.pop("refs"):
+        number, slot = (ref if isinstance(ref, list) and len(ref) == 2 else (None, None))
+        batch = batches[number] if type(number) is int and 0 <= number < len(batches) \
+            else "a record points at no batch"
+        if isinstance(batch, str):
+            records.append({UNREADABLE: batch})
+        elif type(slot) is int and 0 <= slot < len(batch):
+            records.append(batch[slot])
+        else:
+            records.append({UNREADABLE: "a record points past its batch"})
+    return {**page, "records": records}
+
+
 @dataclass(frozen=True)
 class WireRequest:
     """One signed, sealed request as it goes out (the seam tests record)."""
@@ -5008,7 +5570,7 @@ class Client:
 
     def __init__(self, url: str, api_key: str, *, timeout: float = 60.0,
                  ca_file: str | None = None, clock: Callable[[], float] = time.time,
-                 max_response: int = 4 * DEFAULT_MAX_BODY):
+                 max_response: int = 4 * DEFAULT_MAX_BODY, vault: "Vault | None" = None):
         if not re.match(r"^https?://[^/\s]+", url or ""):
             raise ConfigError(f"server URL {url!r} is not http(s)://host[:port]",
                               hint="run `ccsync setup`")
@@ -5026,6 +5588,7 @@ class Client:
         self._conn: http.client.HTTPConnection | None = None
         self._served = 0                # requests the open connection has answered
         self._lock = threading.Lock()
+        self.vault = vault              # None: records travel as they are (a plaintext store)
 
     @property
     def author(self) -> str:
@@ -5037,8 +5600,15 @@ class Client:
         return self._request("/v1/hello", {"time": self.clock()})
 
     def push(self, records: list[dict], cursor: int | None = None) -> dict:
-        """Send records; the server's per-record results (see ServerStore.push)."""
-        return self._request("/v1/push", {"records": records, "cursor": cursor})
+        """Send records (end to end: sealed as one batch); the server's
+        per-record results (see ServerStore.push)."""
+        if self.vault is None:
+            answer = self._request("/v1/push", {"records": records, "cursor": cursor})
+        else:
+            meta, blob, proof = self.vault.seal_records(records)
+            answer = self._request("/v1/push", {"sealed": meta, "proof": proof,
+                                                "cursor": cursor}, [blob])
+        return checked_mode(answer, self.vault, self.url)
 
     def pull(self, cursor: int, limit: int = PULL_PAGE, since: str | None = None,
              report: dict | None = None) -> dict:
@@ -5049,8 +5619,21 @@ class Client:
         ({"dev", "merged"}) tells the server how far this device has merged
         (see ServerStore.note_reader).
         """
-        return self._request("/v1/pull", {"cursor": cursor, "limit": limit, "since": since,
-                                          "max_bytes": page_bytes(limit), **(report or {})})
+        answer = self._request("/v1/pull", {
+            "cursor": cursor, "limit": limit, "since": since, "max_bytes": page_bytes(limit),
+            "e2e": self.vault.check if self.vault else None, **(report or {})})
+        return opened_page(self.vault, checked_mode(answer, self.vault, self.url),
+                           self.max_response)
+
+    def begin_e2e(self, params: dict, cursor: int, replace: bool = False) -> dict:
+        """Ask the server to make its store end to end (see ServerStore.begin_e2e)."""
+        return self._request("/v1/e2e", {"params": params, "cursor": cursor,
+                                         "replace": replace})
+
+    def verify(self, report: dict | None) -> dict:
+        """Report this device's content digest; every device's reports
+        (see ServerStore.digests)."""
+        return self._request("/v1/verify", {"report": report})
 
     def close(self) -> None:
         """Close the kept-alive connection, if any (the next request opens one).
@@ -5061,9 +5644,9 @@ class Client:
         if conn is not None:
             conn.close()
 
-    def _request(self, path: str, payload: dict) -> dict:
+    def _request(self, path: str, payload: dict, blobs: Iterable[bytes] = ()) -> dict:
         with self._lock:                # one request at a time on the one connection
-            (status, headers, answer), nonce = self._send_signed(path, payload)
+            (status, headers, answer), nonce = self._send_signed(path, payload, blobs)
         return self._read_answer(status, headers, answer, nonce)
 
     def _read_answer(self, status: int, headers: dict, answer: bytes, nonce: str) -> dict:
@@ -5086,7 +5669,8 @@ class Client:
 
     BUSY_RETRIES = 4                    # a busy server (503) is asked again, backing off
 
-    def _send_signed(self, path: str, payload: dict) -> tuple[tuple[int, dict, bytes], str]:
+    def _send_signed(self, path: str, payload: dict,
+                     blobs: Iterable[bytes] = ()) -> tuple[tuple[int, dict, bytes], str]:
         """Seal, sign and send; ((status, headers, body), nonce).
 
         Every try is signed anew (a replay would be refused), and every
@@ -5100,7 +5684,7 @@ class Client:
         while True:
             stamp, nonce = str(int(self.clock())), secrets.token_hex(16)
             context = request_context("POST", path, stamp, nonce, self.keys.key_id)
-            body = seal(self.keys.enc, {**payload, "protocol": PROTOCOL}, context)
+            body = seal(self.keys.enc, {**payload, "protocol": PROTOCOL}, context, blobs)
             request = WireRequest(path, {
                 "Content-Type": WIRE_TYPE, "User-Agent": f"ccsync/{__version__}",
                 **signed_headers(self.keys, "POST", path, body, stamp, nonce)}, body)
@@ -5218,23 +5802,44 @@ class LocalTransport:
     Records go through a JSON round trip, as they would on the wire.
     """
 
-    def __init__(self, server: ServerStore, device: str = "local", author: str | None = None):
+    def __init__(self, server: ServerStore, device: str = "local", author: str | None = None,
+                 vault: "Vault | None" = None):
         self.server = server
         self.device = device
         self.author = author            # a key prefix: authorship is checked as over HTTP
+        self.vault = vault              # end to end, as a Client with one
 
     def push(self, records: list[dict], cursor: int | None = None) -> dict:
         """Send records to the in-process server store."""
+        sealed = None
         wire = json.loads(json.dumps(records))
-        return json.loads(json.dumps(self.server.push(wire, device=self.device, cursor=cursor,
-                                                      author=self.author)))
+        if self.vault is not None:
+            wire, blob, proof = self.vault.seal_records(wire)
+            sealed = (blob, proof)
+        return checked_mode(json.loads(json.dumps(self.server.push(
+            wire, device=self.device, cursor=cursor, author=self.author, sealed=sealed))),
+            self.vault, "the server")
 
     def pull(self, cursor: int, limit: int = PULL_PAGE, since: str | None = None,
              report: dict | None = None) -> dict:
         """One page of records from the in-process server store."""
         if report and self.author:
             self.server.note_reader(self.device, self.author, report["dev"], report["merged"])
-        return json.loads(json.dumps(self.server.pull(cursor, limit, since, page_bytes(limit))))
+        page = self.server.pull(cursor, limit, since, page_bytes(limit),
+                                check=self.vault.check if self.vault else None)
+        blobs = page.pop("blobs", [])
+        page = {**json.loads(json.dumps(page)), "blobs": blobs}
+        return opened_page(self.vault, checked_mode(page, self.vault, "the server"),
+                           4 * DEFAULT_MAX_BODY)
+
+    def begin_e2e(self, params: dict, cursor: int, replace: bool = False) -> dict:
+        """As :meth:`Client.begin_e2e`, in process."""
+        return self.server.begin_e2e(params, cursor, replace=replace)
+
+    def verify(self, report: dict | None) -> dict:
+        """As :meth:`Client.verify`, in process."""
+        self.server.note_digest(self.device, self.author, report)
+        return json.loads(json.dumps(self.server.digests()))
 
 
 @dataclass
@@ -5484,31 +6089,107 @@ def reseed_server(store: Store, transport: Any, result: SyncResult, store_id: st
     store.adopt_server(store_id)
 
 
+@contextlib.contextmanager
+def _in_plaintext(transport: Any) -> Iterator[None]:
+    vault, transport.vault = transport.vault, None
+    try:
+        yield
+    finally:
+        transport.vault = vault
+
+
+def encrypt_server(store: Store, transport: Any, result: SyncResult,
+                   stop: threading.Event | None = None) -> None:
+    """Make a plaintext server store end to end under the transport's vault.
+
+    This device first catches up in plaintext (so it holds all the store
+    does), then the server starts the store afresh, encrypted, and erases
+    the plaintext from its file.  This device's re-seed follows (the store
+    is new), and each other device re-seeds once it has the passphrase, so
+    nothing any device holds is lost.
+    """
+    LOG.info("the server keeps this data in plaintext: encrypting it end to end")
+    for _attempt in range(3):
+        with _in_plaintext(transport):
+            pull_changes(store, transport, result, stop=stop)
+        answer = transport.begin_e2e(transport.vault.params(private=True), store.cursor)
+        if answer.get("conflict"):
+            raise PassphraseNeeded("the server's data was just encrypted under another sync "
+                                   "passphrase (by another device)",
+                                   hint="run `ccsync setup` here and enter that passphrase")
+        if "behind" not in answer:
+            return
+    raise RemoteError("other devices kept pushing while this one encrypted the server's store",
+                      hint="sync again; nothing was lost").with_kind("busy")
+
+
+DIGEST_EVERY_S = 600.0                  # a device reports its content digest at most this often
+PLAINTEXT_DIGEST_KEY = b"ccsync-plaintext-store"
+
+
+def digest_key(transport: Any) -> bytes:
+    """What content digests are keyed with: the vault's key (a plaintext
+    store, whose server reads everything anyway: a fixed one)."""
+    vault = getattr(transport, "vault", None)
+    return vault.digest_key if vault is not None else PLAINTEXT_DIGEST_KEY
+
+
+def report_digest(store: Store, transport: Any) -> dict:
+    """Tell the server this device's content digest at its cursor (see
+    Store.content_digest); every device's reports."""
+    digest = store.content_digest(digest_key(transport))
+    report = None if digest is None else {"dev": store.device_id, "cursor": store.cursor,
+                                          "digest": digest}
+    answer = transport.verify(report)
+    if report is not None:
+        store.note_digest_reported(report["cursor"])
+    return {**answer, "mine": report}
+
+
 def sync_once(store: Store, transport: Any, *, push: bool = True, pull: bool = True,
               since: str | None = None, batch_size: int = PUSH_BATCH,
-              page_size: int = PULL_PAGE, stop: threading.Event | None = None) -> SyncResult:
+              page_size: int = PULL_PAGE, stop: threading.Event | None = None,
+              digest_every: float = DIGEST_EVERY_S) -> SyncResult:
     """One sync: stamp and capture, push pending rows, pull and merge the rest.
 
     ``stop`` (an Event) ends the sync between two batches or pages; every
     batch and page is its own transaction, so stopping never leaves half.
+    A transport with a vault makes a plaintext store end to end first.  A
+    full sync after which this device holds what the server does reports
+    its content digest (for ``status --verify``) when the cursor moved, at
+    most every ``digest_every`` seconds.
     """
     result = SyncResult(stamped=store.prepare(), backup=store.backup_path)
     if getattr(transport, "author", None):
         store.take_author(transport.author)
     try:
-        if store.rejoining():           # a copy, or an interrupted rejoin: catch up first
-            pull_changes(store, transport, result, page_size, stop=stop)
-        if push:
-            _push_rejoining(store, transport, result, batch_size, page_size, stop)
-        if pull:
-            result.pulled.add(store.retry_held())
-            every_edit_sent = push and result.quota is None and not result.refused
-            pull_changes(store, transport, result, page_size, since, stop=stop,
-                         report=every_edit_sent)
+        try:
+            _sync_legs(store, transport, result, push, pull, since, batch_size, page_size, stop)
+        except PlaintextStore:
+            encrypt_server(store, transport, result, stop)
+            _sync_legs(store, transport, result, push, pull, since, batch_size, page_size, stop)
+        if push and pull and not since and hasattr(transport, "verify") \
+                and store.digest_due(digest_every):
+            with contextlib.suppress(RemoteError):     # a report is advice: the sync is done
+                report_digest(store, transport)
     finally:
         if hasattr(transport, "close"):     # the connection lives as long as one sync
             transport.close()
     return result
+
+
+def _sync_legs(store: Store, transport: Any, result: SyncResult, push: bool, pull: bool,
+               since: str | None, batch_size: int, page_size: int,
+               stop: threading.Event | None) -> None:
+    if store.rejoining():           # a copy, or an interrupted rejoin: catch up first
+        pull_changes(store, transport, result, page_size, stop=stop)
+    if push:
+        _push_rejoining(store, transport, result, batch_size, page_size, stop)
+    if pull:
+        result.pulled.add(store.retry_held())
+        every_edit_sent = push and result.quota is None and not result.refused
+        pull_changes(store, transport, result, page_size, since, stop=stop,
+                     report=every_edit_sent)
 
 
 ##### Configuration ###########################################################
@@ -5516,6 +6197,8 @@ def sync_once(store: Store, transport: Any, *, push: bool = True, pull: bool = T
 # data file.  Environment variables win over the file.
 
 ENV_SERVER, ENV_API_KEY, ENV_CA_FILE = "CC_SERVER", "CC_API_KEY", "CC_CA_FILE"
+ENV_E2E_KEY = "CCSYNC_E2E_KEY"          # the vault (Vault.text), written by setup
+ENV_PASSPHRASE = "CCSYNC_PASSPHRASE"    # read by setup only (for scripted setups)
 CC_DIR = os.path.join("~", ".cc-cli")
 DEFAULT_SERVER_DATA = os.path.join(CC_DIR, "ccsync_server.db")
 
@@ -5529,6 +6212,12 @@ class Config:
     ca_file: str | None
     env_path: str
     sources: dict[str, str]
+    e2e_key: str | None = None
+
+    @property
+    def vault(self) -> "Vault | None":
+        """The stored end-to-end key (None: none set up here)."""
+        return Vault.parse(self.e2e_key) if self.e2e_key else None
 
     @property
     def configured(self) -> bool:
@@ -5594,13 +6283,13 @@ def load_config(environ: dict) -> Config:
     path = env_file_path()
     from_file = read_env_file(path)
     values, sources = {}, {}
-    for name in (ENV_SERVER, ENV_API_KEY, ENV_CA_FILE):
+    for name in (ENV_SERVER, ENV_API_KEY, ENV_CA_FILE, ENV_E2E_KEY):
         if environ.get(name):
             values[name], sources[name] = environ[name], "environment"
         elif from_file.get(name):
             values[name], sources[name] = from_file[name], path
     return Config(values.get(ENV_SERVER), values.get(ENV_API_KEY), values.get(ENV_CA_FILE),
-                  path, sources)
+                  path, sources, values.get(ENV_E2E_KEY))
 
 
 def client_for(config: Config, *, timeout: float = 60.0) -> Client:
@@ -5608,7 +6297,8 @@ def client_for(config: Config, *, timeout: float = 60.0) -> Client:
     if not config.configured:
         raise ConfigError("sync is not configured (no CC_SERVER / CC_API_KEY)",
                           hint="run `ccsync setup`")
-    return Client(config.server, config.api_key, ca_file=config.ca_file, timeout=timeout)
+    return Client(config.server, config.api_key, ca_file=config.ca_file, timeout=timeout,
+                  vault=config.vault)
 
 
 def resolve_db_path(arg: str | None, environ: dict) -> str:
@@ -6133,12 +6823,30 @@ def server_state(config: Config, clock: Callable[[], float] = time.time) -> dict
                  "clock_skew": "clock skewed", "protocol": "protocol mismatch"}
         return {**state, "state": names.get(exc.kind, "unreachable"), "detail": str(exc)}
     skew = float(info.get("server_time", clock())) - clock()
-    state.update(state="connected", device=info.get("device"), skew_seconds=round(skew, 1))
+    state.update(state="connected", device=info.get("device"), skew_seconds=round(skew, 1),
+                 e2e=e2e_state(info.get("e2e"), config))
     if isinstance(info.get("usage"), dict):
         state["usage"] = info["usage"]
     if abs(skew) > 60:
         state.update(state="clock skewed", detail=f"this clock is {-skew:+.0f} s off the server's")
     return state
+
+
+def e2e_state(params: Any, config: Config) -> str:
+    """Whether the server's data is encrypted end to end, and whether this device can read it."""
+    try:
+        vault = config.vault
+    except ConfigError as exc:
+        return f"broken here: {exc}"
+    if not params:
+        return ("off: the server can read this data (this device's next sync encrypts it)"
+                if vault else "off: the server can read this data; `ccsync setup` sets a "
+                              "sync passphrase")
+    if vault is None:
+        return "on, but this device has no sync passphrase: run `ccsync setup`"
+    if not isinstance(params, dict) or params.get("check") != vault.check:
+        return "on, under another sync passphrase than this device's: run `ccsync setup`"
+    return "on"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -6153,8 +6861,71 @@ def cmd_status(args: argparse.Namespace) -> int:
             "last_error": store.meta("last_error") if installed else None,
             "push_refused": store.meta("push_refused") if installed else None,
             "server": server_state(load_config(os.environ))}
-    _emit(args, data, status_lines(data))
-    return EXIT_OK
+    if not args.verify:
+        _emit(args, data, status_lines(data))
+        return EXIT_OK
+    client = client_for(load_config(os.environ))
+    try:
+        data["verify"] = verify_devices(store, client, data["server"].get("device"))
+    finally:
+        client.close()
+    _emit(args, data, status_lines(data) + verify_lines(data["verify"], time.time()))
+    differs = any(d["state"] == "differs" for d in data["verify"]["devices"])
+    return EXIT_FAILURE if differs else EXIT_OK
+
+
+def verify_devices(store: Store, transport: Any, name: str | None) -> dict:
+    """``status --verify``: report this device's digest, then compare it with
+    every other device's at the same cursor."""
+    answer = {**transport.verify(None), "mine": None} if store.unsent() else \
+        report_digest(store, transport)
+    mine = answer["mine"]
+    devices, reported = [], set()
+    for r in answer.get("reports", []):
+        reported.add(r["device"])
+        if mine is not None and r["dev"] == mine["dev"]:
+            continue
+        state = "not comparable" if mine is None or r["cursor"] != mine["cursor"] else \
+            "agrees" if r["digest"] == mine["digest"] else "differs"
+        devices.append({"device": r["device"], "dev": r["dev"], "cursor": r["cursor"],
+                        "at": r["at"], "state": state})
+    devices += [{"device": n, "dev": None, "cursor": None, "at": None,
+                 "state": "has not reported"} for n in answer.get("devices", [])
+                if n not in reported and n != name]
+    return {"this": mine, "devices": devices}
+
+
+def verify_lines(verify: dict, now: float) -> list[str]:
+    """``status --verify`` for humans."""
+    mine = verify["this"]
+    if mine is None:
+        lines = ["verify: this device has changes not on the server yet (or cc wrote "
+                 "while it was read): run `ccsync sync`, then verify again"]
+    else:
+        lines = [f"verify: this device holds digest {mine['digest'][:12]} at cursor "
+                 f"{mine['cursor']}"]
+    for d in verify["devices"]:
+        name = d["device"] + (f" ({d['dev']})" if d["dev"] else "")
+        if d["state"] == "has not reported":
+            lines.append(f"  {name}: has not reported (it reports after a sync)")
+            continue
+        ago = _ago(now - d["at"])
+        if d["state"] == "not comparable":
+            lines.append(f"  {name}: at cursor {d['cursor']}, reported {ago} ago: not "
+                         f"comparable (sync both, then verify again)")
+        else:
+            lines.append(f"  {name}: {d['state']} at cursor {d['cursor']} (reported {ago} ago)")
+    if not verify["devices"]:
+        lines.append("  no other device has reported")
+    return lines
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "min")):
+        if seconds >= size:
+            return f"{seconds // size} {unit}"
+    return f"{seconds} s"
 
 
 def status_lines(data: dict) -> list[str]:
@@ -6183,6 +6954,8 @@ def status_lines(data: dict) -> list[str]:
     detail = f": {server['detail']}" if server.get("detail") else ""
     device = f" as '{server['device']}'" if server.get("device") else ""
     lines.append(f"server: {server['state']}{device}{where}{detail}")
+    if server.get("e2e"):
+        lines.append(f"end-to-end encryption: {server['e2e']}")
     if server.get("usage"):
         with contextlib.suppress(KeyError, TypeError, ValueError, IndexError):
             lines.append(usage_line(server["usage"]))
@@ -6288,16 +7061,88 @@ def cmd_setup(args: argparse.Namespace) -> int:
     server, key = _ask_setup(config, server, key)
     if not server or not key:
         raise UsageError("a server URL and an API key are both needed")
-    info = Client(server, key, ca_file=os.environ.get(ENV_CA_FILE)).hello()
-    write_env_file(config.env_path, {ENV_SERVER: server, ENV_API_KEY: key})
-    lines = [f"verified: {server} knows this device as '{info.get('device')}'",
-             f"saved to {config.env_path}"]
-    shadowed = [n for n in (ENV_SERVER, ENV_API_KEY) if os.environ.get(n)]
+    client = Client(server, key, ca_file=os.environ.get(ENV_CA_FILE))
+    info = client.hello()
+    lines = [f"verified: {server} knows this device as '{info.get('device')}'"]
+    if args.new_passphrase:
+        vault = _rekey(args, client, config)
+        lines.append("new sync passphrase set: the server's store starts afresh under it, "
+                     "re-seeded from this device; enter it at `ccsync setup` on the others")
+    else:
+        vault, said = _open_vault(args, client, info, server)
+        lines.append(said)
+    write_env_file(config.env_path, {ENV_SERVER: server, ENV_API_KEY: key,
+                                     ENV_E2E_KEY: vault.text()})
+    lines.append(f"saved to {config.env_path} (mode 600; the key is derived from the "
+                 f"passphrase, which is not stored)")
+    shadowed = [n for n in (ENV_SERVER, ENV_API_KEY, ENV_E2E_KEY) if os.environ.get(n)]
     if shadowed:
         lines.append(f"note: {' and '.join(shadowed)} set in the environment take precedence")
-    _emit(args, {"server": server, "device": info.get("device"), "saved": config.env_path},
-          lines)
+    _emit(args, {"server": server, "device": info.get("device"), "saved": config.env_path,
+                 "e2e": True}, lines)
     return EXIT_OK
+
+
+def _passphrase(args: argparse.Namespace, *, new: bool) -> str:
+    """The sync passphrase: --passphrase-file, $CCSYNC_PASSPHRASE, or asked
+    (twice when ``new``) on a terminal."""
+    if args.passphrase_file:
+        try:
+            with (contextlib.nullcontext(sys.stdin) if args.passphrase_file == "-"
+                  else open(args.passphrase_file, encoding="utf-8")) as fh:
+                text = fh.readline().rstrip("\r\n")
+        except OSError as exc:
+            raise UsageError(f"cannot read {args.passphrase_file}: {exc.strerror}") from None
+    elif os.environ.get(ENV_PASSPHRASE):
+        text = os.environ[ENV_PASSPHRASE]
+    elif sys.stdin.isatty():
+        text = getpass.getpass("New sync passphrase (the same on every device): " if new
+                               else "Sync passphrase (the one your other devices use): ")
+        if new and getpass.getpass("The same again: ") != text:
+            raise UsageError("the two passphrases differ")
+    else:
+        raise UsageError("setup needs the sync passphrase when not run interactively",
+                         hint=f"pass --passphrase-file FILE (- reads stdin) or set "
+                              f"{ENV_PASSPHRASE}")
+    if not text:
+        raise UsageError("the sync passphrase is empty")
+    return text
+
+
+def _open_vault(args: argparse.Namespace, client: Client, info: dict,
+                server: str) -> tuple[Vault, str]:
+    """The vault for this device, and a line saying what became of the store."""
+    params = info.get("e2e")
+    if params:                          # the store is end to end: the passphrase must open it
+        return (Vault.opening(_passphrase(args, new=False), params, server),
+                "the passphrase opens the server's data (encrypted end to end)")
+    vault = Vault.new(_passphrase(args, new=True))
+    if info.get("seq"):
+        return vault, ("the server holds data in plaintext from before: this device's next "
+                       "sync encrypts it end to end (and erases the plaintext there)")
+    answer = client.begin_e2e(vault.params(private=True), 0)
+    if answer.get("conflict"):
+        raise PassphraseNeeded("another device has just set a sync passphrase on this server",
+                               hint="run `ccsync setup` again and enter that passphrase")
+    return vault, "new sync passphrase set: the server keeps only encrypted data"
+
+
+def _rekey(args: argparse.Namespace, client: Client, config: Config) -> Vault:
+    """setup --new-passphrase: catch up under the old key (if this device has
+    it), start the store afresh under a new one, and re-seed it."""
+    store = open_store(resolve_db_path(args.db, os.environ))
+    try:
+        old = config.vault
+        if old is not None and config.server == client.url:
+            run_sync(store, Client(client.url, config.api_key or "", ca_file=config.ca_file,
+                                   vault=old))
+        vault = Vault.new(_passphrase(args, new=True))
+        client.begin_e2e(vault.params(private=True), store.cursor, replace=True)
+        client.vault = vault
+        run_sync(store, client)
+    finally:
+        store.close()
+    return vault
 
 
 def cmd_enable(args: argparse.Namespace) -> int:
@@ -6610,10 +7455,17 @@ def _add_registry_parsers(sub: Any) -> None:
 
 
 def _add_device_parsers(sub: Any) -> None:
-    p = sub.add_parser("setup", help="configure and verify this device's server URL and key")
+    p = sub.add_parser("setup", help="configure and verify this device's server URL, key and "
+                                     "sync passphrase")
     p.add_argument("--server", metavar="URL", help="server URL, e.g. http://pi.lan:9100")
     p.add_argument("--api-key", metavar="KEY", help="API key from `register` (- reads stdin)")
-    _flags(p, db=False)
+    p.add_argument("--passphrase-file", metavar="FILE",
+                   help=f"read the sync passphrase from FILE's first line (- reads stdin; "
+                        f"else ${ENV_PASSPHRASE}, else asked)")
+    p.add_argument("--new-passphrase", action="store_true",
+                   help="choose a new sync passphrase (a lost one): the server's store "
+                        "starts afresh under it, re-seeded from this device")
+    _flags(p)
     p.set_defaults(func=cmd_setup)
     for name, func, text in (("push", cmd_push, "send local changes to the server"),
                              ("pull", cmd_pull, "merge changes from the server"),
@@ -6626,6 +7478,9 @@ def _add_device_parsers(sub: Any) -> None:
         _flags(p)
         p.set_defaults(func=func)
     p = sub.add_parser("status", help="pending changes and the server's state")
+    p.add_argument("--verify", action="store_true",
+                   help="compare this device's data with every other device's (exit 1 when "
+                        "one differs)")
     _flags(p)
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("stamp", help="install change capture; give every row a sync_id")

@@ -9,6 +9,7 @@ Nothing here listens anywhere but 127.0.0.1, and every wait has a deadline.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 import queue
@@ -30,7 +31,11 @@ CCSYNC = REPO / "ccsync.py"
 COMMAND = [sys.executable, "-m", "ccsync"]
 
 # Variables that would point a subprocess at the developer's real setup.
-_SCRUBBED = ("CC_SERVER", "CC_API_KEY", "CC_DB", "CC_CA_FILE", "CCSYNC_LOCAL_SETTINGS")
+_SCRUBBED = ("CC_SERVER", "CC_API_KEY", "CC_DB", "CC_CA_FILE", "CCSYNC_LOCAL_SETTINGS",
+             "CCSYNC_E2E_KEY", "CCSYNC_PASSPHRASE")
+# Every device of the tests' user enters this sync passphrase at setup (as
+# CCSYNC_PASSPHRASE, the scripted way); a test may give another.
+TEST_PASSPHRASE = "tests' sync passphrase"
 _LISTENING = re.compile(r"server listening on (http://127\.0\.0\.1:\d+) \(data: ")
 
 SERVER_START_TIMEOUT = 10.0
@@ -39,9 +44,11 @@ CLI_TIMEOUT = 60
 
 
 def clean_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """os.environ with HOME replaced and ccsync's own variables removed, plus ``extra``."""
+    """os.environ with HOME replaced and ccsync's own variables removed (but the
+    tests' sync passphrase), plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
     env["HOME"] = str(home)
+    env["CCSYNC_PASSPHRASE"] = TEST_PASSPHRASE
     env.pop("PYTHONSTARTUP", None)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), env.get("PYTHONPATH"))))
     env.update(extra or {})
@@ -230,10 +237,32 @@ class Device:
         self.conn.close()
 
 
+@functools.lru_cache(maxsize=None)
+def shared_vault_text() -> str:
+    """The vault TEST_PASSPHRASE gives under a fixed salt (derived once, at
+    the real cost): devices configured by hand share it with those that ran
+    ``setup`` on a store it made end to end."""
+    import ccsync
+    return ccsync.Vault.derive(TEST_PASSPHRASE, b"ccsync-tests-salt").text()
+
+
+def hand_env(url: str, key: str) -> str:
+    """A device's .env as a user writes it by hand (what setup would save)."""
+    return f"CC_SERVER={url}\nCC_API_KEY={key}\nCCSYNC_E2E_KEY={shared_vault_text()}\n"
+
+
+def vault_line(device: "Device") -> str:
+    """The CCSYNC_E2E_KEY value a device's .env holds."""
+    for line in device.env_file.read_text().splitlines():
+        if line.startswith("CCSYNC_E2E_KEY="):
+            return line.split("=", 1)[1]
+    raise AssertionError(f"no CCSYNC_E2E_KEY in {device.env_file}")
+
+
 def wait_for_clock_tick(seconds: float = 0.02) -> None:
     """Let the wall clock (ms resolution, used by the capture triggers) move on."""
     time.sleep(seconds)
 
 
-__all__ = ["REPO", "CCSYNC", "ServerProcess", "Device", "run_cli", "clean_env", "assert_ok",
-           "assert_error", "utc_now_iso", "parse_utc", "dead_port", "wait_for_clock_tick"]
+__all__ = ["REPO", "CCSYNC", "TEST_PASSPHRASE", "ServerProcess", "Device", "run_cli", "clean_env", "assert_ok",
+           "assert_error", "hand_env", "vault_line", "shared_vault_text", "utc_now_iso", "parse_utc", "dead_port", "wait_for_clock_tick"]

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import ccsync
 from conftest import content
-from e2e_helpers import COMMAND, REPO, Device, ServerProcess, clean_env
+from e2e_helpers import COMMAND, REPO, Device, ServerProcess, clean_env, hand_env
 
 sys.path.insert(0, str(REPO / "bench"))
 from bench_real import fill_cc, note_text  # noqa: E402
@@ -107,7 +107,7 @@ class World:
     def point_at(self, url: str) -> None:
         """Write each device's ~/.cc-cli/.env: this server URL and the device's key."""
         for dev in self.devices:
-            dev.env_file.write_text(f"CC_SERVER={url}\nCC_API_KEY={self.keys[dev.name]}\n")
+            dev.env_file.write_text(hand_env(url, self.keys[dev.name]))
 
     def stop_server(self) -> None:
         """SIGTERM: the server must exit 0 without a traceback in its log."""

@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 needs_crypto = pytest.mark.skipif(not ccsync.crypto_available(),
                                   reason="the transport needs pycryptodomex")
 
-CC_ENV_VARS = ("CC_SERVER", "CC_API_KEY", "CC_CA_FILE", "CC_DB", "CCSYNC_LOCAL_SETTINGS")
+CC_ENV_VARS = ("CC_SERVER", "CC_API_KEY", "CC_CA_FILE", "CC_DB", "CCSYNC_LOCAL_SETTINGS",
+               "CCSYNC_E2E_KEY", "CCSYNC_PASSPHRASE")
 
 
 ##### helpers ##################################################################

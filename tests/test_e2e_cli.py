@@ -18,8 +18,9 @@ import urllib.request
 
 import pytest
 
-from e2e_helpers import (Device, ServerProcess, assert_error, assert_ok, dead_port, parse_utc,
-                         run_cli, utc_now_iso, wait_for_clock_tick)
+from e2e_helpers import (TEST_PASSPHRASE, Device, ServerProcess, assert_error, assert_ok,
+                         dead_port, hand_env, parse_utc, run_cli, utc_now_iso, vault_line,
+                         wait_for_clock_tick)
 
 SYNC_KEYS = {"sent", "accepted", "superseded", "refused", "received", "applied"}
 ZERO = {"insert": 0, "update": 0, "delete": 0}
@@ -179,7 +180,7 @@ def test_devices_last_seen_and_revoke(server, device):
         assert parse_utc(info["created_at"]) >= started
 
     desk = device("desk")      # configured by hand: no contact with the server yet
-    desk.env_file.write_text(f"CC_SERVER={server.url}\nCC_API_KEY={key_desk}\n")
+    desk.env_file.write_text(hand_env(server.url, key_desk))
     assert server.devices()["desk"]["last_seen_at"] is None
     desk.sql("INSERT INTO project (name) VALUES ('acme')")
     desk.ok("sync")
@@ -240,12 +241,15 @@ def test_setup_writes_env_mode_600_and_keeps_other_lines(server, device):
     os.chmod(dev.env_file, 0o644)
 
     answer = dev.setup(server.url, key)
-    assert answer == {"server": server.url, "device": "laptop", "saved": str(dev.env_file)}
+    assert answer == {"server": server.url, "device": "laptop", "saved": str(dev.env_file),
+                      "e2e": True}
     lines = dev.env_file.read_text().splitlines()
     assert "# mine" in lines and "FOO=bar" in lines
     assert f"CC_SERVER={server.url}" in lines and f"CC_API_KEY={key}" in lines
     assert sum("CC_SERVER" in line for line in lines) == 1
     assert sum("CC_API_KEY" in line for line in lines) == 1
+    assert sum(line.startswith("CCSYNC_E2E_KEY=e2e1:") for line in lines) == 1
+    assert not any(TEST_PASSPHRASE in line for line in lines)     # only the derived key
     assert stat.S_IMODE(dev.env_file.stat().st_mode) == 0o600
     assert not [p for p in dev.cc_dir.iterdir() if p.name.startswith(".env.")]
 
@@ -253,6 +257,7 @@ def test_setup_writes_env_mode_600_and_keeps_other_lines(server, device):
     out = dev.ok("setup", "--server", server.url, "--api-key", key).stdout
     assert "laptop" in out and str(dev.env_file) in out
     assert key not in out                              # the key is never echoed
+    assert vault_line(dev).split(":")[-1] not in out   # nor the end-to-end key
     assert dev.env_file.read_text() == text            # setup twice changes nothing
 
 
@@ -323,7 +328,8 @@ def test_environment_wins_over_the_env_file(server, connected, device):
 
     fresh = device("desktop")                          # environment only, no .env at all
     key = server.register("desktop")
-    result = fresh.json("sync", env={"CC_SERVER": server.url, "CC_API_KEY": key})
+    result = fresh.json("sync", env={"CC_SERVER": server.url, "CC_API_KEY": key,
+                                     "CCSYNC_E2E_KEY": vault_line(dev)})
     assert result["received"] == 1 and names(fresh, "version") == {"17.0"}
     assert not fresh.env_file.exists()
 
