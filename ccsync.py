@@ -4500,8 +4500,12 @@ class ServerStore(ServerCollection):
                     return {**refusal, "results": [], "store": self.store_id}
                 others = self._other_authors(device) if author is not None else {}
                 parsed: list[Record | RecordRefused] = []
+                oversized = sealed is not None and len(sealed[0]) > self.max_record * max(
+                    1, len(records))
                 for raw in records:
                     try:
+                        _refuse_unless(not oversized, f"its batch is larger than "
+                                                      f"{self.max_record} bytes a record")
                         parsed.append(self._check_author(self._parse(raw, sealed is not None),
                                                          others))
                     except RecordRefused as exc:
@@ -7141,7 +7145,7 @@ def _rekey(args: argparse.Namespace, client: Client, config: Config) -> Vault:
         client.vault = vault
         run_sync(store, client)
     finally:
-        store.close()
+        store.conn.close()
     return vault
 
 

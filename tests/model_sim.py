@@ -93,6 +93,9 @@ import test_property
 from conftest import Device, content
 from test_property import Sim
 
+# A cheap scrypt cost: the key, not its derivation, is what the programs exercise.
+E2E_VAULT = ccsync.Vault.derive("model programs' passphrase", b"model-salt-01234", n=2 ** 10)
+
 ##### Pools ###################################################################
 
 SKEWS = [-120000, 0, 0, 120000]
@@ -460,9 +463,11 @@ class ModelSim(Sim):
     """test_property's Sim, with older schemas on some devices, copies of a
     device's file and sync results recorded instead of asserted."""
 
-    def __init__(self, n: int, skews: list, old: dict):
+    def __init__(self, n: int, skews: list, old: dict, e2e: bool = False):
         self.old = {NAMES[i]: tables for i, tables in old.items()}
         self.refusals: list = []
+        # Odd seeds sync end to end: records travel and rest as encrypted batches.
+        self.vault = E2E_VAULT if e2e else None
         original = test_property.fresh_cc_db
 
         def fresh(path: Path) -> None:
@@ -477,6 +482,8 @@ class ModelSim(Sim):
 
         with mock.patch.object(test_property, "fresh_cc_db", fresh):
             super().__init__(n, skews)
+        for dev in self.devices:
+            dev.transport.vault = self.vault
 
     def sync(self, i: int, mode: str = "sync") -> ccsync.SyncResult:
         dev = self.devices[i]
@@ -502,6 +509,7 @@ class ModelSim(Sim):
             if side.exists():
                 shutil.copyfile(side, str(path) + suffix)
         dev = Device(path, self.server, name)
+        dev.transport.vault = self.vault
         for conn in (dev.cc, dev.store.conn):
             conn.execute("PRAGMA synchronous = OFF")
         dev.cc.create_function("julianday", 1, self._julianday(skew))
@@ -773,7 +781,7 @@ def run(program: Program, verbose: bool = False, log=print) -> Outcome:
     model = Model()
     errors: list = []
     _COLUMNS.clear()
-    sim = ModelSim(program.n, program.skews, program.old)
+    sim = ModelSim(program.n, program.skews, program.old, e2e=program.seed % 2 == 1)
     try:
         for i, step in enumerate(program.steps):
             kind = step[0]
@@ -856,9 +864,19 @@ def final_state(sim: ModelSim) -> dict:
         "refused": [d.store.refused() for d in devs],
         "held": [{k: v for k, v in d.store.held().items() if v} for d in devs],
         "sync_refusals": list(sim.refusals),
-        "server_payloads": " ".join(r[0] for r in sim.server.conn.execute(
-            "SELECT payload FROM change")),
+        "server_payloads": server_payloads(sim),
+        "plaintext_rows": sim.server.conn.execute(
+            "SELECT count(*) FROM change WHERE payload != ''").fetchone()[0] if sim.vault else 0,
     }
+
+
+def server_payloads(sim: ModelSim) -> str:
+    """Every value the server holds, as text (end to end: its batches opened)."""
+    texts = [r[0] for r in sim.server.conn.execute("SELECT payload FROM change")]
+    if sim.vault is not None:
+        texts += [json.dumps(sim.vault.open_batch(data, 1 << 30)) for (data,) in
+                  sim.server.conn.execute("SELECT data FROM batch")]
+    return " ".join(texts)
 
 
 ##### The oracle ##############################################################
@@ -989,6 +1007,9 @@ def oracle(model: Model, final: dict) -> list:
         out.append(("refused", f"{name} {mode}: {json.dumps(result, default=str)[:300]}"))
     if SECRET_VALUE in final["server_payloads"] or "github_pat" in final["server_payloads"]:
         out.append(("secret", "github_pat reached the server"))
+    if final["plaintext_rows"]:
+        out.append(("plaintext", f"{final['plaintext_rows']} record(s) in plaintext on an "
+                                 f"end-to-end server"))
     # 2. references
     for name, snap, view in zip(names, contents, views):
         for table, rows in snap.items():
