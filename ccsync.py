@@ -7261,7 +7261,7 @@ CREATE UNIQUE INDEX uq_environment_project_id_name ON environment (project_id, n
 """
 
 
-def _demo_devices(tmp: str, url: str, keys: dict[str, str]) -> dict[str, tuple]:
+def _demo_devices(tmp: str, url: str, keys: dict[str, str], vault: Vault) -> dict[str, tuple]:
     seed = {
         "laptop": ["INSERT INTO version (name, path) VALUES ('17.0', '/home/me/odoo/17.0')",
                    "INSERT INTO project (name) VALUES ('acme')",
@@ -7279,7 +7279,7 @@ def _demo_devices(tmp: str, url: str, keys: dict[str, str]) -> dict[str, tuple]:
         conn.executescript(DEMO_SCHEMA)
         for statement in seed[name]:
             conn.execute(statement)
-        devices[name] = (conn, open_store(path), Client(url, key, timeout=10))
+        devices[name] = (conn, open_store(path), Client(url, key, timeout=10, vault=vault))
     return devices
 
 
@@ -7338,10 +7338,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
             registry.conn.close()
             say(f"server listening on {server.url} (temporary data); "
                 "registered devices 'laptop' and 'desktop'")
-            devices = _demo_devices(tmp, server.url, keys)
+            devices = _demo_devices(tmp, server.url, keys, Vault.new("the demo's passphrase"))
             say("laptop has version 17.0, project acme (env dev), settings theme and "
-                "github_pat; desktop has versions 17.0 and 18.0, project shop")
+                "github_pat; desktop has versions 17.0 and 18.0, project shop; both share "
+                "a sync passphrase")
             _demo_script(devices, say)
+            raw = b"".join(open(p, "rb").read() for p in (data, data + "-wal")
+                           if os.path.exists(p))
+            seen = [w for w in ("acme", "shop", "solarized", "client demo") if w.encode() in raw]
+            say(f"the server's file holds {'none' if not seen else seen} of it in plaintext "
+                f"(encrypted end to end)")
+            _demo_check(not seen, "the server should hold no plaintext")
         finally:
             for conn, store, _client in devices.values():
                 conn.close()
