@@ -6784,6 +6784,9 @@ def _cmd_sync(args: argparse.Namespace, *, push: bool, pull: bool) -> int:
     store = _store_from_args(args)
     client = client_for(load_config(os.environ))
     result = run_sync(store, client, push=push, pull=pull, since=since)
+    if not pull and not result.sent:    # a wrong URL or key shows now, not at the next edit
+        client.hello()
+        client.close()
     _emit(args, result.as_dict(), summary_lines(result, push=push, pull=pull))
     refused = sum(result.refused.values())
     if result.quota:
@@ -6865,9 +6868,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             "last_error": store.meta("last_error") if installed else None,
             "push_refused": store.meta("push_refused") if installed else None,
             "server": server_state(load_config(os.environ))}
+    healthy = data["server"]["state"] in ("connected", "not configured")
     if not args.verify:
         _emit(args, data, status_lines(data))
-        return EXIT_OK
+        return EXIT_OK if healthy else EXIT_FAILURE
     client = client_for(load_config(os.environ))
     try:
         data["verify"] = verify_devices(store, client, data["server"].get("device"))
@@ -6978,7 +6982,9 @@ def usage_line(usage: dict) -> str:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    """server: run the sync endpoint until SIGINT/SIGTERM."""
+    """server: run the sync endpoint until SIGINT (exit 130) or SIGTERM (exit 0)."""
+    if not crypto_available():          # else /health says ok and every device gets a 500
+        _aes()                          # raises CryptoUnavailable, with its hint
     data = resolve_server_data(args.data)
     tls = tls_context(args.tls_cert, args.tls_key)
     try:
@@ -6993,11 +6999,11 @@ def cmd_server(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
                           ) from None
-    stopping = threading.Event()
+    stopping: list[int] = []
 
     def _stop(signum: int, _frame: Any) -> None:
-        if not stopping.is_set():
-            stopping.set()
+        if not stopping:
+            stopping.append(signum)
             _log_line(f"stopping ({signal.Signals(signum).name})")
             threading.Thread(target=server.shutdown, daemon=True).start()
 
@@ -7014,12 +7020,23 @@ def cmd_server(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
         server.server_close()
     _log_line("stopped")
-    return EXIT_OK
+    return exit_for_signal(stopping[0] if stopping else None)
+
+
+def exit_for_signal(signum: int | None) -> int:
+    """The exit code of a loop a signal stopped: 130 for Ctrl-C (SIGINT), 0 for
+    SIGTERM (how systemd stops a service) or no signal."""
+    return EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_OK
 
 
 def cmd_register(args: argparse.Namespace) -> int:
     """register --name NAME [--rotate]: add a device on the server; print its key once."""
-    store = ServerStore.open(resolve_server_data(args.data))
+    path = resolve_server_data(args.data)
+    if not (args.data or args.create or os.path.exists(path)):
+        raise StoreError(f"this machine has no server store ({path})",
+                         hint="run `register` on the machine where `ccsync server` runs; to "
+                              "start a server store here, pass --create (or --data PATH)")
+    store = ServerStore.open(path)
     api_key = store.register(args.name, rotate=args.rotate)
     _emit(args, {"name": args.name, "api_key": api_key}, [
         f"{'new key for' if args.rotate else 'registered'} device '{args.name}'. "
@@ -7194,8 +7211,13 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     if not auto.configured:
         raise ConfigError("sync is not configured (no CC_SERVER / CC_API_KEY)",
                           hint="run `ccsync setup`")
-    previous = {sig: signal.signal(sig, lambda *_: auto.request_stop())
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+    stopped_by: list[int] = []
+
+    def _stop(signum: int, _frame: Any) -> None:
+        stopped_by.append(signum)
+        auto.request_stop()
+
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     LOG.info("auto-sync every %g s on %s", auto.interval,
              resolve_db_path(args.db, os.environ))
     try:
@@ -7205,7 +7227,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         for sig, old in previous.items():
             signal.signal(sig, old)
         LOG.removeHandler(handler)
-    return EXIT_OK
+    return exit_for_signal(stopped_by[0] if stopped_by else None)
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
@@ -7386,14 +7408,22 @@ def _port(text: str) -> int:
     return port
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.1 <= value <= 3600:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0.1 to 3600")
-    return value
+def _seconds_between(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a number of seconds from ``low`` to ``high``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not low <= value <= high:        # nan fails too
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from "
+                                             f"{low:g} to {high:g}")
+        return value
+    return parse
+
+
+_seconds = _seconds_between(0.1, 3600)
+MIN_INTERVAL_S, MAX_INTERVAL_S = 10.0, 86400.0     # the daemon's; cc's own is 300
 
 
 def _whole(low: int, high: int, what: str) -> Callable[[str], int]:
@@ -7454,6 +7484,8 @@ def _add_registry_parsers(sub: Any) -> None:
     p = sub.add_parser("register", help="register a device on the server; prints its API key")
     p.add_argument("--name", required=True, help="device name")
     p.add_argument("--rotate", action="store_true", help="issue a new key for an existing name")
+    p.add_argument("--create", action="store_true",
+                   help="start a server store here if there is none")
     _flags(p, db=False, data=True)
     p.set_defaults(func=cmd_register)
     p = sub.add_parser("devices", help="list registered devices (run on the server)")
@@ -7504,8 +7536,10 @@ def _add_device_parsers(sub: Any) -> None:
     _flags(p)
     p.set_defaults(func=cmd_stamp)
     p = sub.add_parser("daemon", help="auto-sync in the foreground (every 5 minutes)")
-    p.add_argument("--interval", type=float, default=300.0, metavar="SECONDS",
-                   help="seconds between syncs (default: 300)")
+    p.add_argument("--interval", type=_seconds_between(MIN_INTERVAL_S, MAX_INTERVAL_S),
+                   default=300.0, metavar="SECONDS",
+                   help=f"seconds between syncs, {MIN_INTERVAL_S:g} to {MAX_INTERVAL_S:g} "
+                        f"(default: 300)")
     _flags(p)
     p.set_defaults(func=cmd_daemon)
     p = sub.add_parser("resolve", help="fix versions and paths after pulling to a new device")
@@ -7546,7 +7580,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     debug = "--debug" in argv
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(argv or ["status"])    # alone, as `cc sync`: the status
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
             return EXIT_USAGE

@@ -433,7 +433,7 @@ def test_daemon_syncs_and_stops_cleanly_on_sigterm(net):
     write_env(home, net.url, net.key_a)
     net.cc_a.execute("INSERT INTO project (name) VALUES ('from-daemon')")
     proc = subprocess.Popen(
-        [sys.executable, "ccsync.py", "daemon", "--interval", "0.3", "--db", net.db_a],
+        [sys.executable, "ccsync.py", "daemon", "--interval", "10", "--db", net.db_a],
         cwd=REPO, env=clean_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
     try:
@@ -455,7 +455,7 @@ def test_daemon_unconfigured_exits_1_with_one_error_line(tmp_path, home):
     db = tmp_path / "a.db"
     make_cc_db(db).close()
     out = subprocess.run(
-        [sys.executable, "ccsync.py", "daemon", "--interval", "0.3", "--db", str(db)],
+        [sys.executable, "ccsync.py", "daemon", "--interval", "10", "--db", str(db)],
         cwd=REPO, env=clean_env(home), capture_output=True, text=True, timeout=30)
     assert out.returncode == 1, out.stderr
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("ccsync: error:")]

@@ -1,0 +1,157 @@
+"""A newcomer's path (issue 12): honest exit codes, bounds and refusals.
+
+Each test runs the real CLI (and, where it needs one, the real server) as a
+subprocess, as a user would: the server refuses to start without its crypto
+library, the daemon refuses an interval that would hammer the server,
+`register` refuses to create a server store by accident, `ccsync` alone
+shows the status, `push` with nothing to send still checks the server,
+`status` fails when the server cannot be used, and Ctrl-C and SIGTERM end
+the server and the daemon with the exit codes the README gives.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from e2e_helpers import (COMMAND, Device, ServerProcess, assert_error, assert_ok, clean_env,
+                         dead_port, hand_env, run_cli)
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = ServerProcess(tmp_path / "server.db", tmp_path / "server_home")
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def _hidden_crypto(tmp_path: Path) -> dict:
+    """An environment in which `import Cryptodome` fails, as on a machine without it."""
+    fake = tmp_path / "no_crypto" / "Cryptodome"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('pycryptodomex is not installed')\n")
+    env = clean_env(tmp_path)
+    env["PYTHONPATH"] = f"{fake.parent}:{env['PYTHONPATH']}"
+    return env
+
+
+def test_the_server_refuses_to_start_without_the_crypto_library(tmp_path):
+    proc = subprocess.run([*COMMAND, "server", "--host", "127.0.0.1", "--port", "0",
+                           "--data", str(tmp_path / "s.db")], env=_hidden_crypto(tmp_path),
+                          capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert_error(proc, 1, "pycryptodomex", "ccsync enable")
+    assert not (tmp_path / "s.db").exists()              # nothing made before it refused
+
+
+@pytest.mark.parametrize("interval", ["0", "-5", "nan", "9.9", "86401", "soon"])
+def test_the_daemon_refuses_an_interval_that_would_hammer_the_server(tmp_path, interval):
+    assert_error(run_cli(tmp_path, "daemon", "--interval", interval), 2, "--interval",
+                 "10 to 86400")
+
+
+def test_register_does_not_create_a_server_store_by_accident(tmp_path):
+    home = tmp_path / "laptop"
+    err = assert_error(run_cli(home, "register", "--name", "laptop"), 1, "no server store",
+                       "--create")
+    assert "ccsync server" in err
+    assert not (home / ".cc-cli" / "ccsync_server.db").exists()
+    made = json.loads(assert_ok(run_cli(home, "register", "--name", "pi", "--create",
+                                        "--json")).stdout)
+    assert made["api_key"] and (home / ".cc-cli" / "ccsync_server.db").exists()
+    assert_ok(run_cli(home, "register", "--name", "desk"))      # the store exists now
+    other = tmp_path / "elsewhere.db"
+    assert_ok(run_cli(home, "register", "--name", "x", "--data", other))   # said where
+
+
+def test_ccsync_alone_shows_the_status(tmp_path):
+    dev = Device(tmp_path, "laptop")
+    proc = subprocess.run(COMMAND, env=clean_env(dev.home), capture_output=True, text=True,
+                          timeout=30, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing pending" in proc.stdout or "pending" in proc.stdout
+    assert "server: not configured" in proc.stdout
+    dev.close()
+
+
+def test_push_with_nothing_pending_still_checks_the_server(tmp_path, server):
+    dev = Device(tmp_path, "laptop")
+    key = server.register("laptop")
+    dev.env_file.write_text(hand_env(server.url, key))
+    assert_ok(dev.cli("push"))
+    assert_ok(dev.cli("push"))                           # nothing pending: still fine
+    dev.env_file.write_text(hand_env(f"http://127.0.0.1:{dead_port()}", key))
+    assert_error(dev.cli("push"), 1, "unreachable")
+    dev.env_file.write_text(hand_env(server.url, "ccs1_not_a_key_the_server_knows"))
+    assert_error(dev.cli("push"), 1, "rejected")
+    dev.close()
+
+
+def test_status_fails_when_the_server_cannot_be_used(tmp_path, server):
+    dev = Device(tmp_path, "laptop")
+    key = server.register("laptop")
+    dev.env_file.write_text(hand_env(server.url, key))
+    assert_ok(dev.cli("status"))
+    for env_text, state in ((hand_env(f"http://127.0.0.1:{dead_port()}", key), "unreachable"),
+                            (hand_env(server.url, "ccs1_unknown"), "key rejected")):
+        dev.env_file.write_text(env_text)
+        proc = dev.cli("status", "--json")
+        assert proc.returncode == 1, proc.stderr
+        assert json.loads(proc.stdout)["server"]["state"] == state
+    dev.close()
+
+
+def _wait_for(proc: subprocess.Popen, needle: str, timeout: float = 20) -> str:
+    """stderr lines until one holds ``needle`` (bounded)."""
+    deadline, seen = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    raise AssertionError(f"{needle!r} not seen: {''.join(seen)}")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
+def test_the_server_exits_130_on_ctrl_c_and_0_on_sigterm(tmp_path, sig, code):
+    proc = subprocess.Popen([*COMMAND, "server", "--host", "127.0.0.1", "--port", "0",
+                             "--data", str(tmp_path / "s.db")], env=clean_env(tmp_path),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(proc, "listening")
+        proc.send_signal(sig)
+        _out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=5)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
+def test_the_daemon_exits_130_on_ctrl_c_and_0_on_sigterm(tmp_path, server, sig, code):
+    dev = Device(tmp_path, "laptop")
+    dev.env_file.write_text(hand_env(server.url, server.register("laptop")))
+    proc = subprocess.Popen([*COMMAND, "daemon", "--interval", "10"], env=clean_env(dev.home),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(proc, "auto-sync every")
+        proc.send_signal(sig)
+        _out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=5)
+        dev.close()
+    assert proc.returncode == code, err
+    assert "stopped" in err and "Traceback" not in err
