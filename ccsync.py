@@ -6456,17 +6456,17 @@ class AutoSync:
         """The environment this loop reads (the process's unless one was given)."""
         return os.environ if self._environ is None else self._environ
 
-    def _settings(self) -> tuple[str, str | None, str | None, str | None]:
+    def _settings(self) -> tuple[str, str | None, str | None, Config]:
         environ = self.environ
         config = load_config(environ)
         return (resolve_db_path(self._db_path, environ), self._server or config.server,
-                self._api_key or config.api_key, config.ca_file)
+                self._api_key or config.api_key, config)
 
     @property
     def configured(self) -> bool:
         """True when a server URL and an API key are known."""
         try:
-            _db, server, key, _ca = self._settings()
+            _db, server, key, _config = self._settings()
         except CcsyncError:
             return False
         return bool(server and key)
@@ -6532,13 +6532,13 @@ class AutoSync:
         return result
 
     def _sync(self) -> SyncResult:
-        db_path, server, api_key, ca_file = self._settings()
+        db_path, server, api_key, config = self._settings()
         if not (server and api_key):
             raise ConfigError("sync is not configured", hint="run `ccsync setup`")
         store = open_store(db_path, local_settings=split_names(
             self.environ.get(ENV_LOCAL_SETTINGS)))
-        try:
-            client = Client(server, api_key, ca_file=ca_file)
+        try:        # end to end with the key setup stored (CCSYNC_E2E_KEY)
+            client = Client(server, api_key, ca_file=config.ca_file, vault=config.vault)
             return run_sync(store, client, lock_timeout=self._lock_wait, stop=self._stop)
         finally:
             store.conn.close()

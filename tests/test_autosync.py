@@ -518,3 +518,25 @@ def test_local_settings_from_explicit_environ_stay_local(net):
     assert auto.sync_now() is not None, auto.last_error
     assert net.b_sees("SELECT 1 FROM project WHERE name = 'marker'")
     assert not net.b_sees("SELECT 1 FROM setting WHERE name = 'theme'")
+
+
+##### 11. end to end ###########################################################
+
+@needs_crypto
+def test_auto_sync_runs_end_to_end_with_the_key_setup_stored(net):
+    # cc's daemon reads the same .env as the CLI: CCSYNC_E2E_KEY makes its syncs end to end.
+    vault = ccsync.Vault.derive("daemon passphrase", b"daemon-salt-0123", n=2 ** 10)
+    net.cc_a.execute("INSERT INTO project (name) VALUES ('sealed-by-the-daemon')")
+    auto = net.auto(environ={"CCSYNC_E2E_KEY": vault.text()})
+    result = auto.sync_now()
+    assert result is not None and result.accepted == 1, auto.last_error
+    with sqlite3.connect(net.data) as conn:
+        assert conn.execute("SELECT count(*) FROM change WHERE payload = '' "
+                            "AND batch IS NOT NULL").fetchone()[0] == 1
+        assert b"sealed-by-the-daemon" not in Path(net.data).read_bytes()
+    store_b = ccsync.open_store(net.db_b)
+    try:
+        ccsync.sync_once(store_b, ccsync.Client(net.url, net.key_b, vault=vault))
+    finally:
+        store_b.conn.close()
+    assert net.cc_b.execute("SELECT name FROM project").fetchall() == [("sealed-by-the-daemon",)]
