@@ -82,6 +82,7 @@ import tempfile
 import sys
 import threading
 import time
+import traceback
 import unicodedata
 import urllib.parse
 import uuid
@@ -7013,6 +7014,9 @@ def cmd_server(args: argparse.Namespace) -> int:
                   "signed, but use --tls-cert/--tls-key (or a TLS proxy) on networks you "
                   "do not trust")
     _log_line(f"ccsync {__version__} server listening on {server.url} (data: {data})")
+    if args.json:                       # one object when listening, one when stopped
+        print(json.dumps({"listening": server.url, "data": data, "version": __version__}),
+              flush=True)
     try:
         server.serve_forever(SERVER_POLL_S)
     finally:
@@ -7020,7 +7024,10 @@ def cmd_server(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
         server.server_close()
     _log_line("stopped")
-    return exit_for_signal(stopping[0] if stopping else None)
+    code = exit_for_signal(stopping[0] if stopping else None)
+    if args.json:
+        print(json.dumps({"stopped": True, "exit_code": code}), flush=True)
+    return code
 
 
 def exit_for_signal(signum: int | None) -> int:
@@ -7388,14 +7395,23 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _flags(parser: argparse.ArgumentParser, *, db: bool = True, data: bool = False) -> None:
+def _flags(parser: argparse.ArgumentParser, *, db: bool = True, data: bool = False,
+           defaults: bool = False) -> None:
+    """The options every command takes, before or after its name.  A
+    subcommand's copies default to SUPPRESS, so that one given before the
+    name is not overwritten by the subcommand's default (``defaults``: the
+    main parser's copies, which set them)."""
+    keep = {} if defaults else {"default": argparse.SUPPRESS}
     if db:
-        parser.add_argument("--db", metavar="PATH",
+        parser.add_argument("--db", metavar="PATH", **keep,
                             help=f"cc database (default: ${ENV_DB} or {DEFAULT_DB})")
     if data:
-        parser.add_argument("--data", metavar="PATH",
+        parser.add_argument("--data", metavar="PATH", **keep,
                             help=f"server data file (default: {DEFAULT_SERVER_DATA})")
-    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.add_argument("--json", action="store_true", **keep,
+                        help="one JSON object on stdout (errors too)")
+    parser.add_argument("--debug", action="store_true", **keep,
+                        help="show tracebacks (with the same exit codes)")
 
 
 def _port(text: str) -> int:
@@ -7566,7 +7582,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ccsync", description="Keep cc's data the same on every machine "
                      "through a sync server you run.")
     parser.add_argument("--version", action="version", version=f"ccsync {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    _flags(parser, data=True, defaults=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_server_parser(sub)
     _add_registry_parsers(sub)
@@ -7578,7 +7594,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 failure, 2 usage, 130 interrupted)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    debug = "--debug" in argv
+    # Read before parsing: an error parsing says itself in the form asked for.
+    debug, as_json = "--debug" in argv, "--json" in argv
     try:
         args = parser.parse_args(argv or ["status"])    # alone, as `cc sync`: the status
         if not getattr(args, "func", None):
@@ -7586,20 +7603,28 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
         return args.func(args)
     except CcsyncError as exc:
-        if debug:
-            raise
-        print(f"ccsync: error: {exc}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
-        return exc.exit_code
+        return _fail(str(exc), exc.hint, exc.exit_code, debug, as_json)
     except KeyboardInterrupt:
-        print("ccsync: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _fail("interrupted", None, EXIT_INTERRUPTED, False, as_json)
     except (sqlite3.Error, OSError) as exc:
-        if debug:
-            raise
-        print(f"ccsync: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return _fail(f"{type(exc).__name__}: {exc}", None, EXIT_FAILURE, debug, as_json)
+
+
+def _fail(message: str, hint: str | None, code: int, debug: bool, as_json: bool) -> int:
+    """Say why a command failed (stderr; with ``as_json`` also one JSON object
+    on stdout) and return its exit code; ``debug`` adds the traceback."""
+    if debug:
+        traceback.print_exc()
+    if code == EXIT_INTERRUPTED:
+        print("ccsync: interrupted", file=sys.stderr)
+    else:
+        print(f"ccsync: error: {message}", file=sys.stderr)
+        if hint:
+            print(f"hint: {hint}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"error": message, "hint": hint, "exit_code": code}, indent=2,
+                         sort_keys=True))
+    return code
 
 
 if __name__ == "__main__":

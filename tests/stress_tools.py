@@ -252,13 +252,18 @@ def sync(dev: Device, command: str = "sync") -> dict:
 
 
 def error_line(proc: subprocess.CompletedProcess, url: str | None = None) -> str:
-    """A clean failure: exit 1, stdout empty, stderr one ``ccsync: error:`` line
-    (naming ``url``, the server the device used) and at most the ``hint:`` line the
-    CLI adds, no traceback.  Returns the error line."""
+    """A clean failure: exit 1, stdout empty (or, under --json, the error as one
+    JSON object), stderr one ``ccsync: error:`` line (naming ``url``, the server the
+    device used) and at most the ``hint:`` line the CLI adds, no traceback.
+    Returns the error line."""
     lines = proc.stderr.splitlines()
     where = (proc.args[-2:], proc.returncode, proc.stdout[-500:], proc.stderr[-3000:])
     assert proc.returncode == 1, where
-    assert "Traceback" not in proc.stderr + proc.stdout and proc.stdout == "", where
+    assert "Traceback" not in proc.stderr + proc.stdout, where
+    if "--json" in proc.args:
+        assert f"ccsync: error: {json.loads(proc.stdout)['error']}" == lines[0], where
+    else:
+        assert proc.stdout == "", where
     assert 1 <= len(lines) <= 2 and lines[0].startswith("ccsync: error: "), where
     assert url is None or url in lines[0], (url, where)
     assert all(line.startswith("hint: ") for line in lines[1:]), where

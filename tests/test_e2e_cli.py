@@ -159,7 +159,8 @@ def test_register_twice_needs_rotate_and_rotate_retires_the_old_key(server, devi
     key1 = server.register("laptop")
     assert key1.startswith("ccs1_")
     again = server.admin("register", "--name", "laptop", "--json")
-    assert_error(again, 1, "already registered", "--rotate")
+    assert_error(again, 1, "already registered", "--rotate", quiet_stdout=False)
+    assert "already registered" in json.loads(again.stdout)["error"]
 
     dev = device("laptop")
     dev.setup(server.url, key1)
@@ -171,7 +172,8 @@ def test_register_twice_needs_rotate_and_rotate_retires_the_old_key(server, devi
     dev.sql("UPDATE version SET port = '8069' WHERE name = '17.0'")
     # The .env still holds the old key: rejected, and the change stays pending.
     assert_error(dev.cli("push"), 1, "rejected", "API key")
-    assert_error(dev.cli("push", "--json"), 1, "rejected")
+    failed = json.loads(dev.cli("push", "--json").stdout)     # the error, as JSON
+    assert "rejected" in failed["error"] and failed["exit_code"] == 1 and failed["hint"]
     status = unhealthy_status(dev)
     assert status["server"]["state"] == "key rejected"
     assert status["pending"]["version"] == {"insert": 0, "update": 1, "delete": 0}
@@ -315,8 +317,9 @@ def test_setup_against_a_dead_port_saves_nothing(device):
     assert not dev.env_file.exists()
     dev.env_file.write_text("FOO=bar\n")
     before = file_state(dev.env_file)
-    assert_error(dev.cli("setup", "--server", url, "--api-key", "ccs1_abc", "--json"), 1,
-                 "unreachable")
+    proc = dev.cli("setup", "--server", url, "--api-key", "ccs1_abc", "--json")
+    assert_error(proc, 1, "unreachable", quiet_stdout=False)
+    assert "unreachable" in json.loads(proc.stdout)["error"]
     assert file_state(dev.env_file) == before
 
 

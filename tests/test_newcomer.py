@@ -155,3 +155,54 @@ def test_the_daemon_exits_130_on_ctrl_c_and_0_on_sigterm(tmp_path, server, sig, 
         dev.close()
     assert proc.returncode == code, err
     assert "stopped" in err and "Traceback" not in err
+
+
+def test_global_options_go_before_or_after_the_command(tmp_path):
+    dev, other = Device(tmp_path, "laptop"), Device(tmp_path, "other")
+    dev.sql("INSERT INTO project (name) VALUES ('here')")
+    before = json.loads(assert_ok(run_cli(tmp_path, "--json", "--db", dev.db, "status")).stdout)
+    after = json.loads(assert_ok(run_cli(tmp_path, "status", "--db", dev.db, "--json")).stdout)
+    mixed = json.loads(assert_ok(run_cli(tmp_path, "--db", dev.db, "status", "--json")).stdout)
+    assert before == after == mixed and before["pending"]["project"]["insert"] == 1
+    # A value given after the command wins; one before it is not reset by the command.
+    later = json.loads(assert_ok(run_cli(tmp_path, "--db", dev.db, "status", "--db", other.db,
+                                         "--json")).stdout)
+    assert later["pending"]["project"]["insert"] == 0
+    text = assert_ok(run_cli(tmp_path, "--db", dev.db, "status")).stdout
+    assert "pending:" in text and "project" in text
+    dev.close()
+    other.close()
+
+
+def test_errors_come_as_json_under_json_and_debug_keeps_the_exit_code(tmp_path):
+    missing = tmp_path / "nowhere" / "cc_cli.db"
+    for argv in (("--json", "status", "--db", missing), ("status", "--db", missing, "--json")):
+        proc = run_cli(tmp_path, *argv)
+        assert_error(proc, 1, "no database at", quiet_stdout=False)
+        failed = json.loads(proc.stdout)
+        assert failed == {"error": f"no database at {missing}", "exit_code": 1,
+                          "hint": "pass --db PATH or set $CC_DB"}
+    usage = run_cli(tmp_path, "push", "--nope", "--json")
+    assert_error(usage, 2, "--nope", quiet_stdout=False)
+    assert json.loads(usage.stdout)["exit_code"] == 2
+    for argv in (("--debug", "status", "--db", missing), ("status", "--debug", "--db", missing)):
+        proc = run_cli(tmp_path, *argv)
+        assert proc.returncode == 1 and "Traceback" in proc.stderr
+        assert "ccsync: error: no database at" in proc.stderr
+
+
+def test_the_server_speaks_json_when_asked(tmp_path):
+    proc = subprocess.Popen([*COMMAND, "server", "--host", "127.0.0.1", "--port", "0",
+                             "--data", str(tmp_path / "s.db"), "--json"], env=clean_env(tmp_path),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        first = json.loads(proc.stdout.readline())
+        assert first["listening"].startswith("http://127.0.0.1:") and first["data"].endswith("s.db")
+        proc.send_signal(signal.SIGTERM)
+        out, _err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=5)
+    assert json.loads(out) == {"stopped": True, "exit_code": 0} and proc.returncode == 0
