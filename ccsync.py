@@ -5577,8 +5577,11 @@ class Client:
                  ca_file: str | None = None, clock: Callable[[], float] = time.time,
                  max_response: int = 4 * DEFAULT_MAX_BODY, vault: "Vault | None" = None):
         if not re.match(r"^https?://[^/\s]+", url or ""):
+            bare = re.match(r"^[\w.\[\]:-]+$", url or "") and "://" not in (url or "")
             raise ConfigError(f"server URL {url!r} is not http(s)://host[:port]",
-                              hint="run `ccsync setup`")
+                              hint=f"write it with its scheme: http://{url}" if bare else
+                              "a URL like http://pi.lan:9100 (or https:// when the server "
+                              "has --tls-cert)")
         self.url = url.rstrip("/")
         self.keys = DeviceKeys.from_api_key(api_key)
         self.timeout, self.clock, self.max_response = timeout, clock, max_response
@@ -5723,8 +5726,12 @@ class Client:
                               "half-applied").with_kind("cut") from None
         except ssl.SSLError as exc:
             self.close()
+            plain = getattr(exc, "reason", "") in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE",
+                                                   "HTTP_REQUEST", "UNKNOWN_PROTOCOL")
             raise RemoteError(f"TLS failure talking to {self.url}: {exc}",
-                              hint="set CC_CA_FILE to the server's CA certificate"
+                              hint="the server answers in plain HTTP there: use http:// (or "
+                                   "start it with --tls-cert/--tls-key)" if plain else
+                                   "set CC_CA_FILE to the server's CA certificate"
                               ).with_kind("unreachable") from None
         except (TimeoutError, socket.timeout, OSError, http.client.HTTPException) as exc:
             self.close()
@@ -6748,9 +6755,19 @@ def summary_lines(result: SyncResult, *, push: bool, pull: bool) -> list[str]:
 ##### Command line ############################################################
 # argparse subcommands; one cmd_<name>(args) -> int each; main() maps errors.
 
-def _store_from_args(args: argparse.Namespace) -> Store:
-    return open_store(resolve_db_path(args.db, os.environ),
-                      local_settings=split_names(os.environ.get(ENV_LOCAL_SETTINGS)))
+def _store_from_args(args: argparse.Namespace, *, writes: bool = True) -> Store:
+    path = resolve_db_path(args.db, os.environ)
+    if writes and os.path.exists(path):
+        # SQLite says only "attempt to write a readonly database", and only mid-way.
+        folder = os.path.dirname(os.path.abspath(path))
+        blocked = path if not os.access(path, os.W_OK) else \
+            folder if not os.access(folder, os.W_OK | os.X_OK) else None
+        if blocked is not None:
+            raise StoreError(f"{blocked} is read-only for this user, and ccsync writes to "
+                             f"the database {path} (its change log and, beside it, its "
+                             f"journal)", hint="run ccsync as the user cc runs as, or make it "
+                                               "writable (chmod u+w)")
+    return open_store(path, local_settings=split_names(os.environ.get(ENV_LOCAL_SETTINGS)))
 
 
 def cmd_stamp(args: argparse.Namespace) -> int:
@@ -6781,7 +6798,9 @@ def _cmd_sync(args: argparse.Namespace, *, push: bool, pull: bool) -> int:
         try:
             since = since_key(args.since)
         except ValueError as exc:
-            raise UsageError(f"--since: {exc}") from None
+            raise UsageError(f"--since: {exc}", hint="an ISO 8601 time, e.g. --since "
+                                                     "2026-11-30T09:00 (local time) or "
+                                                     "--since 2026-11-30T09:00:00+01:00") from None
     store = _store_from_args(args)
     client = client_for(load_config(os.environ))
     result = run_sync(store, client, push=push, pull=pull, since=since)
@@ -6859,7 +6878,7 @@ def e2e_state(params: Any, config: Config) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """status: pending changes, refused rows, last sync, and the server's state."""
-    store = _store_from_args(args)
+    store = _store_from_args(args, writes=bool(args.verify))
     installed = store.installed()
     held = store.held()
     data = {"pending": store.pending(), "refused": store.refused(), "installed": installed,

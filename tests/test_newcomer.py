@@ -206,3 +206,38 @@ def test_the_server_speaks_json_when_asked(tmp_path):
             proc.kill()
             proc.communicate(timeout=5)
     assert json.loads(out) == {"stopped": True, "exit_code": 0} and proc.returncode == 0
+
+
+def test_a_read_only_database_is_named_with_a_hint(tmp_path, monkeypatch, capsys):
+    # The sandbox runs as root, whom permissions do not stop: os.access answers as for a user.
+    import ccsync
+    dev = Device(tmp_path, "laptop")
+    real = ccsync.os.access
+    monkeypatch.setattr(ccsync.os, "access",
+                        lambda p, mode: False if str(p) == str(dev.db) else real(p, mode))
+    assert ccsync.main(["stamp", "--db", str(dev.db)]) == 1
+    err = capsys.readouterr().err
+    assert f"{dev.db} is read-only for this user" in err and "hint: run ccsync as the user" in err
+    assert ccsync.main(["status", "--db", str(dev.db)]) == 0     # reading still works
+    dev.close()
+
+
+def test_a_server_url_without_its_scheme_gets_the_fix_as_a_hint(tmp_path):
+    err = assert_error(run_cli(tmp_path, "setup", "--server", "127.0.0.1:9100", "--api-key",
+                               "ccs1_x"), 1, "is not http(s)://host[:port]")
+    assert "hint: write it with its scheme: http://127.0.0.1:9100" in err
+    assert "run `ccsync setup`" not in err                # not while running it
+
+
+def test_https_against_a_plain_server_says_so(tmp_path, server):
+    url = server.url.replace("http://", "https://")
+    err = assert_error(run_cli(tmp_path, "setup", "--server", url, "--api-key", "ccs1_x"), 1,
+                       "TLS failure")
+    assert "plain HTTP" in err and "http://" in err
+
+
+def test_a_since_that_is_not_iso_8601_gets_an_example(tmp_path):
+    dev = Device(tmp_path, "laptop")
+    err = assert_error(dev.cli("pull", "--since", "yesterday"), 2, "--since")
+    assert "hint: an ISO 8601 time, e.g. --since 2026-11-30T09:00" in err
+    dev.close()
