@@ -1703,6 +1703,23 @@ class SyncState:
         """The one writer of the cursor: merged (or sent, or started over) up to ``seq``."""
         self.set_meta("cursor", str(int(seq)))
 
+    ECHO_RANGES = 64            # ranges of own records a pull asks the server to leave out
+
+    def own_ranges(self) -> list[list[int]]:
+        """[first, last] sequence numbers of records this device pushed (and the
+        server acknowledged) past its cursor: a pull need not bring them back."""
+        cursor = self.cursor
+        return [r for r in json.loads(self.meta("own_seqs") or "[]") if r[1] > cursor]
+
+    def _note_own_seqs(self, seqs: Iterable[int]) -> None:
+        ranges = self.own_ranges()
+        for seq in sorted(seqs):
+            if ranges and ranges[-1][1] == seq - 1:
+                ranges[-1][1] = seq
+            else:
+                ranges.append([seq, seq])
+        self.set_meta("own_seqs", json.dumps(ranges[-self.ECHO_RANGES:]) if ranges else None)
+
     def _hlc_observe(self, hlc: int) -> None:
         self.conn.execute("UPDATE _ccsync_clock SET hlc = max(hlc, ?)", (hlc,))
 
@@ -3878,10 +3895,17 @@ class Sending(Incoming):
         stamp = iso_utc(self.clock)
         settled = [(None, t, None) for r, t in zip(batch.records, batch.tokens) if r is None]
         items = settled + [(r, t, res) for (r, t), res in zip(sent, results)]
+        accepted = [res["seq"] for res in results if isinstance(res, dict)
+                    and res.get("status") == "accepted" and type(res.get("seq")) is int]
+
+        def last() -> None:
+            if cursor is not None:
+                self._set_cursor(cursor)
+            self._note_own_seqs(accepted)
+
         self._sliced(list(_chunks(items, self.ACK_CHUNK)),
                      lambda chunk: self._settle_chunk(chunk, stamp, counts, reasons), quiet=True,
-                     last=(lambda: self._set_cursor(cursor)) if cursor is not None
-                     else None)
+                     last=last)
         return counts, reasons
 
     ACK_CHUNK = 250            # results settled together (one lock slice at most)
@@ -4621,18 +4645,20 @@ class ServerStore(ServerCollection):
                 "limits": asdict(self.quota)}
 
     def pull(self, cursor: int = 0, limit: int = PULL_PAGE, since: str | None = None,
-             max_bytes: int = PULL_PAGE_BYTES, check: str | None = None) -> dict:
+             max_bytes: int = PULL_PAGE_BYTES, check: str | None = None,
+             skip: Iterable[tuple[int, int]] = ()) -> dict:
         """Records after ``cursor`` (and received after ``since``), oldest first.
 
         A page holds at most ``limit`` records and about ``max_bytes`` of
         stored text, but always at least one record, so large rows still
         travel.  Returns ``{"records": [...], "cursor": last seq, "more": bool}``.
         """
-        page = self.pull_raw(cursor, limit, since, max_bytes, check)
+        page = self.pull_raw(cursor, limit, since, max_bytes, check, skip)
         return {**page, "records": json.loads(page["records"])} if "records" in page else page
 
     def pull_raw(self, cursor: int = 0, limit: int = PULL_PAGE, since: str | None = None,
-                 max_bytes: int = PULL_PAGE_BYTES, check: str | None = None) -> dict:
+                 max_bytes: int = PULL_PAGE_BYTES, check: str | None = None,
+                 skip: Iterable[tuple[int, int]] = ()) -> dict:
         """:meth:`pull` with the records as :class:`RawJSON`: the stored text
         as it is, never parsed and written again.  A device that merged too
         little to catch up (see :meth:`stale`) gets ``"stale": true`` instead.
@@ -4641,19 +4667,22 @@ class ServerStore(ServerCollection):
         ``refs`` ([batch number, slot] per record) and the batches in
         ``blobs``, and a request whose check is not the store's (or a
         plaintext one) with ``{"e2e": parameters}``; a plaintext store asked
-        with a check answers ``{"plaintext": true}``.
+        with a check answers ``{"plaintext": true}``.  Records in the ``skip``
+        ranges of sequence numbers (the asking device's own) are left out;
+        the cursor still passes them.
         """
         with snapshot(self.conn):          # the collected mark and the rows of one moment
             refusal = self._mode_refusal(None, check)
             if refusal is not None:
                 return {**refusal, "records": RawJSON("[]"), "cursor": int(cursor),
                         "more": False, "store": self.store_id}
+            skip = [(int(a), int(b)) for a, b in skip]
             if check is not None:
-                return self._sealed_page(cursor, limit, since, max_bytes)
-            return self._page(cursor, limit, since, max_bytes)
+                return self._sealed_page(cursor, limit, since, max_bytes, skip)
+            return self._page(cursor, limit, since, max_bytes, skip)
 
-    def _page_start(self, cursor: int, since: str | None, columns: str,
-                    limit: int) -> tuple[dict | None, int, sqlite3.Cursor]:
+    def _page_start(self, cursor: int, since: str | None, columns: str, limit: int,
+                    skip: list[tuple[int, int]]) -> tuple[dict | None, int, sqlite3.Cursor]:
         """(a stale answer or None, the collected mark, the rows after ``cursor``)."""
         through = self.collected_through()
         if self.stale(cursor, through):
@@ -4663,19 +4692,25 @@ class ServerStore(ServerCollection):
         if since is not None:
             query += " AND received_at > ?"
             args.append(since)
+        for low, high in skip:
+            query += " AND seq NOT BETWEEN ? AND ?"
+            args += [low, high]
         return None, through, self.conn.execute(query + " ORDER BY seq LIMIT ?", (*args, limit))
 
     def _page_end(self, cursor: int, last: int | None, more: bool, through: int) -> dict:
         last = int(cursor) if last is None else last
-        # Past the end, a device is past what was collected too (else it
-        # would look stale once the collected records were the newest).
-        return {"cursor": last if more else max(last, through), "more": more,
-                "store": self.store_id}
+        # Past the end, a device is past what was collected (else it would
+        # look stale once the collected records were the newest) and past
+        # the records it was spared.
+        end = last if more else max(last, through, self._max_seq())
+        return {"cursor": end, "more": more, "store": self.store_id}
 
-    def _sealed_page(self, cursor: int, limit: int, since: str | None, max_bytes: int) -> dict:
+    def _sealed_page(self, cursor: int, limit: int, since: str | None, max_bytes: int,
+                     skip: list[tuple[int, int]]) -> dict:
         """A page of an end-to-end store: each batch once, whole; records of a
         batch already on the page go past ``limit`` (they cost no bytes more)."""
-        stale, through, rows = self._page_start(cursor, since, "seq, batch, slot", 4 * limit + 1)
+        stale, through, rows = self._page_start(cursor, since, "seq, batch, slot", 4 * limit + 1,
+                                                skip)
         if stale is not None:
             return stale
         refs, blobs, numbers, size, last, more = [], [], {}, 0, None, False
@@ -4695,9 +4730,11 @@ class ServerStore(ServerCollection):
             last = seq
         return {"refs": refs, "blobs": blobs, **self._page_end(cursor, last, more, through)}
 
-    def _page(self, cursor: int, limit: int, since: str | None, max_bytes: int) -> dict:
+    def _page(self, cursor: int, limit: int, since: str | None, max_bytes: int,
+              skip: list[tuple[int, int]]) -> dict:
         stale, through, found = self._page_start(cursor, since,
-                                                 "seq, tbl, sid, dev, clocks, payload", limit + 1)
+                                                 "seq, tbl, sid, dev, clocks, payload", limit + 1,
+                                                 skip)
         if stale is not None:
             return stale
         rows, size, more = [], 0, False
@@ -4780,13 +4817,17 @@ def _op_pull(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
             since = since_key(since[:64])
         except (ValueError, OverflowError):
             raise HttpError(400, "bad_request", "since is not an ISO 8601 timestamp") from None
-    check = payload.get("e2e")
+    check, skip = payload.get("e2e"), payload.get("skip", [])
     if not (check is None or isinstance(check, str)):
         raise HttpError(400, "bad_request", "e2e is a vault's check value")
+    if not (isinstance(skip, list) and len(skip) <= 64 and all(
+            isinstance(r, list) and len(r) == 2 and all(type(n) is int and 0 <= n < 2 ** 63
+                                                        for n in r) for r in skip)):
+        raise HttpError(400, "bad_request", "skip is at most 64 [first, last] pairs")
     store.note_reader(device["name"], author_prefix(device["key_id"]), payload.get("dev"),
                       payload.get("merged"))
     return store.pull_raw(cursor, min(limit, MAX_PULL_PAGE), since,
-                          min(max_bytes, PULL_PAGE_BYTES), check)
+                          min(max_bytes, PULL_PAGE_BYTES), check, skip)
 
 
 def _op_e2e(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
@@ -5619,17 +5660,19 @@ class Client:
         return checked_mode(answer, self.vault, self.url)
 
     def pull(self, cursor: int, limit: int = PULL_PAGE, since: str | None = None,
-             report: dict | None = None) -> dict:
+             report: dict | None = None, skip: list | None = None) -> dict:
         """One page of records after ``cursor`` (see ServerStore.pull).
 
         A smaller ``limit`` also asks for proportionally fewer bytes, so a
         device that got an answer too large can shrink its pages.  ``report``
         ({"dev", "merged"}) tells the server how far this device has merged
-        (see ServerStore.note_reader).
+        (see ServerStore.note_reader); ``skip``, which of its own records it
+        need not get back (Store.own_ranges).
         """
         answer = self._request("/v1/pull", {
             "cursor": cursor, "limit": limit, "since": since, "max_bytes": page_bytes(limit),
-            "e2e": self.vault.check if self.vault else None, **(report or {})})
+            "e2e": self.vault.check if self.vault else None, **(report or {}),
+            **({"skip": skip} if skip else {})})
         return opened_page(self.vault, checked_mode(answer, self.vault, self.url),
                            self.max_response)
 
@@ -5833,12 +5876,13 @@ class LocalTransport:
             self.vault, "the server")
 
     def pull(self, cursor: int, limit: int = PULL_PAGE, since: str | None = None,
-             report: dict | None = None) -> dict:
+             report: dict | None = None, skip: list | None = None) -> dict:
         """One page of records from the in-process server store."""
         if report and self.author:
             self.server.note_reader(self.device, self.author, report["dev"], report["merged"])
         page = self.server.pull(cursor, limit, since, page_bytes(limit),
-                                check=self.vault.check if self.vault else None)
+                                check=self.vault.check if self.vault else None,
+                                skip=skip or ())
         blobs = page.pop("blobs", [])
         page = {**json.loads(json.dumps(page)), "blobs": blobs}
         return opened_page(self.vault, checked_mode(page, self.vault, "the server"),
@@ -6020,7 +6064,10 @@ def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: in
         # Starting afresh (cursor 0) is always worth saying: it holds nothing collected.
         told = [{"dev": store.device_id, "merged": cursor}] \
             if (report or cursor == 0) and not since else []
-        return _InFlight(transport.pull, cursor, page_size, since, *told)
+        # Its own records need not come back, unless it rejoins (it counts what it sees).
+        skip = store.own_ranges() if not since and not store.rejoining() else []
+        call = functools.partial(transport.pull, skip=skip) if skip else transport.pull
+        return _InFlight(call, cursor, page_size, since, *told)
 
     cursor = 0 if since else store.cursor
     fetching = fetch(cursor, report)

@@ -545,7 +545,8 @@ def test_pull_since_receives_only_later_changes(connected):
 
     for bad in ("yesterday", "2026-13-45"):
         err = assert_error(b.cli("pull", "--since", bad), 2, "--since")
-        assert len(err.strip().splitlines()) == 1, err
+        lines = err.strip().splitlines()            # the error, and a hint with an example
+        assert len(lines) == 2 and lines[1].startswith("hint: an ISO 8601 time, e.g."), err
 
 
 ##### status #####################################################################

@@ -241,3 +241,48 @@ def test_a_since_that_is_not_iso_8601_gets_an_example(tmp_path):
     err = assert_error(dev.cli("pull", "--since", "yesterday"), 2, "--since")
     assert "hint: an ISO 8601 time, e.g. --since 2026-11-30T09:00" in err
     dev.close()
+
+
+def test_a_first_sync_does_not_bring_a_devices_own_rows_back(tmp_path):
+    import ccsync
+    from conftest import content, key_author, make_cc_db
+    server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
+    vault = ccsync.Vault.derive("echo passphrase", b"echo-salt-012345", n=2 ** 10)
+    devs = {}
+    for name in ("a", "b"):
+        cc = make_cc_db(tmp_path / f"{name}.db")
+        cc.executemany("INSERT INTO project (name) VALUES (?)",
+                       [(f"{name}-{i}",) for i in range(300)])
+        devs[name] = (cc, ccsync.open_store(str(tmp_path / f"{name}.db")))
+
+    class Interleaved(ccsync.LocalTransport):
+        """a's transport: after its first batch, b pushes everything (mixed in)."""
+        pushes = 0
+
+        def push(self, records, cursor=None):
+            answer = super().push(records, cursor)
+            Interleaved.pushes += 1
+            if Interleaved.pushes == 1:
+                ccsync.sync_once(devs["b"][1], ccsync.LocalTransport(
+                    server, "b", author=key_author(server.register("b")), vault=vault),
+                    pull=False)
+            return answer
+
+    key_a = server.register("a")
+    result = ccsync.sync_once(devs["a"][1], Interleaved(server, "a", author=key_author(key_a),
+                                                        vault=vault), batch_size=100)
+    assert result.sent == 300 and result.pulled.received == 300     # b's rows only
+    assert {n for (n,) in devs["a"][0].execute("SELECT name FROM project")} == \
+        {f"{x}-{i}" for x in "ab" for i in range(300)}
+    again = ccsync.sync_once(devs["a"][1], ccsync.LocalTransport(
+        server, "a", author=key_author(key_a), vault=vault))
+    assert again.pulled.received == 0
+    # b pulls a's rows (and not its own), and both hold the same.
+    result_b = ccsync.sync_once(devs["b"][1], ccsync.LocalTransport(
+        server, "b", author=key_author(server.register("b", rotate=True)), vault=vault))
+    assert result_b.pulled.received == 300
+    assert content(devs["a"][0]) == content(devs["b"][0])
+    for cc, store in devs.values():
+        cc.close()
+        store.conn.close()
+    server.conn.close()
