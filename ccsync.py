@@ -4956,6 +4956,12 @@ def admit(server: "SyncServer", method: str, path: str, headers: dict[str, str],
                 raise HttpError(405, "method", "use GET", allow="GET")
             return health_answer()
         operation = OPERATIONS.get(path)
+        if operation is None and (path.startswith("/rpc") or headers.get(
+                "authorization", "").lower().startswith("bearer ")):
+            raise HttpError(421, "not_cc_sync", "this is a ccsync server, not cc's own sync "
+                                                "server: cc sync (push, pull, its daemon's "
+                                                "auto-sync) cannot use it; ccsync syncs this "
+                                                "data (`ccsync status`)")
         if operation is None:
             raise HttpError(404, "not_found", "no such endpoint")
         if method != "POST":
@@ -6255,7 +6261,10 @@ def _sync_legs(store: Store, transport: Any, result: SyncResult, push: bool, pul
 # Where things live: the device's .env (server URL + API key) and the server's
 # data file.  Environment variables win over the file.
 
-ENV_SERVER, ENV_API_KEY, ENV_CA_FILE = "CC_SERVER", "CC_API_KEY", "CC_CA_FILE"
+ENV_SERVER, ENV_API_KEY, ENV_CA_FILE = "CCSYNC_SERVER", "CCSYNC_API_KEY", "CC_CA_FILE"
+# cc's docs name these; cc 4.0's own sync reads them too, so setup writes the
+# CCSYNC_ names and ccsync reads these only when those are not set.
+CC_SERVER_NAMES = {ENV_SERVER: "CC_SERVER", ENV_API_KEY: "CC_API_KEY"}
 ENV_E2E_KEY = "CCSYNC_E2E_KEY"          # the vault (Vault.text), written by setup
 ENV_PASSPHRASE = "CCSYNC_PASSPHRASE"    # read by setup only (for scripted setups)
 CC_DIR = os.path.join("~", ".cc-cli")
@@ -6272,6 +6281,7 @@ class Config:
     env_path: str
     sources: dict[str, str]
     e2e_key: str | None = None
+    cc_sync: str | None = None          # where CC_SERVER + CC_API_KEY are set for cc's own sync
 
     @property
     def vault(self) -> "Vault | None":
@@ -6312,8 +6322,9 @@ def read_env_file(path: str) -> dict[str, str]:
     return values
 
 
-def write_env_file(path: str, updates: dict[str, str]) -> None:
-    """Set keys in a .env file, keeping its other lines; written atomically, mode 600."""
+def write_env_file(path: str, updates: dict[str, str | None]) -> None:
+    """Set keys in a .env file (None: remove the key), keeping its other lines;
+    written atomically, mode 600."""
     try:
         with open(path, encoding="utf-8") as fh:
             lines = fh.read().splitlines()
@@ -6324,10 +6335,12 @@ def write_env_file(path: str, updates: dict[str, str]) -> None:
     for line in lines:
         key = line.strip().removeprefix("export ").split("=", 1)[0].strip()
         if "=" in line and key in pending:
-            out.append(f"{key}={pending.pop(key)}")
+            value = pending.pop(key)
+            if value is not None:
+                out.append(f"{key}={value}")
         else:
             out.append(line)
-    out += [f"{key}={value}" for key, value in pending.items()]
+    out += [f"{key}={value}" for key, value in pending.items() if value is not None]
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -6338,23 +6351,28 @@ def write_env_file(path: str, updates: dict[str, str]) -> None:
 
 
 def load_config(environ: dict) -> Config:
-    """CC_SERVER / CC_API_KEY / CC_CA_FILE from the environment, else ~/.cc-cli/.env."""
+    """CCSYNC_SERVER / CCSYNC_API_KEY (else cc's CC_SERVER / CC_API_KEY), CC_CA_FILE
+    and CCSYNC_E2E_KEY: from the environment, else from ~/.cc-cli/.env."""
     path = env_file_path()
     from_file = read_env_file(path)
     values, sources = {}, {}
     for name in (ENV_SERVER, ENV_API_KEY, ENV_CA_FILE, ENV_E2E_KEY):
-        if environ.get(name):
-            values[name], sources[name] = environ[name], "environment"
-        elif from_file.get(name):
-            values[name], sources[name] = from_file[name], path
+        for where, found in (("environment", environ), (path, from_file)):
+            given = next((n for n in (name, CC_SERVER_NAMES.get(name)) if n and found.get(n)),
+                         None)
+            if given:
+                values[name], sources[name] = found[given], where
+                break
+    cc_sync = next((where for where, found in (("the environment", environ), (path, from_file))
+                    if found.get("CC_SERVER") and found.get("CC_API_KEY")), None)
     return Config(values.get(ENV_SERVER), values.get(ENV_API_KEY), values.get(ENV_CA_FILE),
-                  path, sources, values.get(ENV_E2E_KEY))
+                  path, sources, values.get(ENV_E2E_KEY), cc_sync)
 
 
 def client_for(config: Config, *, timeout: float = 60.0) -> Client:
     """A Client from this device's configuration, or a ConfigError saying what to do."""
     if not config.configured:
-        raise ConfigError("sync is not configured (no CC_SERVER / CC_API_KEY)",
+        raise ConfigError("sync is not configured (no CCSYNC_SERVER / CCSYNC_API_KEY)",
                           hint="run `ccsync setup`")
     return Client(config.server, config.api_key, ca_file=config.ca_file, timeout=timeout,
                   vault=config.vault)
@@ -6484,7 +6502,8 @@ class AutoSync:
     """Background push/pull every ``interval`` seconds, for cc's daemon.
 
     ``db_path``, ``server`` and ``api_key`` default to --db/$CC_DB and
-    CC_SERVER/CC_API_KEY (environment, else ~/.cc-cli/.env), read at start().
+    CCSYNC_SERVER/CCSYNC_API_KEY, else CC_SERVER/CC_API_KEY (environment, else
+    ~/.cc-cli/.env; see load_config), read at start().
     ``start()`` returns False (and does nothing) when sync is not configured.
     ``stop()`` returns within a second; a sync in flight ends at its next
     batch boundary, never inside a transaction.  Nothing here raises into
@@ -6926,6 +6945,7 @@ def e2e_state(params: Any, config: Config) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     """status: pending changes, refused rows, last sync, and the server's state."""
     store = _store_from_args(args, writes=bool(args.verify))
+    config = load_config(os.environ)
     installed = store.installed()
     held = store.held()
     data = {"pending": store.pending(), "refused": store.refused(), "installed": installed,
@@ -6934,12 +6954,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             "last_sync": store.meta("last_sync") if installed else None,
             "last_error": store.meta("last_error") if installed else None,
             "push_refused": store.meta("push_refused") if installed else None,
-            "server": server_state(load_config(os.environ))}
+            "server": server_state(config), "cc_sync": config.cc_sync}
     healthy = data["server"]["state"] in ("connected", "not configured")
     if not args.verify:
         _emit(args, data, status_lines(data))
         return EXIT_OK if healthy else EXIT_FAILURE
-    client = client_for(load_config(os.environ))
+    client = client_for(config)
     try:
         data["verify"] = verify_devices(store, client, data["server"].get("device"))
     finally:
@@ -7031,6 +7051,10 @@ def status_lines(data: dict) -> list[str]:
     lines.append(f"server: {server['state']}{device}{where}{detail}")
     if server.get("e2e"):
         lines.append(f"end-to-end encryption: {server['e2e']}")
+    if data.get("cc_sync"):
+        lines.append(f"note: CC_SERVER and CC_API_KEY are set in {data['cc_sync']}: cc 4.0's "
+                     f"own sync (once its plugin is enabled) syncs this database too; remove "
+                     f"them (ccsync reads {ENV_SERVER} and {ENV_API_KEY}, which setup writes)")
     if server.get("usage"):
         with contextlib.suppress(KeyError, TypeError, ValueError, IndexError):
             lines.append(usage_line(server["usage"]))
@@ -7165,11 +7189,16 @@ def cmd_setup(args: argparse.Namespace) -> int:
     else:
         vault, said = _open_vault(args, client, info, server)
         lines.append(said)
+    # cc's own names pointing here would switch cc 4.0's sync on against this server.
+    ours = read_env_file(config.env_path).get("CC_SERVER") == server
     write_env_file(config.env_path, {ENV_SERVER: server, ENV_API_KEY: key,
-                                     ENV_E2E_KEY: vault.text()})
-    lines.append(f"saved to {config.env_path} (mode 600; the key is derived from the "
-                 f"passphrase, which is not stored)")
-    shadowed = [n for n in (ENV_SERVER, ENV_API_KEY, ENV_E2E_KEY) if os.environ.get(n)]
+                                     ENV_E2E_KEY: vault.text(),
+                                     **({"CC_SERVER": None, "CC_API_KEY": None} if ours else {})})
+    lines.append(f"saved to {config.env_path} as {ENV_SERVER}, {ENV_API_KEY} and "
+                 f"{ENV_E2E_KEY} (mode 600; the key is derived from the passphrase, which is "
+                 f"not stored)")
+    shadowed = [n for n in (ENV_SERVER, ENV_API_KEY, ENV_E2E_KEY, *CC_SERVER_NAMES.values())
+                if os.environ.get(n)]
     if shadowed:
         lines.append(f"note: {' and '.join(shadowed)} set in the environment take precedence")
     _emit(args, {"server": server, "device": info.get("device"), "saved": config.env_path,
@@ -7282,7 +7311,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     LOG.setLevel(logging.INFO)
     auto = AutoSync(db_path=args.db, interval=args.interval)
     if not auto.configured:
-        raise ConfigError("sync is not configured (no CC_SERVER / CC_API_KEY)",
+        raise ConfigError("sync is not configured (no CCSYNC_SERVER / CCSYNC_API_KEY)",
                           hint="run `ccsync setup`")
     stopped_by: list[int] = []
 

@@ -263,9 +263,13 @@ def test_setup_writes_env_mode_600_and_keeps_other_lines(server, device):
                       "e2e": True}
     lines = dev.env_file.read_text().splitlines()
     assert "# mine" in lines and "FOO=bar" in lines
-    assert f"CC_SERVER={server.url}" in lines and f"CC_API_KEY={key}" in lines
-    assert sum("CC_SERVER" in line for line in lines) == 1
-    assert sum("CC_API_KEY" in line for line in lines) == 1
+    # ccsync's own names, so that cc 4.0's sync (which reads CC_SERVER) stays unconfigured;
+    # the user's own CC_SERVER line (another server) is kept.
+    assert f"CCSYNC_SERVER={server.url}" in lines and f"CCSYNC_API_KEY={key}" in lines
+    assert sum(line.startswith("CCSYNC_SERVER=") for line in lines) == 1
+    assert sum(line.startswith("CCSYNC_API_KEY=") for line in lines) == 1
+    assert "export CC_SERVER=http://old.example:1" in lines
+    assert not any(line.startswith("CC_API_KEY") for line in lines)
     assert sum(line.startswith("CCSYNC_E2E_KEY=e2e1:") for line in lines) == 1
     assert not any(TEST_PASSPHRASE in line for line in lines)     # only the derived key
     assert stat.S_IMODE(dev.env_file.stat().st_mode) == 0o600
@@ -285,7 +289,7 @@ def test_setup_reads_the_key_from_stdin(server, device):
     proc = dev.ok("setup", "--server", server.url, "--api-key", "-", "--json", input=key + "\n")
     assert json.loads(proc.stdout)["device"] == "laptop"
     assert key not in proc.stdout
-    assert f"CC_API_KEY={key}" in dev.env_file.read_text().splitlines()
+    assert f"CCSYNC_API_KEY={key}" in dev.env_file.read_text().splitlines()
     assert stat.S_IMODE(dev.env_file.stat().st_mode) == 0o600
     dev.ok("sync")
 

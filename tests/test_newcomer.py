@@ -286,3 +286,34 @@ def test_a_first_sync_does_not_bring_a_devices_own_rows_back(tmp_path):
         cc.close()
         store.conn.close()
     server.conn.close()
+
+
+def test_beside_cc_4_own_sync(tmp_path, server):
+    import urllib.error
+    import urllib.request
+    dev = Device(tmp_path, "laptop")
+    key = server.register("laptop")
+    # A .env from the days of cc's own sync, pointing at this server: setup replaces it.
+    dev.env_file.write_text(f"CC_SERVER={server.url}\nCC_API_KEY={key}\nOTHER=kept\n")
+    assert "CC_SERVER" in assert_ok(dev.cli("status")).stdout      # said while it is there
+    assert_ok(dev.cli("setup", "--server", server.url, "--api-key", key))
+    lines = dev.env_file.read_text().splitlines()
+    assert f"CCSYNC_SERVER={server.url}" in lines and f"CCSYNC_API_KEY={key}" in lines
+    assert "OTHER=kept" in lines and not any(line.startswith("CC_") for line in lines)
+    status = dev.json("status")
+    assert status["cc_sync"] is None and status["server"]["state"] == "connected"
+    # cc's names still work where they are all there is (cc's docs write them).
+    dev.env_file.write_text(hand_env(server.url, key))
+    assert dev.json("status")["server"]["state"] == "connected"
+    text = assert_ok(dev.cli("status")).stdout
+    assert "CC_SERVER and CC_API_KEY are set" in text and "cc 4.0's own sync" in text
+    # cc 4.0's own sync calling this server gets one clear refusal, not a 404 or a 500.
+    request = urllib.request.Request(f"{server.url}/rpc", data=b'{"method": "push"}',
+                                     headers={"Authorization": f"Bearer {key}",
+                                              "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    body = json.loads(refused.value.read())
+    assert refused.value.code == 421 and body["code"] == "not_cc_sync"
+    assert "ccsync" in body["error"]
+    dev.close()
