@@ -4,7 +4,7 @@ VENV_PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test pyz bench bench-store stress demo clean venv hunt
+.PHONY: test pyz bench bench-store stress demo clean venv hunt install
 
 test: $(STAMP)
 	$(VENV_PY) tests/run_parallel.py $(PYTEST_ARGS)
@@ -19,6 +19,10 @@ $(STAMP): requirements-dev.txt
 
 pyz:
 	$(PYTHON) build_zipapp.py
+
+# A `ccsync` command in ~/.local/bin (or $$XDG_BIN_HOME) that runs dist/ccsync.pyz.
+install: pyz
+	$(PYTHON) dist/ccsync.pyz install
 
 # The real server process, the pyz and loopback HTTP (bench/bench_real.py --help).
 BENCH_ARGS ?= --rows 100000

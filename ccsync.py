@@ -7268,6 +7268,58 @@ def _rekey(args: argparse.Namespace, client: Client, config: Config) -> Vault:
     return vault
 
 
+LAUNCHER_MARK = "# ccsync launcher (ccsync install writes and removes this file)"
+
+
+def installed_from() -> str:
+    """The file this ccsync runs from: the .pyz it is inside, else ccsync.py."""
+    here = os.path.abspath(__file__)
+    outer = os.path.dirname(here)
+    return outer if os.path.isfile(outer) else here
+
+
+def launcher_dir() -> str:
+    """Where ``install`` puts the launcher: $XDG_BIN_HOME, else ~/.local/bin."""
+    return os.environ.get("XDG_BIN_HOME") or os.path.expanduser(os.path.join("~", ".local", "bin"))
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    """install [--remove] [--dir DIR]: put a `ccsync` command on this user's PATH."""
+    folder = os.path.abspath(os.path.expanduser(args.dir or launcher_dir()))
+    path = os.path.join(folder, "ccsync")
+    ours = os.path.isfile(path) and LAUNCHER_MARK in open(path, encoding="utf-8",
+                                                           errors="replace").read(4096)
+    if os.path.exists(path) and not ours:
+        raise CcsyncError(f"{path} exists and is not ccsync's launcher; left as it is",
+                          hint="remove it yourself, or pass --dir DIR for another folder")
+    if args.remove:
+        if ours:
+            os.remove(path)
+        _emit(args, {"removed": path if ours else None},
+              [f"removed {path}" if ours else f"no ccsync launcher at {path}"])
+        return EXIT_OK
+    target = installed_from()
+    os.makedirs(folder, exist_ok=True)
+    text = (f"#!/bin/sh\n{LAUNCHER_MARK}\n"
+            f"exec {_sh_quote(sys.executable)} {_sh_quote(target)} \"$@\"\n")
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, path)
+    on_path = folder in os.environ.get("PATH", "").split(os.pathsep)
+    _emit(args, {"installed": path, "runs": target, "python": sys.executable,
+                 "on_path": on_path},
+          [f"installed {path} (runs {target} with {sys.executable})",
+           *([] if on_path else [f"note: {folder} is not on your PATH; add it (e.g. "
+                                 f"export PATH=\"{folder}:$PATH\" in ~/.profile)"])])
+    return EXIT_OK
+
+
+def _sh_quote(text: str) -> str:
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
 def cmd_enable(args: argparse.Namespace) -> int:
     """enable: install pycryptodomex into the interpreter running ccsync."""
     if crypto_available():
@@ -7664,6 +7716,12 @@ def _add_device_parsers(sub: Any) -> None:
     p.add_argument("--path", metavar="PATH", help="folder on this device")
     _flags(p)
     p.set_defaults(func=cmd_link)
+    p = sub.add_parser("install", help="put a `ccsync` command on your PATH (no root needed)")
+    p.add_argument("--remove", action="store_true", help="take the launcher away again")
+    p.add_argument("--dir", metavar="DIR", help="folder for it (default: $XDG_BIN_HOME, "
+                                                "else ~/.local/bin)")
+    _flags(p, db=False)
+    p.set_defaults(func=cmd_install)
     p = sub.add_parser("enable", help="install pycryptodomex (needed to sync)")
     _flags(p, db=False)
     p.set_defaults(func=cmd_enable)

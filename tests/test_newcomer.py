@@ -317,3 +317,32 @@ def test_beside_cc_4_own_sync(tmp_path, server):
     assert refused.value.code == 421 and body["code"] == "not_cc_sync"
     assert "ccsync" in body["error"]
     dev.close()
+
+
+def test_install_puts_a_ccsync_command_on_the_path_and_remove_takes_it_away(tmp_path):
+    import sys
+    from e2e_helpers import REPO
+    pyz = tmp_path / "ccsync.pyz"
+    assert_ok(subprocess.run([sys.executable, str(REPO / "build_zipapp.py"), "--output",
+                              str(pyz)], capture_output=True, text=True, timeout=60))
+    home = tmp_path / "home"
+    home.mkdir()
+    env = clean_env(home)
+    env.pop("XDG_BIN_HOME", None)
+    run = lambda *a: subprocess.run([sys.executable, str(pyz), *a], env=env,  # noqa: E731
+                                    capture_output=True, text=True, timeout=60)
+    out = json.loads(assert_ok(run("install", "--json")).stdout)
+    launcher = home / ".local" / "bin" / "ccsync"
+    assert out["installed"] == str(launcher) and out["runs"] == str(pyz)
+    assert out["on_path"] is False
+    assert "not on your PATH" in assert_ok(run("install")).stdout     # says where, twice fine
+    version = subprocess.run([str(launcher), "--version"], env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert version.returncode == 0 and version.stdout.startswith("ccsync ")
+    assert_ok(run("install", "--remove"))
+    assert not launcher.exists()
+    assert "no ccsync launcher" in assert_ok(run("install", "--remove")).stdout
+    launcher.write_text("#!/bin/sh\necho someone else's\n")        # never overwritten
+    assert_error(run("install"), 1, "not ccsync's launcher")
+    assert_error(run("install", "--remove"), 1, "not ccsync's launcher")
+    assert launcher.read_text() == "#!/bin/sh\necho someone else's\n"
