@@ -7,6 +7,11 @@ gives a different archive after every ``touch``.  Here every entry has a fixed
 timestamp, mode and compression, and entries are written in sorted order, so
 building twice from the same source gives byte-identical output.
 
+Beside the source it carries ``ccsync.pyc``, compiled by the Python that runs
+this script, as an unchecked hash-based pyc (PEP 552: no timestamp in it), so
+that Python does not compile 300 KB of source on every run.  zipimport takes
+the .pyc first; another Python (another magic number) falls back to the source.
+
 Standard library only.  Usage::
 
     python3 build_zipapp.py [--source PATH] [--output PATH]
@@ -14,7 +19,9 @@ Standard library only.  Usage::
 
 import argparse
 import hashlib
+import importlib.util
 import os
+import subprocess
 import sys
 import tempfile
 import zipfile
@@ -43,7 +50,25 @@ def parse_args(argv):
 
 def archive_entries(source):
     """Return ``{name: bytes}`` for everything that goes into the archive."""
-    return {"__main__.py": MAIN_PY, "ccsync.py": source.read_bytes()}
+    text = source.read_bytes()
+    return {"__main__.py": MAIN_PY, "ccsync.py": text, "ccsync.pyc": bytecode(text)}
+
+
+# Run in a child with a fixed hash seed: on Python 3.10 the order in which
+# marshal writes a set constant follows the (randomised) string hashes.
+_COMPILE = (
+    "import sys, marshal\n"
+    "text = sys.stdin.buffer.read()\n"
+    "code = compile(text, 'ccsync.py', 'exec', dont_inherit=True)\n"
+    "sys.stdout.buffer.write(marshal.dumps(code))\n")
+
+
+def bytecode(text):
+    """An unchecked hash-based pyc of *text* for the running Python."""
+    done = subprocess.run([sys.executable, "-c", _COMPILE], input=text, capture_output=True,
+                          env={**os.environ, "PYTHONHASHSEED": "0"}, check=True, timeout=300)
+    return (importlib.util.MAGIC_NUMBER + (1).to_bytes(4, "little")
+            + importlib.util.source_hash(text) + done.stdout)
 
 
 def fixed_info(name):

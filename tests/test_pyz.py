@@ -65,3 +65,40 @@ def test_missing_source_is_a_clear_error(tmp_path):
     assert result.returncode == 1
     assert "source not found" in result.stderr
     assert not (tmp_path / "out.pyz").exists()
+
+
+def _module_file(pyz, python=sys.executable):
+    """Where ccsync is loaded from when ``python`` runs from ``pyz``."""
+    result = subprocess.run(
+        [python, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import ccsync; "
+                       "print(ccsync.__file__)", str(pyz)],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_pyz_carries_bytecode_for_the_python_that_built_it(tmp_path):
+    output = tmp_path / "ccsync.pyz"
+    build(copy_source(tmp_path), output)
+    import zipfile
+    with zipfile.ZipFile(output) as zf:
+        assert sorted(zf.namelist()) == ["__main__.py", "ccsync.py", "ccsync.pyc"]
+    assert _module_file(output).endswith("ccsync.pyz/ccsync.pyc")   # no compile per run
+
+
+def test_another_python_falls_back_to_the_source(tmp_path):
+    # A pyc of another Python has another magic number: written here by hand.
+    import zipfile
+    output = tmp_path / "ccsync.pyz"
+    build(copy_source(tmp_path), output)
+    other = tmp_path / "other.pyz"
+    with zipfile.ZipFile(output) as src, zipfile.ZipFile(other, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename == "ccsync.pyc":
+                data = b"\x00\x00\r\n" + data[4:]
+            dst.writestr(info, data)
+    assert _module_file(other).endswith("other.pyz/ccsync.py")
+    result = subprocess.run([sys.executable, str(other), "--version"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith("ccsync ")
