@@ -1826,6 +1826,13 @@ class SyncState:
             return False
         return not self.unsent()
 
+    def unsent_rows(self) -> int:
+        """How many rows have edits waiting to go out (for a progress line)."""
+        if not self.installed():
+            return 0
+        return self.conn.execute("SELECT count(*) FROM (SELECT DISTINCT tbl, rid FROM "
+                                 "_ccsync_dirty)").fetchone()[0]
+
     def unsent(self) -> bool:
         """True when an edit made here has not reached the server yet."""
         return not self.installed() or self.conn.execute(
@@ -4702,8 +4709,9 @@ class ServerStore(ServerCollection):
         # Past the end, a device is past what was collected (else it would
         # look stale once the collected records were the newest) and past
         # the records it was spared.
-        end = last if more else max(last, through, self._max_seq())
-        return {"cursor": end, "more": more, "store": self.store_id}
+        high = self._max_seq()
+        end = last if more else max(last, through, high)
+        return {"cursor": end, "more": more, "store": self.store_id, "high": high}
 
     def _sealed_page(self, cursor: int, limit: int, since: str | None, max_bytes: int,
                      skip: list[tuple[int, int]]) -> dict:
@@ -5992,14 +6000,22 @@ def _halved(exc: RemoteError, size: int) -> int:
     return size // 2
 
 
+Progress = Callable[[str, int, "int | None"], None]    # (leg, records done, of about)
+
+
 def push_changes(store: Store, transport: Any, result: SyncResult,
-                 batch_size: int = PUSH_BATCH, stop: threading.Event | None = None) -> None:
+                 batch_size: int = PUSH_BATCH, stop: threading.Event | None = None,
+                 progress: Progress | None = None) -> None:
     """Send every pending row in batches, settling each batch as it returns.
 
     While the server stores a batch of edited rows, the next one is read
     here.  Reading never depends on what settling another batch of rows
     writes; deletes and kept edits (which may) are read after it.
+    ``progress`` hears how many records went, of about how many.
     """
+    total = store.unsent_rows() if progress else None
+    if progress:
+        progress("push", 0, total)      # the leg's clock starts
     position, batch, sending, following = None, None, None, None
     try:
         while True:
@@ -6037,6 +6053,8 @@ def push_changes(store: Store, transport: Any, result: SyncResult,
             result.accepted += counts.get("accepted", 0)
             result.superseded += counts.get("superseded", 0)
             result.refused.update(reasons)
+            if progress:
+                progress("push", result.sent, max(total or 0, result.sent))
             position = batch.next_pos
     finally:
         if sending is not None:         # never leave a request in flight behind (one cut
@@ -6055,7 +6073,8 @@ def _start_rejoin(store: Store) -> None:
 
 def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: int = PULL_PAGE,
                  since: str | None = None, max_pages: int = 10 ** 6,
-                 stop: threading.Event | None = None, report: bool = False) -> None:
+                 stop: threading.Event | None = None, report: bool = False,
+                 progress: Progress | None = None) -> None:
     """Fetch and merge pages until the server has nothing newer.
 
     The next page is fetched while this one merges.  With ``since``, the
@@ -6076,6 +6095,8 @@ def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: in
         return _InFlight(call, cursor, page_size, since, *told)
 
     cursor = 0 if since else store.cursor
+    if progress:
+        progress("pull", 0, None)
     fetching = fetch(cursor, report)
     try:
         for _ in range(max_pages):
@@ -6102,6 +6123,11 @@ def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: in
             records, cursor = page.get("records", []), int(page.get("cursor", cursor))
             fetching = fetch(cursor) if page.get("more") else None
             result.pulled.add(store.apply_page(records, None if since else cursor))
+            if progress:                # records left: about the sequence numbers left
+                high = page.get("high")
+                done = result.pulled.received
+                progress("pull", done, done + max(0, high - cursor) if isinstance(
+                    high, int) and page.get("more") else done)
             if fetching is None:
                 if store.rejoining() and not since:
                     result.rejoined += store.finish_rejoin()
@@ -6114,12 +6140,13 @@ def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: in
 
 
 def _push_rejoining(store: Store, transport: Any, result: SyncResult, batch_size: int,
-                    page_size: int, stop: threading.Event | None) -> None:
+                    page_size: int, stop: threading.Event | None,
+                    progress: Progress | None = None) -> None:
     """push_changes; a device the server finds stale rejoins first (a few times
     at most: the server may collect again meanwhile)."""
     for _attempt in range(3):
         try:
-            push_changes(store, transport, result, batch_size, stop)
+            push_changes(store, transport, result, batch_size, stop, progress)
             return
         except StaleDevice:
             _start_rejoin(store)
@@ -6214,7 +6241,8 @@ def report_digest(store: Store, transport: Any) -> dict:
 def sync_once(store: Store, transport: Any, *, push: bool = True, pull: bool = True,
               since: str | None = None, batch_size: int = PUSH_BATCH,
               page_size: int = PULL_PAGE, stop: threading.Event | None = None,
-              digest_every: float = DIGEST_EVERY_S) -> SyncResult:
+              digest_every: float = DIGEST_EVERY_S,
+              progress: Progress | None = None) -> SyncResult:
     """One sync: stamp and capture, push pending rows, pull and merge the rest.
 
     ``stop`` (an Event) ends the sync between two batches or pages; every
@@ -6222,17 +6250,20 @@ def sync_once(store: Store, transport: Any, *, push: bool = True, pull: bool = T
     A transport with a vault makes a plaintext store end to end first.  A
     full sync after which this device holds what the server does reports
     its content digest (for ``status --verify``) when the cursor moved, at
-    most every ``digest_every`` seconds.
+    most every ``digest_every`` seconds.  ``progress`` hears each leg's
+    records done (see push_changes).
     """
     result = SyncResult(stamped=store.prepare(), backup=store.backup_path)
     if getattr(transport, "author", None):
         store.take_author(transport.author)
     try:
         try:
-            _sync_legs(store, transport, result, push, pull, since, batch_size, page_size, stop)
+            _sync_legs(store, transport, result, push, pull, since, batch_size, page_size, stop,
+                       progress)
         except PlaintextStore:
             encrypt_server(store, transport, result, stop)
-            _sync_legs(store, transport, result, push, pull, since, batch_size, page_size, stop)
+            _sync_legs(store, transport, result, push, pull, since, batch_size, page_size, stop,
+                       progress)
         if push and pull and not since and hasattr(transport, "verify") \
                 and store.digest_due(digest_every):
             with contextlib.suppress(RemoteError):     # a report is advice: the sync is done
@@ -6245,16 +6276,16 @@ def sync_once(store: Store, transport: Any, *, push: bool = True, pull: bool = T
 
 def _sync_legs(store: Store, transport: Any, result: SyncResult, push: bool, pull: bool,
                since: str | None, batch_size: int, page_size: int,
-               stop: threading.Event | None) -> None:
+               stop: threading.Event | None, progress: Progress | None) -> None:
     if store.rejoining():           # a copy, or an interrupted rejoin: catch up first
-        pull_changes(store, transport, result, page_size, stop=stop)
+        pull_changes(store, transport, result, page_size, stop=stop, progress=progress)
     if push:
-        _push_rejoining(store, transport, result, batch_size, page_size, stop)
+        _push_rejoining(store, transport, result, batch_size, page_size, stop, progress)
     if pull:
         result.pulled.add(store.retry_held())
         every_edit_sent = push and result.quota is None and not result.refused
         pull_changes(store, transport, result, page_size, since, stop=stop,
-                     report=every_edit_sent)
+                     report=every_edit_sent, progress=progress)
 
 
 ##### Configuration ###########################################################
@@ -6470,14 +6501,16 @@ class SyncBusy(CcsyncError):
 def run_sync(store: Store, client: Any, *, push: bool = True, pull: bool = True,
              since: str | None = None, lock_timeout: float = 300.0,
              stop: threading.Event | None = None,
-             clock: Callable[[], float] = time.time) -> SyncResult:
+             clock: Callable[[], float] = time.time,
+             progress: Progress | None = None) -> SyncResult:
     """sync_once under the database's sync lock, noting the outcome for status."""
     lock = SyncLock(store.path)
     if not lock.acquire(lock_timeout):
         raise SyncBusy(f"another sync is running on {store.path}",
                        hint="wait for it (cron and the daemon take turns)")
     try:
-        result = sync_once(store, client, push=push, pull=pull, since=since, stop=stop)
+        result = sync_once(store, client, push=push, pull=pull, since=since, stop=stop,
+                           progress=progress)
     except SyncCancelled:
         raise
     except CcsyncError as exc:
@@ -6793,6 +6826,43 @@ def _emit(args: argparse.Namespace, data: dict, lines: Iterable[str]) -> None:
             print(line)
 
 
+class ProgressLine:
+    """One updating line per leg on a terminal: records done of about how
+    many, the rate and the time left (a few updates a second at most)."""
+
+    EVERY_S = 0.25
+
+    def __init__(self, stream: Any, clock: Callable[[], float] = time.monotonic):
+        self.stream, self.clock = stream, clock
+        self.leg: str | None = None
+        self.started = self.shown = 0.0
+        self.width = 0
+
+    def __call__(self, leg: str, done: int, total: int | None) -> None:
+        now = self.clock()
+        if leg != self.leg:
+            self.end()
+            self.leg, self.started, self.shown = leg, now, now
+        if not done or (now - self.shown < self.EVERY_S and done != total):
+            return              # nothing yet (a leg with nothing to do stays silent)
+        self.shown = now
+        rate = done / max(now - self.started, 1e-3)
+        text = f"{leg}: {done:,}" + (f" of {total:,}" if total else "") + \
+            f" records, {rate:,.0f}/s"
+        if total and total > done and rate > 0:
+            text += f", about {(total - done) / rate:.0f} s left"
+        self.stream.write("\r" + text.ljust(self.width))
+        self.stream.flush()
+        self.width = len(text)
+
+    def end(self) -> None:
+        """Finish the current leg's line."""
+        if self.width:
+            self.stream.write("\n")
+            self.stream.flush()
+        self.leg, self.width = None, 0
+
+
 def _log_line(line: str) -> None:
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     print(f"{stamp} {line}", file=sys.stderr, flush=True)
@@ -6869,7 +6939,13 @@ def _cmd_sync(args: argparse.Namespace, *, push: bool, pull: bool) -> int:
                                                      "--since 2026-11-30T09:00:00+01:00") from None
     store = _store_from_args(args)
     client = client_for(load_config(os.environ))
-    result = run_sync(store, client, push=push, pull=pull, since=since)
+    line = ProgressLine(sys.stderr) if sys.stderr.isatty() and not args.json \
+        and not args.quiet else None
+    try:
+        result = run_sync(store, client, push=push, pull=pull, since=since, progress=line)
+    finally:
+        if line is not None:
+            line.end()
     if not pull and not result.sent:    # a wrong URL or key shows now, not at the next edit
         client.hello()
         client.close()

@@ -346,3 +346,58 @@ def test_install_puts_a_ccsync_command_on_the_path_and_remove_takes_it_away(tmp_
     assert_error(run("install"), 1, "not ccsync's launcher")
     assert_error(run("install", "--remove"), 1, "not ccsync's launcher")
     assert launcher.read_text() == "#!/bin/sh\necho someone else's\n"
+
+
+def _on_a_terminal(argv: list, env: dict, timeout: float = 60) -> str:
+    """Run ``argv`` with a pseudo-terminal as stdout and stderr; all it wrote."""
+    import os
+    import pty
+    import select
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=follower,
+                            stderr=follower)
+    os.close(follower)
+    out, deadline = b"", time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([leader], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:             # the child closed its end
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif proc.poll() is not None:
+                break
+        proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        os.close(leader)
+    assert proc.returncode == 0, out.decode(errors="replace")
+    return out.decode(errors="replace")
+
+
+def test_a_long_sync_shows_one_progress_line_per_leg_on_a_terminal_only(tmp_path, server):
+    lap, desk = Device(tmp_path, "lap"), Device(tmp_path, "desk")
+    for dev in (lap, desk):
+        dev.env_file.write_text(hand_env(server.url, server.register(dev.name)))
+    lap.conn.executemany("INSERT INTO project (name) VALUES (?)",
+                         [(f"p{i}",) for i in range(5000)])
+    shown = _on_a_terminal([*COMMAND, "sync"], clean_env(lap.home))
+    push = [part for part in shown.split("\r") if part.startswith("push: ") and "/s" in part]
+    assert push and "of 5,000 records" in push[-1], shown
+    assert "push: sent 5000" in shown                               # then the summary
+    quiet = subprocess.run([*COMMAND, "sync"], env=clean_env(desk.home), capture_output=True,
+                           text=True, timeout=60)                  # not a terminal: silent
+    assert quiet.returncode == 0 and " records, " not in quiet.stderr + quiet.stdout
+    assert "pull: received 5000" in quiet.stdout
+    desk.conn.execute("DELETE FROM project")
+    assert_ok(desk.cli("stamp"))
+    shown = _on_a_terminal([*COMMAND, "sync", "--json"], clean_env(desk.home))
+    assert " records, " not in shown and json.loads(shown)["sent"] >= 0   # --json: no line
+    lap.close()
+    desk.close()
