@@ -976,9 +976,18 @@ def _inflate_json(packed: bytes, max_size: int, what: str) -> Any:
 # keyed with the shared secret, the device id and the per-column clocks.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 17, 8, 1   # 128 MiB and ~0.4 s a guess
 KDF_BOUNDS = {"n": (2 ** 10, 2 ** 20), "r": (1, 32), "p": (1, 16)}   # what a store may ask
+KDF_MAX_MEMORY = 2 ** 22                # n * r: scrypt's memory is 128 bytes times it (512 MiB)
 MIN_PASSPHRASE = 8
 E2E_AAD = b"ccsync-e2e-batch/1"
 VAULT_PREFIX = "e2e1:"
+E2E_MAX_BATCH = DEFAULT_MAX_BODY        # a batch's JSON (devices open up to 4x that)
+
+
+def _valid_cost(cost: dict) -> bool:
+    """An scrypt cost (n, r, p) within KDF_BOUNDS, n a power of two, n * r bounded."""
+    return (all(type(v) is int and KDF_BOUNDS[k][0] <= v <= KDF_BOUNDS[k][1]
+                for k, v in cost.items()) and not cost["n"] & (cost["n"] - 1)
+            and cost["n"] * cost["r"] <= KDF_MAX_MEMORY)
 
 
 class WrongPassphrase(CcsyncError):
@@ -1012,9 +1021,12 @@ class Vault:
     def derive(cls, passphrase: str, salt: bytes, n: int = SCRYPT_N, r: int = SCRYPT_R,
                p: int = SCRYPT_P) -> "Vault":
         """The vault a passphrase gives under ``salt`` and the scrypt cost (n, r, p)."""
-        raw = unicodedata.normalize("NFC", passphrase).encode("utf-8")
-        key = hashlib.scrypt(raw, salt=salt, n=n, r=r, p=p, dklen=32,
-                             maxmem=256 * r * n + (1 << 20))
+        raw = unicodedata.normalize("NFC", passphrase).encode("utf-8", "surrogatepass")
+        try:
+            key = hashlib.scrypt(raw, salt=salt, n=n, r=r, p=p, dklen=32,
+                                 maxmem=min(2 ** 31 - 1, 256 * r * n + (1 << 20)))
+        except (ValueError, MemoryError) as exc:
+            raise WireError(f"scrypt cannot run with this cost here ({exc})") from None
         return cls(key, salt, n, r, p)
 
     @classmethod
@@ -1031,8 +1043,7 @@ class Vault:
         if not isinstance(params, dict):
             raise WireError("the server's end-to-end parameters are malformed")
         cost = {k: params.get(k) for k in KDF_BOUNDS}
-        if not all(type(v) is int and KDF_BOUNDS[k][0] <= v <= KDF_BOUNDS[k][1]
-                   for k, v in cost.items()) or cost["n"] & (cost["n"] - 1):
+        if not _valid_cost(cost):
             raise WireError("the server asks for an scrypt cost out of bounds")
         try:
             salt = base64.b64decode(str(params.get("salt")), validate=True)
@@ -1096,7 +1107,10 @@ class Vault:
         encrypted batch, the batch's proof)."""
         aes = _aes()
         meta = [[r["t"], self.row_id(r["t"], r["id"]), r["dev"], r["c"]] for r in records]
-        plain = zlib.compress(json.dumps(records, separators=(",", ":")).encode("utf-8"), 6)
+        text = json.dumps(records, separators=(",", ":")).encode("utf-8")
+        if len(text) > E2E_MAX_BATCH and len(records) > 1:    # every device must open it
+            raise BodyTooLarge(f"a batch of {len(records)} records is {len(text):,} bytes")
+        plain = zlib.compress(text, 6)
         nonce = secrets.token_bytes(12)
         cipher = aes.new(self._batch_key, aes.MODE_GCM, nonce=nonce)
         cipher.update(E2E_AAD)
@@ -1135,6 +1149,12 @@ def batch_proof(proof_key: bytes, blob: bytes) -> str:
     return hmac.new(proof_key, blob, hashlib.sha256).hexdigest()
 
 
+def rekey_proof(proof_key: bytes, params: dict) -> str:
+    """What shows the server that a device asking for new end-to-end
+    parameters holds the current key."""
+    return batch_proof(proof_key, json.dumps(params, sort_keys=True).encode())
+
+
 def valid_params(params: Any) -> bool:
     """True for end-to-end parameters as :meth:`Vault.params` makes them (private)."""
     return (isinstance(params, dict) and set(params) == {"kdf", "salt", "n", "r", "p", "check",
@@ -1144,8 +1164,7 @@ def valid_params(params: Any) -> bool:
                                                                params[k])
                                                   for k in ("salt", "check", "proof"))
             and re.fullmatch(r"[0-9a-f]{64}", params["proof"]) is not None
-            and all(type(params[k]) is int and KDF_BOUNDS[k][0] <= params[k] <= KDF_BOUNDS[k][1]
-                    for k in KDF_BOUNDS))
+            and _valid_cost({k: params[k] for k in KDF_BOUNDS}))
 
 
 ##### Local store #############################################################
@@ -1838,6 +1857,12 @@ class SyncState:
         return not self.installed() or self.conn.execute(
             "SELECT 1 FROM _ccsync_dirty LIMIT 1").fetchone() is not None
 
+    def note_e2e_seen(self) -> None:
+        """Remember that this device synced end to end: a plaintext store with
+        records in it is refused from now on (see encrypt_server)."""
+        with self._write(quiet=True):
+            self.set_meta("e2e_seen", "1")
+
     def note_digest_reported(self, cursor: int) -> None:
         """Remember that a digest at ``cursor`` went to the server now."""
         with self._write(quiet=True):
@@ -1947,7 +1972,11 @@ class LocalRows(SyncState):
                     count += 1
             if self.conn.execute("PRAGMA data_version").fetchone()[0] == before:
                 text = f"ccsync-content\n{count}\n{total % 2 ** 256:064x}".encode()
-                return hmac.new(key, text, hashlib.sha256).hexdigest()
+                # Devices on another cc schema are not compared (their rows differ by form).
+                schema = hashlib.sha256(json.dumps([[i.name, sorted(i.tracked)] for i in
+                                                    self.tables().values()]).encode())
+                return f"{hmac.new(key, text, hashlib.sha256).hexdigest()}." \
+                       f"{schema.hexdigest()[:16]}"
         return None
 
     def _digest_lines(self, info: TableInfo) -> Iterator[bytes]:
@@ -4380,6 +4409,18 @@ class _StoredBatch:
         self.conn, self.data, self.share = conn, data, len(data) // max(1, records)
         self.id: int | None = None
 
+    def settle(self, usage: dict[str, list[int]], device: str) -> None:
+        """Share the batch out over the records of it the store kept (it is
+        stored and sent whole, whatever of it was refused or superseded)."""
+        if self.id is None:
+            return
+        kept = self.conn.execute("SELECT count(*) FROM change WHERE batch = ?",
+                                 (self.id,)).fetchone()[0]
+        share = len(self.data) // max(1, kept)
+        if kept and share != self.share:
+            self.conn.execute("UPDATE change SET share = ? WHERE batch = ?", (share, self.id))
+            usage[device][1] += (share - self.share) * kept
+
     def place(self, slot: int) -> tuple[int, int, int]:
         """(batch id, slot, share) of its ``slot``-th record."""
         if self.id is None:
@@ -4414,37 +4455,56 @@ class ServerStore(ServerCollection):
         params = json.loads(row[0])
         return params if private else {k: v for k, v in params.items() if k != "proof"}
 
-    def begin_e2e(self, params: dict, cursor: Any, *, replace: bool = False) -> dict:
+    def begin_e2e(self, params: dict, cursor: Any, *, replace: bool = False,
+                  proof: Any = None) -> dict:
         """Make this store end to end under ``params`` (a vault's private
         parameters).  A store holding records is emptied for it (its devices
         re-seed it, encrypted), but only by a device that has merged all of
         them (``cursor``) unless ``replace`` (a new passphrase: devices keep
-        their data and re-seed under it).  What was deleted is erased from
-        the file.  Answers ``{"e2e": parameters, "store": id}``, or
-        ``"behind": n`` (merge up to n first), or ``"conflict": true`` (the
-        store is end to end under another passphrase already)."""
+        their data and re-seed under it), which an end-to-end store takes
+        only with ``proof`` that the device holds its current key
+        (:func:`rekey_proof`).  What was deleted is erased from the file.
+        Answers ``{"e2e": parameters, "store": id}``, or ``"behind": n``
+        (merge up to n first), or ``"conflict": true`` (the store is end to
+        end under another passphrase already, or the proof does not hold)."""
         with transaction(self.conn):
             current = self.e2e_params(private=True)
             public = {k: v for k, v in params.items() if k != "proof"}
+            if current is None or (replace and not (isinstance(proof, str) and same_signature(
+                    rekey_proof(bytes.fromhex(current["proof"]), params), proof))):
+                replace = False         # without the current key: as a plain request
             if current is not None and not replace:
                 same = current["check"] == params["check"]
                 return {"e2e": public if same else self.e2e_params(), "conflict": not same,
                         "store": self.store_id}
             high = self._max_seq()
-            if high and not replace and not (type(cursor) is int and cursor >= high):
+            if high and not replace and not (type(cursor) is int and cursor == high):
                 return {"behind": high, "store": self.store_id}
             wiped = bool(high) or current is not None
             if wiped:
-                for table in ("change", "batch", "reader", "usage", "recent", "report"):
-                    self.conn.execute(f"DELETE FROM {table}")
-                self.conn.execute("DELETE FROM meta WHERE key = 'collected'")
-                self.conn.execute("UPDATE meta SET value = ? WHERE key = 'store_id'",
-                                  (uuid.uuid4().hex,))
+                self._empty()
             self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('e2e', ?)",
                               (json.dumps(params),))
         if wiped:
             self.erase_freed()
         return {"e2e": public, "store": self.store_id, "emptied": wiped}
+
+    def _empty(self) -> None:
+        """Drop every record, batch, report and count; a new store identity
+        (devices re-seed it)."""
+        for table in ("change", "batch", "reader", "usage", "recent", "report"):
+            self.conn.execute(f"DELETE FROM {table}")
+        self.conn.execute("DELETE FROM meta WHERE key IN ('collected', 'e2e')")
+        self.conn.execute("UPDATE meta SET value = ? WHERE key = 'store_id'",
+                          (uuid.uuid4().hex,))
+
+    def reset(self) -> None:
+        """Start the store afresh, plaintext, keeping its devices (the server's
+        ``reset-store``, when no device holds the sync passphrase any more:
+        every device re-seeds what it holds once one sets a new one)."""
+        with transaction(self.conn):
+            self._empty()
+        self.erase_freed()
 
     def erase_freed(self) -> None:
         """Rebuild the file without its free pages and empty the WAL, so what
@@ -4469,7 +4529,7 @@ class ServerStore(ServerCollection):
         if not (isinstance(dev, str) and DEVICE_ID_RE.match(dev)
                 and (author is None or author_of(dev) == author)
                 and type(cursor) is int and 0 <= cursor < 2 ** 63 and isinstance(digest, str)
-                and re.fullmatch(r"[0-9a-f]{64}", digest)):
+                and re.fullmatch(r"[0-9a-f]{64}(\.[0-9a-f]{16})?", digest)):
             return
         with transaction(self.conn):
             self.conn.execute("INSERT OR REPLACE INTO report (dev, device, cursor, digest, at) "
@@ -4538,8 +4598,10 @@ class ServerStore(ServerCollection):
                     try:
                         _refuse_unless(not oversized, f"its batch is larger than "
                                                       f"{self.max_record} bytes a record")
-                        parsed.append(self._check_author(self._parse(raw, sealed is not None),
-                                                         others))
+                        record = self._parse(raw, sealed is not None)
+                        if sealed is None or not self._fills_gap(record, others):
+                            self._check_author(record, others)
+                        parsed.append(record)
                     except RecordRefused as exc:
                         parsed.append(exc)
                 own = {r.dev for r in parsed if isinstance(r, Record) and author is not None
@@ -4552,12 +4614,18 @@ class ServerStore(ServerCollection):
                 stored = self._versions((r.table, r.sid) for r in parsed if isinstance(r, Record))
                 usage: dict[str, list[int]] = defaultdict(lambda: [0, 0])
                 batch = _StoredBatch(self.conn, sealed[0], len(records)) if sealed else None
+                empty = {row for row, versions in stored.items() if not versions}
                 for slot, item in enumerate(parsed):
+                    if isinstance(item, Record) and self._fills_gap(item, others) \
+                            and (item.table, item.sid) not in empty:
+                        item = RecordRefused(self._authored_by(item, others))
                     if isinstance(item, RecordRefused):
                         results.append({"status": "refused", "reason": str(item)})
                     else:
                         results.append(self._store_record(item, device, received, stored,
                                                           usage, batch, slot))
+                if batch is not None:
+                    batch.settle(usage, device)
                 self._charge(device, len(records), usage, only_deletes=all(
                     isinstance(r, Record) and set(r.clocks) == {TOMBSTONE} for r in parsed))
                 after = self._max_seq()
@@ -4574,13 +4642,23 @@ class ServerStore(ServerCollection):
         return {author_prefix(key_id): name for key_id, name in self.conn.execute(
             "SELECT key_id, name FROM device WHERE revoked_at IS NULL AND name != ?", (device,))}
 
-    @staticmethod
-    def _check_author(record: Record, others: dict[str, str]) -> Record:
-        owner = others.get(author_of(record.dev) or "")
-        if owner is not None:
-            raise RecordRefused(f"edits under device id {record.dev} are device {owner!r}'s: "
-                                f"only it sends them")
+    @classmethod
+    def _check_author(cls, record: Record, others: dict[str, str]) -> Record:
+        if others.get(author_of(record.dev) or "") is not None:
+            raise RecordRefused(cls._authored_by(record, others))
         return record
+
+    @staticmethod
+    def _authored_by(record: Record, others: dict[str, str]) -> str:
+        owner = others.get(author_of(record.dev) or "")
+        return f"edits under device id {record.dev} are device {owner!r}'s: only it sends them"
+
+    @staticmethod
+    def _fills_gap(record: Record, others: dict[str, str]) -> bool:
+        """True for a sealed record under another current device's id: a copy
+        (a re-seed) taken only for a row the store holds nothing of, so it
+        can fill what a store started afresh lost, never outdo an edit."""
+        return others.get(author_of(record.dev) or "") is not None
 
     def _max_seq(self) -> int:
         return self.conn.execute("SELECT coalesce(max(seq), 0) FROM change").fetchone()[0]
@@ -4842,7 +4920,8 @@ def _op_e2e(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
     params = payload.get("params")
     if not valid_params(params):
         raise HttpError(400, "bad_request", "malformed end-to-end parameters")
-    return store.begin_e2e(params, payload.get("cursor"), replace=payload.get("replace") is True)
+    return store.begin_e2e(params, payload.get("cursor"), replace=payload.get("replace") is True,
+                           proof=payload.get("proof"))
 
 
 def _op_verify(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
@@ -5569,6 +5648,15 @@ class PlaintextStore(Exception):
     yet: it makes it so (see encrypt_server)."""
 
 
+def sealed_batch(vault: "Vault", records: list[dict]) -> tuple[list, bytes, str]:
+    """:meth:`Vault.seal_records`; a batch too large to seal is a too_large
+    RemoteError, so that the push halves it."""
+    try:
+        return vault.seal_records(records)
+    except BodyTooLarge as exc:
+        raise RemoteError(f"{exc}: sending smaller batches").with_kind("too_large") from None
+
+
 def checked_mode(answer: dict, vault: "Vault | None", where: str) -> dict:
     """``answer``, unless it says the store's mode is not this device's."""
     if "plaintext" in answer:
@@ -5589,8 +5677,16 @@ def opened_page(vault: "Vault | None", page: dict, max_size: int) -> dict:
     """A page whose records came sealed (``refs`` into ``blobs``) with its
     records opened: a batch that does not open gives stand-ins the device
     refuses (see :class:`Unreadable`), so one forged batch stops nothing."""
-    if vault is None or "refs" not in page:
+    if vault is None:
         return page
+    if "refs" not in page:
+        if page.get("records"):         # a server making up records in plaintext
+            raise RemoteError("the server sent records in plaintext to an end-to-end device: "
+                              "none was merged").with_kind("bad_response")
+        return page
+    if not (isinstance(page["refs"], list) and isinstance(page.get("blobs", []), list)):
+        raise RemoteError("the server sent a malformed page of sealed records"
+                          ).with_kind("bad_response")
     batches: list[list | str] = []
     for blob in page.pop("blobs", []):
         try:
@@ -5668,7 +5764,7 @@ class Client:
         if self.vault is None:
             answer = self._request("/v1/push", {"records": records, "cursor": cursor})
         else:
-            meta, blob, proof = self.vault.seal_records(records)
+            meta, blob, proof = sealed_batch(self.vault, records)
             answer = self._request("/v1/push", {"sealed": meta, "proof": proof,
                                                 "cursor": cursor}, [blob])
         return checked_mode(answer, self.vault, self.url)
@@ -5690,9 +5786,10 @@ class Client:
         return opened_page(self.vault, checked_mode(answer, self.vault, self.url),
                            self.max_response)
 
-    def begin_e2e(self, params: dict, cursor: int, replace: bool = False) -> dict:
+    def begin_e2e(self, params: dict, cursor: int, replace: bool = False,
+                  proof: str | None = None) -> dict:
         """Ask the server to make its store end to end (see ServerStore.begin_e2e)."""
-        return self._request("/v1/e2e", {"params": params, "cursor": cursor,
+        return self._request("/v1/e2e", {"params": params, "cursor": cursor, "proof": proof,
                                          "replace": replace})
 
     def verify(self, report: dict | None) -> dict:
@@ -5883,7 +5980,7 @@ class LocalTransport:
         sealed = None
         wire = json.loads(json.dumps(records))
         if self.vault is not None:
-            wire, blob, proof = self.vault.seal_records(wire)
+            wire, blob, proof = sealed_batch(self.vault, wire)
             sealed = (blob, proof)
         return checked_mode(json.loads(json.dumps(self.server.push(
             wire, device=self.device, cursor=cursor, author=self.author, sealed=sealed))),
@@ -5902,9 +5999,10 @@ class LocalTransport:
         return opened_page(self.vault, checked_mode(page, self.vault, "the server"),
                            4 * DEFAULT_MAX_BODY)
 
-    def begin_e2e(self, params: dict, cursor: int, replace: bool = False) -> dict:
+    def begin_e2e(self, params: dict, cursor: int, replace: bool = False,
+                  proof: str | None = None) -> dict:
         """As :meth:`Client.begin_e2e`, in process."""
-        return self.server.begin_e2e(params, cursor, replace=replace)
+        return self.server.begin_e2e(params, cursor, replace=replace, proof=proof)
 
     def verify(self, report: dict | None) -> dict:
         """As :meth:`Client.verify`, in process."""
@@ -6074,7 +6172,7 @@ def _start_rejoin(store: Store) -> None:
 def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: int = PULL_PAGE,
                  since: str | None = None, max_pages: int = 10 ** 6,
                  stop: threading.Event | None = None, report: bool = False,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, reseed: bool = True) -> None:
     """Fetch and merge pages until the server has nothing newer.
 
     The next page is fetched while this one merges.  With ``since``, the
@@ -6083,7 +6181,10 @@ def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: in
     (every edit made here is on the server), the first request says how
     far this device had merged, so the server may collect what all
     devices have.  A device the server finds stale, or one rejoining,
-    pulls everything and then ends its rejoin (Store.finish_rejoin).
+    pulls everything and then ends its rejoin (Store.finish_rejoin).  A
+    new server store is re-seeded once a pull at most (a server that keeps
+    changing is an error); without ``reseed`` (a pull in plaintext, before
+    encrypting the store) this device only merges it from the start.
     """
     def fetch(cursor: int, report: bool = False) -> _InFlight:
         # Starting afresh (cursor 0) is always worth saying: it holds nothing collected.
@@ -6095,6 +6196,8 @@ def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: in
         return _InFlight(call, cursor, page_size, since, *told)
 
     cursor = 0 if since else store.cursor
+    restarted: list[str] = []           # new stores met (each re-seeded once)
+    stales = 0
     if progress:
         progress("pull", 0, None)
     fetching = fetch(cursor, report)
@@ -6108,14 +6211,24 @@ def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: in
                 page_size = _halved(exc, page_size)      # the same cursor, a smaller page
                 fetching = fetch(cursor)
                 continue
-            if store.server_changed(page.get("store")):
+            if store.server_changed(page.get("store")) and page["store"] not in restarted:
                 fetching = None
-                reseed_server(store, transport, result, page["store"], stop)
+                if len(restarted) >= 2:
+                    raise RemoteError("the server's store kept changing during one sync",
+                                      hint="is the server's data file being replaced? "
+                                           "sync again later").with_kind("bad_response")
+                restarted.append(page["store"])
+                if reseed:
+                    reseed_server(store, transport, result, page["store"], stop)
                 cursor = 0
                 fetching = fetch(cursor)
                 continue
             if page.get("stale"):
                 fetching = None
+                stales += 1
+                if stales > 3:
+                    raise RemoteError("the server kept saying this device is stale",
+                                      hint="sync again later").with_kind("stale")
                 _start_rejoin(store)
                 cursor = 0
                 fetching = fetch(cursor)
@@ -6201,9 +6314,24 @@ def encrypt_server(store: Store, transport: Any, result: SyncResult,
     nothing any device holds is lost.
     """
     LOG.info("the server keeps this data in plaintext: encrypting it end to end")
-    for _attempt in range(3):
+    if store.meta("e2e_seen"):          # it was end to end: take no plaintext from it now
         with _in_plaintext(transport):
-            pull_changes(store, transport, result, stop=stop)
+            probe = transport.pull(0, 1)
+        if probe.get("records"):
+            raise RemoteError("the server's store was encrypted end to end and now holds "
+                              "records in plaintext: none was taken",
+                              hint="was the server's data restored from a backup of before "
+                                   "encryption? ask its operator; move it away to start "
+                                   "afresh").with_kind("bad_response")
+        answer = transport.begin_e2e(transport.vault.params(private=True), 0)
+        if answer.get("conflict") or "behind" in answer:
+            raise PassphraseNeeded("the server's data was just encrypted under another sync "
+                                   "passphrase (by another device)",
+                                   hint="run `ccsync setup` here and enter that passphrase")
+        return
+    for _attempt in range(3):
+        with _in_plaintext(transport):      # merge only: nothing of this device goes out
+            pull_changes(store, transport, result, stop=stop, reseed=False)
         answer = transport.begin_e2e(transport.vault.params(private=True), store.cursor)
         if answer.get("conflict"):
             raise PassphraseNeeded("the server's data was just encrypted under another sync "
@@ -6262,8 +6390,16 @@ def sync_once(store: Store, transport: Any, *, push: bool = True, pull: bool = T
                        progress)
         except PlaintextStore:
             encrypt_server(store, transport, result, stop)
-            _sync_legs(store, transport, result, push, pull, since, batch_size, page_size, stop,
-                       progress)
+            try:
+                _sync_legs(store, transport, result, push, pull, since, batch_size, page_size,
+                           stop, progress)
+            except PlaintextStore:
+                raise RemoteError("the server took this device's end-to-end parameters but "
+                                  "still answers in plaintext", hint="is it a ccsync server "
+                                  "of this version? nothing was sent in plaintext"
+                                  ).with_kind("bad_response") from None
+        if getattr(transport, "vault", None) is not None and not store.meta("e2e_seen"):
+            store.note_e2e_seen()
         if push and pull and not since and hasattr(transport, "verify") \
                 and store.digest_due(digest_every):
             with contextlib.suppress(RemoteError):     # a report is advice: the sync is done
@@ -7056,8 +7192,12 @@ def verify_devices(store: Store, transport: Any, name: str | None) -> dict:
         reported.add(r["device"])
         if mine is not None and r["dev"] == mine["dev"]:
             continue
-        state = "not comparable" if mine is None or r["cursor"] != mine["cursor"] else \
-            "agrees" if r["digest"] == mine["digest"] else "differs"
+        if mine is None or r["cursor"] != mine["cursor"]:
+            state = "not comparable"
+        elif r["digest"].partition(".")[2] != mine["digest"].partition(".")[2]:
+            state = "another schema"
+        else:
+            state = "agrees" if r["digest"] == mine["digest"] else "differs"
         devices.append({"device": r["device"], "dev": r["dev"], "cursor": r["cursor"],
                         "at": r["at"], "state": state})
     devices += [{"device": n, "dev": None, "cursor": None, "at": None,
@@ -7084,6 +7224,9 @@ def verify_lines(verify: dict, now: float) -> list[str]:
         if d["state"] == "not comparable":
             lines.append(f"  {name}: at cursor {d['cursor']}, reported {ago} ago: not "
                          f"comparable (sync both, then verify again)")
+        elif d["state"] == "another schema":
+            lines.append(f"  {name}: runs another cc schema (another cc version?): not "
+                         f"compared (reported {ago} ago)")
         else:
             lines.append(f"  {name}: {d['state']} at cursor {d['cursor']} (reported {ago} ago)")
     if not verify["devices"]:
@@ -7218,6 +7361,17 @@ def cmd_register(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_reset_store(args: argparse.Namespace) -> int:
+    """reset-store: empty the change store (devices stay registered)."""
+    store = ServerStore.open(resolve_server_data(args.data), create=False)
+    store.reset()
+    _emit(args, {"reset": True, "store": store.store_id}, [
+        "the server's change store is empty (devices and keys kept; its old data is erased "
+        "from the file)", "next: `ccsync setup --new-passphrase` on a device that holds your "
+                          "data, then `ccsync setup` on the others"])
+    return EXIT_OK
+
+
 def cmd_devices(args: argparse.Namespace) -> int:
     """devices: list registered devices with their last-seen time."""
     devices = ServerStore.open(resolve_server_data(args.data), create=False).devices()
@@ -7292,6 +7446,9 @@ def _passphrase(args: argparse.Namespace, *, new: bool) -> str:
                 text = fh.readline().rstrip("\r\n")
         except OSError as exc:
             raise UsageError(f"cannot read {args.passphrase_file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"{args.passphrase_file} is not UTF-8 text",
+                             hint="write the passphrase as one line of text") from None
     elif os.environ.get(ENV_PASSPHRASE):
         text = os.environ[ENV_PASSPHRASE]
     elif sys.stdin.isatty():
@@ -7333,10 +7490,19 @@ def _rekey(args: argparse.Namespace, client: Client, config: Config) -> Vault:
     try:
         old = config.vault
         if old is not None and config.server == client.url:
-            run_sync(store, Client(client.url, config.api_key or "", ca_file=config.ca_file,
-                                   vault=old))
+            with contextlib.suppress(PassphraseNeeded):     # an outdated key: what it holds
+                run_sync(store, Client(client.url, config.api_key or "",   # is re-seeded
+                                       ca_file=config.ca_file, vault=old))
         vault = Vault.new(_passphrase(args, new=True))
-        client.begin_e2e(vault.params(private=True), store.cursor, replace=True)
+        params = vault.params(private=True)
+        answer = client.begin_e2e(params, store.cursor, replace=True, proof=rekey_proof(
+            old.proof, params) if old is not None else None)
+        if answer.get("conflict") or "behind" in answer:
+            raise PassphraseNeeded(
+                "the server keeps its data under a key this device does not hold, so it "
+                "cannot replace the passphrase", hint="run `setup --new-passphrase` on a "
+                "device set up with the current passphrase; if no device has it, the "
+                "server's operator runs `ccsync reset-store` on the server")
         client.vault = vault
         run_sync(store, client)
     finally:
@@ -7727,6 +7893,11 @@ def _add_registry_parsers(sub: Any) -> None:
                    help="start a server store here if there is none")
     _flags(p, db=False, data=True)
     p.set_defaults(func=cmd_register)
+    p = sub.add_parser("reset-store", help="empty the change store, keeping the devices (run "
+                                           "on the server, when the sync passphrase is lost "
+                                           "everywhere)")
+    _flags(p, db=False, data=True)
+    p.set_defaults(func=cmd_reset_store)
     p = sub.add_parser("devices", help="list registered devices (run on the server)")
     _flags(p, db=False, data=True)
     p.set_defaults(func=cmd_devices)

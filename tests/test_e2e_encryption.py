@@ -392,3 +392,18 @@ def test_a_batch_larger_than_its_records_may_be_is_refused(tmp_path, vault):
     assert answer["results"][0]["status"] == "refused"
     assert "larger than 1000 bytes" in answer["results"][0]["reason"]
     server.conn.close()
+
+
+def test_reset_store_empties_the_store_keeps_the_devices_and_erases_the_data(tmp_path):
+    from e2e_helpers import run_cli
+    data = tmp_path / "server.db"
+    _plaintext_store(data, tmp_path)
+    assert plaintext_found(data)
+    out = assert_ok(run_cli(tmp_path, "reset-store", "--data", data)).stdout
+    assert "empty" in out and "--new-passphrase" in out
+    assert plaintext_found(data) == []
+    with sqlite3.connect(data) as conn:
+        assert conn.execute("SELECT count(*) FROM change").fetchone()[0] == 0
+        assert {n for (n,) in conn.execute("SELECT name FROM device")} == {"lap", "desk"}
+    assert_error(run_cli(tmp_path, "reset-store", "--data", tmp_path / "none.db"), 1,
+                 "no server data")
