@@ -3903,6 +3903,16 @@ class Sending(Incoming):
                 records += self._shadow_records(info, sid, vals, json.loads(clocks))
         return records, ((rows[-1][0], rows[-1][1]) if len(rows) == limit else None)
 
+    def aside_records(self, after: str = "", limit: int = PUSH_BATCH) -> tuple[list, str | None]:
+        """Records kept aside for a table this database lacks, as they came
+        (a re-seed hands them back too: the store may have only them); returns
+        (records, next position or None)."""
+        rows = self.conn.execute("SELECT digest, record FROM _ccsync_held WHERE kind = 'aside' "
+                                 "AND digest > ? ORDER BY digest LIMIT ?",
+                                 (after, limit)).fetchall()
+        return ([json.loads(r[1]) for r in rows],
+                rows[-1][0] if len(rows) == limit else None)
+
     def _shadow_records(self, info: TableInfo, sid: str, vals: dict, clocks: dict) -> list[dict]:
         by_device: dict[str, dict[str, int]] = defaultdict(dict)
         for col, (hlc, dev) in clocks.items():
@@ -4446,17 +4456,18 @@ class ServerStore(ServerCollection):
             raise RecordRefused("clock ahead of the server (check this device's time)")
         return record
 
-    def e2e_params(self, *, private: bool = False) -> dict | None:
+    def e2e_params(self, *, private: bool = False, key: str = "e2e") -> dict | None:
         """The end-to-end parameters devices derive the key with (None: a
-        plaintext store); ``private`` adds the proof key."""
-        row = self.conn.execute("SELECT value FROM meta WHERE key = 'e2e'").fetchone()
+        plaintext store); ``private`` adds the proof key; ``key``
+        'e2e_pending': those kept for a store not encrypted yet."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         if row is None:
             return None
         params = json.loads(row[0])
         return params if private else {k: v for k, v in params.items() if k != "proof"}
 
     def begin_e2e(self, params: dict, cursor: Any, *, replace: bool = False,
-                  proof: Any = None) -> dict:
+                  proof: Any = None, pending: bool = False) -> dict:
         """Make this store end to end under ``params`` (a vault's private
         parameters).  A store holding records is emptied for it (its devices
         re-seed it, encrypted), but only by a device that has merged all of
@@ -4466,10 +4477,25 @@ class ServerStore(ServerCollection):
         (:func:`rekey_proof`).  What was deleted is erased from the file.
         Answers ``{"e2e": parameters, "store": id}``, or ``"behind": n``
         (merge up to n first), or ``"conflict": true`` (the store is end to
-        end under another passphrase already, or the proof does not hold)."""
+        end under another passphrase already, or the proof does not hold).
+
+        ``pending`` only keeps ``params`` for a plaintext store with records,
+        until a device encrypts it, so that every device set up before then
+        derives the same key (answered ``{"pending": parameters}``)."""
         with transaction(self.conn):
             current = self.e2e_params(private=True)
             public = {k: v for k, v in params.items() if k != "proof"}
+            waiting = self.e2e_params(private=True, key="e2e_pending")
+            if current is None and not replace and (pending or waiting is not None):
+                if waiting is None:
+                    self.conn.execute("INSERT INTO meta (key, value) VALUES ('e2e_pending', ?)",
+                                      (json.dumps(params),))
+                    waiting = params
+                if waiting["check"] != params["check"]:
+                    return {"conflict": True, "pending": self.e2e_params(key="e2e_pending"),
+                            "store": self.store_id}
+                if pending:
+                    return {"pending": public, "store": self.store_id}
             if current is None or (replace and not (isinstance(proof, str) and same_signature(
                     rekey_proof(bytes.fromhex(current["proof"]), params), proof))):
                 replace = False         # without the current key: as a plain request
@@ -4494,7 +4520,7 @@ class ServerStore(ServerCollection):
         (devices re-seed it)."""
         for table in ("change", "batch", "reader", "usage", "recent", "report"):
             self.conn.execute(f"DELETE FROM {table}")
-        self.conn.execute("DELETE FROM meta WHERE key IN ('collected', 'e2e')")
+        self.conn.execute("DELETE FROM meta WHERE key IN ('collected', 'e2e', 'e2e_pending')")
         self.conn.execute("UPDATE meta SET value = ? WHERE key = 'store_id'",
                           (uuid.uuid4().hex,))
 
@@ -4867,7 +4893,7 @@ def _op_hello(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
     return {"device": device["name"], "server_time": store.clock(), "version": __version__,
             "seq": store.stats()["seq"], "store": store.store_id,
             "usage": {k: usage[k] for k in ("stored", "hour", "limits")},
-            "e2e": store.e2e_params()}
+            "e2e": store.e2e_params(), "e2e_pending": store.e2e_params(key="e2e_pending")}
 
 
 def _op_push(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
@@ -4921,7 +4947,7 @@ def _op_e2e(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
     if not valid_params(params):
         raise HttpError(400, "bad_request", "malformed end-to-end parameters")
     return store.begin_e2e(params, payload.get("cursor"), replace=payload.get("replace") is True,
-                           proof=payload.get("proof"))
+                           proof=payload.get("proof"), pending=payload.get("pending") is True)
 
 
 def _op_verify(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
@@ -5787,9 +5813,10 @@ class Client:
                            self.max_response)
 
     def begin_e2e(self, params: dict, cursor: int, replace: bool = False,
-                  proof: str | None = None) -> dict:
+                  proof: str | None = None, pending: bool = False) -> dict:
         """Ask the server to make its store end to end (see ServerStore.begin_e2e)."""
         return self._request("/v1/e2e", {"params": params, "cursor": cursor, "proof": proof,
+                                         "pending": pending,
                                          "replace": replace})
 
     def verify(self, report: dict | None) -> dict:
@@ -6000,9 +6027,10 @@ class LocalTransport:
                            4 * DEFAULT_MAX_BODY)
 
     def begin_e2e(self, params: dict, cursor: int, replace: bool = False,
-                  proof: str | None = None) -> dict:
+                  proof: str | None = None, pending: bool = False) -> dict:
         """As :meth:`Client.begin_e2e`, in process."""
-        return self.server.begin_e2e(params, cursor, replace=replace, proof=proof)
+        return self.server.begin_e2e(params, cursor, replace=replace, proof=proof,
+                                     pending=pending)
 
     def verify(self, report: dict | None) -> dict:
         """As :meth:`Client.verify`, in process."""
@@ -6291,6 +6319,13 @@ def reseed_server(store: Store, transport: Any, result: SyncResult, store_id: st
         position = following
         if position is None:
             break
+    after: str | None = ""
+    while after is not None:            # and what it keeps aside for a table it lacks
+        _check_stop(stop)
+        records, after = store.aside_records(after)
+        if records:
+            transport.push(records, None)
+            result.reseeded += len(records)
     store.adopt_server(store_id)
 
 
@@ -7472,10 +7507,18 @@ def _open_vault(args: argparse.Namespace, client: Client, info: dict,
     if params:                          # the store is end to end: the passphrase must open it
         return (Vault.opening(_passphrase(args, new=False), params, server),
                 "the passphrase opens the server's data (encrypted end to end)")
+    later = ("the server holds data in plaintext from before: this device's next sync "
+             "encrypts it end to end (and erases the plaintext there)")
+    if info.get("e2e_pending"):         # another device chose it, before any encryption
+        return Vault.opening(_passphrase(args, new=False), info["e2e_pending"], server), later
     vault = Vault.new(_passphrase(args, new=True))
     if info.get("seq"):
-        return vault, ("the server holds data in plaintext from before: this device's next "
-                       "sync encrypts it end to end (and erases the plaintext there)")
+        answer = client.begin_e2e(vault.params(private=True), 0, pending=True)
+        if answer.get("conflict"):
+            raise PassphraseNeeded("another device has just set a sync passphrase on this "
+                                   "server", hint="run `ccsync setup` again and enter that "
+                                                  "passphrase")
+        return vault, later
     answer = client.begin_e2e(vault.params(private=True), 0)
     if answer.get("conflict"):
         raise PassphraseNeeded("another device has just set a sync passphrase on this server",

@@ -41,7 +41,7 @@ class Recording(ccsync.ServerStore):
 class Hostile(Recording):
     """A server that never lets a store become end to end."""
 
-    def begin_e2e(self, params, cursor, *, replace=False, proof=None):
+    def begin_e2e(self, params, cursor, **_options):
         return {"behind": self._max_seq() + 1, "store": self.store_id}
 
 
