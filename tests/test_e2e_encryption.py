@@ -57,10 +57,16 @@ def world(tmp_path):
     made: list[Device] = []
 
     def device(name: str, *, setup: bool = True, env: dict | None = None) -> Device:
+        """The first device runs `setup`; later ones copy its .env (with their own
+        key), as the README says a user may: scrypt costs 0.4 s a setup."""
         dev = Device(tmp_path, name)
         dev.key = srv.register(name)
-        if setup:
+        first = next((d for d in made if d.env_file.exists()), None)
+        if setup and first is None:
             assert_ok(dev.cli("setup", "--server", srv.url, "--api-key", dev.key, env=env))
+        elif setup:
+            dev.env_file.write_text(f"CCSYNC_SERVER={srv.url}\nCCSYNC_API_KEY={dev.key}\n"
+                                    f"CCSYNC_E2E_KEY={vault_line(first)}\n")
         made.append(dev)
         return dev
 
