@@ -1155,6 +1155,11 @@ def rekey_proof(proof_key: bytes, params: dict) -> str:
     return batch_proof(proof_key, json.dumps(params, sort_keys=True).encode())
 
 
+def public_params(params: dict) -> dict:
+    """End-to-end parameters as devices see them: without the server's proof key."""
+    return {k: v for k, v in params.items() if k != "proof"}
+
+
 def valid_params(params: Any) -> bool:
     """True for end-to-end parameters as :meth:`Vault.params` makes them (private)."""
     return (isinstance(params, dict) and set(params) == {"kdf", "salt", "n", "r", "p", "check",
@@ -4464,7 +4469,7 @@ class ServerStore(ServerCollection):
         if row is None:
             return None
         params = json.loads(row[0])
-        return params if private else {k: v for k, v in params.items() if k != "proof"}
+        return params if private else public_params(params)
 
     def begin_e2e(self, params: dict, cursor: Any, *, replace: bool = False,
                   proof: Any = None, pending: bool = False) -> dict:
@@ -4484,7 +4489,7 @@ class ServerStore(ServerCollection):
         derives the same key (answered ``{"pending": parameters}``)."""
         with transaction(self.conn):
             current = self.e2e_params(private=True)
-            public = {k: v for k, v in params.items() if k != "proof"}
+            public = public_params(params)
             waiting = self.e2e_params(private=True, key="e2e_pending")
             if current is None and not replace and (pending or waiting is not None):
                 if waiting is None:
@@ -4578,7 +4583,7 @@ class ServerStore(ServerCollection):
         params = self.e2e_params(private=True)
         if params is None:
             return {"plaintext": True} if sealed is not None or check else None
-        public = {k: v for k, v in params.items() if k != "proof"}
+        public = public_params(params)
         if sealed is not None:
             right = same_signature(batch_proof(bytes.fromhex(params["proof"]), sealed[0]),
                                    sealed[1])
@@ -6358,24 +6363,26 @@ def encrypt_server(store: Store, transport: Any, result: SyncResult,
                               hint="was the server's data restored from a backup of before "
                                    "encryption? ask its operator; move it away to start "
                                    "afresh").with_kind("bad_response")
-        answer = transport.begin_e2e(transport.vault.params(private=True), 0)
-        if answer.get("conflict") or "behind" in answer:
-            raise PassphraseNeeded("the server's data was just encrypted under another sync "
-                                   "passphrase (by another device)",
-                                   hint="run `ccsync setup` here and enter that passphrase")
+        _refuse_conflict(transport.begin_e2e(transport.vault.params(private=True), 0), True)
         return
     for _attempt in range(3):
         with _in_plaintext(transport):      # merge only: nothing of this device goes out
             pull_changes(store, transport, result, stop=stop, reseed=False)
         answer = transport.begin_e2e(transport.vault.params(private=True), store.cursor)
-        if answer.get("conflict"):
-            raise PassphraseNeeded("the server's data was just encrypted under another sync "
-                                   "passphrase (by another device)",
-                                   hint="run `ccsync setup` here and enter that passphrase")
+        _refuse_conflict(answer)
         if "behind" not in answer:
             return
     raise RemoteError("other devices kept pushing while this one encrypted the server's store",
                       hint="sync again; nothing was lost").with_kind("busy")
+
+
+def _refuse_conflict(answer: dict, behind_too: bool = False) -> None:
+    """PassphraseNeeded when begin_e2e says another passphrase took the store
+    (``behind_too``: a store that holds records, for a device that merged none)."""
+    if answer.get("conflict") or (behind_too and "behind" in answer):
+        raise PassphraseNeeded("the server's data was just encrypted under another sync "
+                               "passphrase (by another device)",
+                               hint="run `ccsync setup` here and enter that passphrase")
 
 
 DIGEST_EVERY_S = 600.0                  # a device reports its content digest at most this often
@@ -7512,18 +7519,13 @@ def _open_vault(args: argparse.Namespace, client: Client, info: dict,
     if info.get("e2e_pending"):         # another device chose it, before any encryption
         return Vault.opening(_passphrase(args, new=False), info["e2e_pending"], server), later
     vault = Vault.new(_passphrase(args, new=True))
-    if info.get("seq"):
-        answer = client.begin_e2e(vault.params(private=True), 0, pending=True)
-        if answer.get("conflict"):
-            raise PassphraseNeeded("another device has just set a sync passphrase on this "
-                                   "server", hint="run `ccsync setup` again and enter that "
-                                                  "passphrase")
-        return vault, later
-    answer = client.begin_e2e(vault.params(private=True), 0)
+    # A store with records keeps it pending (its first encrypted sync takes it).
+    answer = client.begin_e2e(vault.params(private=True), 0, pending=bool(info.get("seq")))
     if answer.get("conflict"):
         raise PassphraseNeeded("another device has just set a sync passphrase on this server",
                                hint="run `ccsync setup` again and enter that passphrase")
-    return vault, "new sync passphrase set: the server keeps only encrypted data"
+    return vault, later if info.get("seq") else \
+        "new sync passphrase set: the server keeps only encrypted data"
 
 
 def _rekey(args: argparse.Namespace, client: Client, config: Config) -> Vault:

@@ -121,39 +121,38 @@ def _wait_for(proc: subprocess.Popen, needle: str, timeout: float = 20) -> str:
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
 def test_the_server_exits_130_on_ctrl_c_and_0_on_sigterm(tmp_path, sig, code):
-    proc = subprocess.Popen([*COMMAND, "server", "--host", "127.0.0.1", "--port", "0",
-                             "--data", str(tmp_path / "s.db")], env=clean_env(tmp_path),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for(proc, "listening")
-        proc.send_signal(sig)
-        _out, err = proc.communicate(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=5)
-    assert proc.returncode == code, err
+    returncode, err = _stopped_by(sig, [*COMMAND, "server", "--host", "127.0.0.1", "--port",
+                                        "0", "--data", str(tmp_path / "s.db")],
+                                  clean_env(tmp_path), "listening")
+    assert returncode == code, err
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
-def test_the_daemon_exits_130_on_ctrl_c_and_0_on_sigterm(tmp_path, server, sig, code):
-    dev = Device(tmp_path, "laptop")
-    dev.env_file.write_text(hand_env(server.url, server.register("laptop")))
-    proc = subprocess.Popen([*COMMAND, "daemon", "--interval", "10"], env=clean_env(dev.home),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+def _stopped_by(sig: int, argv: list, env: dict, ready: str) -> tuple[int, str]:
+    """Start ``argv``, wait for ``ready`` on its stderr, send ``sig``: (exit code, stderr)."""
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(proc, "auto-sync every")
+        _wait_for(proc, ready)
         proc.send_signal(sig)
         _out, err = proc.communicate(timeout=20)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate(timeout=5)
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
+def test_the_daemon_exits_130_on_ctrl_c_and_0_on_sigterm(tmp_path, server, sig, code):
+    dev = Device(tmp_path, "laptop")
+    dev.env_file.write_text(hand_env(server.url, server.register("laptop")))
+    try:
+        returncode, err = _stopped_by(sig, [*COMMAND, "daemon", "--interval", "10"],
+                                      clean_env(dev.home), "auto-sync every")
+    finally:
         dev.close()
-    assert proc.returncode == code, err
+    assert returncode == code, err
     assert "stopped" in err and "Traceback" not in err
 
 
