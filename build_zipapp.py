@@ -72,9 +72,12 @@ def bytecode(text):
 
 
 def fixed_info(name):
-    """Return a ZipInfo whose metadata does not depend on the build host."""
+    """Return a ZipInfo whose metadata does not depend on the build host.
+
+    The bytecode is stored as it is: every run reads it, and inflating it
+    would cost each command a few milliseconds."""
     info = zipfile.ZipInfo(name, date_time=FIXED_DATE)
-    info.compress_type = zipfile.ZIP_DEFLATED
+    info.compress_type = zipfile.ZIP_STORED if name.endswith(".pyc") else zipfile.ZIP_DEFLATED
     info.external_attr = FILE_MODE << 16
     info.create_system = 3  # Unix, so the mode bits mean the same everywhere
     return info

@@ -52,51 +52,29 @@ __all__ = [
 import argparse
 import base64
 import contextlib
-import datetime as _dt
 import fnmatch
-import getpass
 import functools
-import hashlib
-import hmac
 import importlib
 import itertools
-import http.client
-import http.server
-import ipaddress
 import json
-import logging
 import os
-import queue
 import random
 import re
-import secrets
-import selectors
-import shutil
-import signal
-import socket
 import sqlite3
-import ssl
-import subprocess
-import sysconfig
-import tempfile
 import sys
 import threading
 import time
-import traceback
-import unicodedata
-import urllib.parse
-import uuid
 import zlib
-from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from collections import Counter, defaultdict, namedtuple
+TYPE_CHECKING = False                   # typing is for the checkers: not imported to run
+if TYPE_CHECKING:
+    from typing import Any, Callable, Iterable, Iterator
 
 
 ##### Constants and the sync spec ############################################
 # Facts about cc's data: which tables sync, in what order, how rows are
 # identified and referenced.  No I/O here.
 
-@dataclass(frozen=True, eq=False)
 class TableSpec:
     """How one cc table syncs.
 
@@ -110,13 +88,18 @@ class TableSpec:
     so a merge must never empty one).
     """
 
-    name: str
-    key: tuple[str, ...]
-    refs: dict[str, str] = field(default_factory=dict)
-    list_refs: dict[str, str] = field(default_factory=dict)
-    name_refs: dict[str, tuple[str, str]] = field(default_factory=dict)
-    local: tuple[str, ...] = ()
-    required: tuple[str, ...] = ()
+    __slots__ = ("name", "key", "refs", "list_refs", "name_refs", "local", "required")
+
+    def __init__(self, name: str, key: tuple[str, ...], *,
+                 refs: dict[str, str] | None = None, list_refs: dict[str, str] | None = None,
+                 name_refs: dict[str, tuple[str, str]] | None = None,
+                 local: tuple[str, ...] = (), required: tuple[str, ...] = ()):
+        self.name, self.key, self.local, self.required = name, key, local, required
+        self.refs, self.list_refs = refs or {}, list_refs or {}
+        self.name_refs = name_refs or {}
+
+    def __repr__(self) -> str:
+        return f"TableSpec({self.name!r})"
 
 
 # Dependency order: a table only references tables above it (list_refs and
@@ -159,7 +142,7 @@ MOVED = "@"                               # dirty marker: the row's rowid change
 
 # Natural-key ids are uuid5 in this namespace, so two devices that created
 # the same project independently give it the same sync_id.
-ID_NAMESPACE = uuid.UUID("6f0c5d1e-8a53-4c43-9a55-2f7c1c0ccc51")
+ID_NAMESPACE = bytes.fromhex("6f0c5d1e8a534c439a552f7c1c0ccc51")   # a UUID's 16 bytes
 SYNC_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 # Settings that never leave a device and are refused on arrival.
@@ -187,7 +170,13 @@ PULL_PAGE_BYTES = 8 * 1024 * 1024         # stored text per pull page (at least 
 STAMP_CHUNK = 200                         # rows stamped per write transaction
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-LOG = logging.getLogger("ccsync")          # no handlers here: the host decides
+
+
+def _log() -> Any:
+    """ccsync's logger, "ccsync" (no handlers here: the host decides); logging
+    is imported on first use, not by every command."""
+    import logging
+    return logging.getLogger("ccsync")
 
 
 ##### Errors ##################################################################
@@ -248,6 +237,7 @@ def hlc_at(ms: int) -> int:
 
 def iso_utc(clock: Callable[[], float], timespec: str = "seconds") -> str:
     """An ISO 8601 UTC timestamp from ``clock``, e.g. 2026-11-24T21:46:00Z."""
+    import datetime as _dt
     moment = _dt.datetime.fromtimestamp(clock(), _dt.timezone.utc)
     return moment.isoformat(timespec=timespec).replace("+00:00", "Z")
 
@@ -260,6 +250,7 @@ _ISO_RE = re.compile(
 def parse_iso(text: str) -> _dt.datetime:
     """Parse any ISO 8601 date or date-time (basic or extended, with or without
     offset; no offset means local time) to an aware UTC datetime."""
+    import datetime as _dt
     match = _ISO_RE.match((text or "").strip())
     if not match:
         raise ValueError(f"not an ISO 8601 timestamp: {text!r}")
@@ -284,14 +275,21 @@ def since_key(text: str) -> str:
     return parse_iso(text).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+def new_uuid() -> Any:
+    """A random (version 4) uuid.UUID (uuid is imported here, on first use)."""
+    import uuid
+    return uuid.uuid4()
+
+
 def natural_id(table: str, values: Iterable[Any]) -> str | None:
     """The deterministic sync_id for a natural key, or None if the key is empty."""
+    import hashlib
     values = list(values)
     if all(v is None or v == "" for v in values):
         return None
     text = json.dumps([table, *values], separators=(",", ":"), ensure_ascii=False)
     # uuid.uuid5(ID_NAMESPACE, text), spelled out: this runs for every row synced
-    digest = bytearray(hashlib.sha1(ID_NAMESPACE.bytes + text.encode("utf-8")).digest()[:16])
+    digest = bytearray(hashlib.sha1(ID_NAMESPACE + text.encode("utf-8")).digest()[:16])
     digest[6] = (digest[6] & 0x0F) | 0x50           # version 5
     digest[8] = (digest[8] & 0x3F) | 0x80           # RFC 4122 variant
     h = digest.hex()
@@ -443,23 +441,17 @@ AUTHOR_PREFIX_LEN = 10                     # hex digits of the key id that start
 ROW_ID_COLUMN = "id"                       # cc's integer primary key: never synced
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(namedtuple("Record", "table sid dev clocks values local key")):
     """One row's edits as they travel: per-column clocks plus the values.
 
-    ``clocks`` maps a column (or TOMBSTONE) to its hybrid logical clock;
-    ``values`` holds a wire value for every clocked column; ``local`` the
-    device-local columns (a starting point for a row new to a device);
-    ``key`` the natural key, so a device can find the row by it.
+    ``table``, ``sid`` (its sync_id) and ``dev`` (the device that made the
+    latest edit) name it; ``clocks`` maps a column (or TOMBSTONE) to its
+    hybrid logical clock; ``values`` holds a wire value for every clocked
+    column; ``local`` the device-local columns (a starting point for a row
+    new to a device); ``key`` the natural key, so a device can find the row by it.
     """
 
-    table: str
-    sid: str
-    dev: str
-    clocks: dict[str, int]
-    values: dict[str, Any]
-    local: dict[str, Any]
-    key: dict[str, Any]
+    __slots__ = ()
 
     def payload(self) -> dict:
         """The ``p`` part of the wire form."""
@@ -823,6 +815,8 @@ def crypto_available() -> bool:
 
 def hkdf(ikm: bytes, info: bytes, length: int = 32, salt: bytes = b"ccsync/1") -> bytes:
     """HKDF-SHA256 (RFC 5869)."""
+    import hashlib
+    import hmac
     prk = hmac.new(salt, ikm, hashlib.sha256).digest()
     out, block, counter = b"", b"", 1
     while len(out) < length:
@@ -832,16 +826,13 @@ def hkdf(ikm: bytes, info: bytes, length: int = 32, salt: bytes = b"ccsync/1") -
     return out[:length]
 
 
-@dataclass(frozen=True)
-class DeviceKeys:
+class DeviceKeys(namedtuple("DeviceKeys", "key_id mac enc")):
     """What a device's API key yields: a public key id, a MAC key, an AES key.
 
     The API key itself never crosses the wire and the server stores only these.
     """
 
-    key_id: str
-    mac: bytes
-    enc: bytes
+    __slots__ = ()
 
     @classmethod
     def from_api_key(cls, api_key: str) -> "DeviceKeys":
@@ -851,6 +842,7 @@ class DeviceKeys:
 
 def new_api_key() -> str:
     """A fresh 256-bit API key."""
+    import secrets
     return API_KEY_PREFIX + base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
 
 
@@ -879,6 +871,7 @@ def signed_headers(keys: "DeviceKeys", method: str, path: str, body: bytes,
 
 def same_signature(expected: str, given: str) -> bool:
     """Constant-time comparison that takes any header text (non-ASCII too)."""
+    import hmac
     return hmac.compare_digest(expected.encode(), given.encode("utf-8", "surrogateescape"))
 
 
@@ -889,6 +882,8 @@ def response_context(nonce: str, status: int) -> bytes:
 
 def sign(mac_key: bytes, context: bytes, body: bytes) -> str:
     """HMAC-SHA256 over a context and the body's digest."""
+    import hashlib
+    import hmac
     text = context + b"\n" + hashlib.sha256(body).hexdigest().encode()
     return hmac.new(mac_key, text, hashlib.sha256).hexdigest()
 
@@ -913,6 +908,7 @@ def seal(enc_key: bytes, data: dict, context: bytes, blobs: Iterable[bytes] = ()
     further) travel after the compressed JSON as they are; the JSON's
     ``blobs`` lists their lengths.
     """
+    import secrets
     aes = _aes()
     blobs = list(blobs)
     if blobs:
@@ -999,8 +995,7 @@ class WrongPassphrase(CcsyncError):
                               "device (lost it? the README's 'Lost passphrase' says what to do)")
 
 
-@dataclass(frozen=True)
-class Vault:
+class Vault(namedtuple("Vault", "key salt n r p", defaults=(SCRYPT_N, SCRYPT_R, SCRYPT_P))):
     """The user's end-to-end key: derived from the sync passphrase on every
     device alike, kept on each device (mode 600), never sent anywhere.
 
@@ -1008,19 +1003,16 @@ class Vault:
     ``status --verify``, a check value (a device tells a wrong passphrase
     from a right one at setup; testing a guess against it costs a whole
     scrypt) and a proof key the server holds to tell a device that has the
-    passphrase from one that does not.
+    passphrase from one that does not.  ``key`` and ``salt`` with scrypt's
+    cost ``n``, ``r``, ``p`` are all it holds (and the subkeys, made once).
     """
-
-    key: bytes
-    salt: bytes
-    n: int = SCRYPT_N
-    r: int = SCRYPT_R
-    p: int = SCRYPT_P
 
     @classmethod
     def derive(cls, passphrase: str, salt: bytes, n: int = SCRYPT_N, r: int = SCRYPT_R,
                p: int = SCRYPT_P) -> "Vault":
         """The vault a passphrase gives under ``salt`` and the scrypt cost (n, r, p)."""
+        import hashlib
+        import unicodedata
         raw = unicodedata.normalize("NFC", passphrase).encode("utf-8", "surrogatepass")
         try:
             key = hashlib.scrypt(raw, salt=salt, n=n, r=r, p=p, dklen=32,
@@ -1032,6 +1024,7 @@ class Vault:
     @classmethod
     def new(cls, passphrase: str, n: int = SCRYPT_N) -> "Vault":
         """A vault for a new passphrase, with a fresh salt."""
+        import secrets
         if len(passphrase) < MIN_PASSPHRASE:
             raise UsageError(f"a sync passphrase needs at least {MIN_PASSPHRASE} characters")
         return cls.derive(passphrase, secrets.token_bytes(16), n)
@@ -1040,6 +1033,7 @@ class Vault:
     def opening(cls, passphrase: str, params: Any, server: str) -> "Vault":
         """The vault a passphrase gives under a store's published ``params``;
         WrongPassphrase when its check value differs."""
+        import hmac
         if not isinstance(params, dict):
             raise WireError("the server's end-to-end parameters are malformed")
         cost = {k: params.get(k) for k in KDF_BOUNDS}
@@ -1099,12 +1093,15 @@ class Vault:
     def row_id(self, table: str, sid: str) -> str:
         """The id the server knows a row by: keyed, so nobody without the key
         can tell which names (``setting:theme``) exist."""
+        import hashlib
+        import hmac
         return "e" + hmac.new(self._id_key, f"{table}\n{sid}".encode("utf-8", "surrogatepass"),
                               hashlib.sha256).hexdigest()[:40]
 
     def seal_records(self, records: list[dict]) -> tuple[list[list], bytes, str]:
         """One push's records as (per-record metadata for the server, the
         encrypted batch, the batch's proof)."""
+        import secrets
         aes = _aes()
         meta = [[r["t"], self.row_id(r["t"], r["id"]), r["dev"], r["c"]] for r in records]
         text = json.dumps(records, separators=(",", ":")).encode("utf-8")
@@ -1146,6 +1143,8 @@ class Vault:
 
 def batch_proof(proof_key: bytes, blob: bytes) -> str:
     """What shows the server that a batch comes from a device with the passphrase."""
+    import hashlib
+    import hmac
     return hmac.new(proof_key, blob, hashlib.sha256).hexdigest()
 
 
@@ -1223,6 +1222,9 @@ def connect(path: str, *, timeout: float = 5.0, must_exist: bool = True) -> sqli
     return conn
 
 
+_SAVEPOINTS = itertools.count()           # names unique in this process
+
+
 @contextlib.contextmanager
 def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """``BEGIN IMMEDIATE`` ... ``COMMIT``; a savepoint when already inside one.
@@ -1230,7 +1232,7 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     Any exception rolls the whole block back, so nothing is half-written.
     """
     if conn.in_transaction:
-        name = "sp_" + secrets.token_hex(4)
+        name = f"sp_{next(_SAVEPOINTS)}"
         conn.execute(f"SAVEPOINT {name}")
         try:
             yield conn
@@ -1500,17 +1502,25 @@ def trigger_sql(table: str, tracked: Iterable[str], key: Iterable[str] = (),
     }
 
 
-@dataclass
+@functools.lru_cache(maxsize=64)
+def _trigger_sql_of(table: str, tracked: tuple[str, ...], key: tuple[str, ...],
+                    local: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    # Every sync checks the triggers against these texts: made once a layout.
+    return tuple(trigger_sql(table, tracked, key, local).items())
+
+
 class TableInfo:
     """A synced table as it exists in this device's database (a snapshot:
     :meth:`SyncState.tables` builds new ones when the schema changes)."""
 
-    spec: TableSpec
-    columns: tuple[str, ...]            # every column, schema order
-    notnull: frozenset[str]
-    types: dict[str, str]
-    pk: str | None                      # the INTEGER PRIMARY KEY column (rowid alias)
-    layout: tuple[tuple[int, str], ...] = ()   # (position, name) of every column
+    def __init__(self, spec: TableSpec, columns: tuple[str, ...], notnull: frozenset[str],
+                 types: dict[str, str], pk: str | None,
+                 layout: tuple[tuple[int, str], ...] = ()):
+        self.spec = spec
+        self.columns = columns          # every column, schema order
+        self.notnull, self.types = notnull, types
+        self.pk = pk                    # the INTEGER PRIMARY KEY column (rowid alias)
+        self.layout = layout            # (position, name) of every column
 
     @property
     def name(self) -> str:
@@ -1537,36 +1547,34 @@ class TableInfo:
         return tuple(c for c in self.spec.key if c in self.columns)
 
 
-@dataclass(frozen=True)
-class Outgoing:
-    """What ack() needs to settle one captured row or delete."""
+class Outgoing(namedtuple("Outgoing", "table rid cells gone deleted_rid outbox",
+                          defaults=((), None, ()))):
+    """What ack() needs to settle one captured row or delete: its ``table``,
+    ``rid`` (the local row; None for a delete), ``cells`` (the pending cells
+    sent, with their clocks), ``gone`` (the _ccsync_gone entries a delete
+    settles), ``deleted_rid`` (the rowid the deleted row had here) and
+    ``outbox`` (the _ccsync_outbox entries it settles)."""
 
-    table: str
-    rid: int | None                     # the local row (None for a delete)
-    cells: dict[str, int]               # the pending cells sent, with their clocks
-    gone: tuple[int, ...] = ()          # the _ccsync_gone entries a delete settles
-    deleted_rid: int | None = None      # the rowid the deleted row had here
-    outbox: tuple[int, ...] = ()        # the _ccsync_outbox entries it settles
+    __slots__ = ()
 
 
-@dataclass
 class Batch:
     """Outgoing records (None: nothing to send) plus what ack() needs to settle them."""
 
-    records: list[dict | None]
-    tokens: list[Outgoing]
-    next_pos: tuple[int, int, int] | None     # keyset position; None when done
+    def __init__(self, records: list[dict | None], tokens: list[Outgoing],
+                 next_pos: tuple[int, int, int] | None):
+        self.records, self.tokens = records, tokens
+        self.next_pos = next_pos        # keyset position; None when done
 
 
-@dataclass
 class ApplyResult:
     """What merging one or more pages of incoming records did."""
 
-    received: int = 0
-    applied: int = 0
-    unchanged: int = 0
-    refused: Counter = field(default_factory=Counter)
-    aside: int = 0                      # kept for a table this database lacks
+    def __init__(self, received: int = 0, applied: int = 0, unchanged: int = 0,
+                 refused: Counter | None = None, aside: int = 0):
+        self.received, self.applied, self.unchanged = received, applied, unchanged
+        self.refused = Counter() if refused is None else refused
+        self.aside = aside              # kept for a table this database lacks
 
     def add(self, other: "ApplyResult") -> None:
         """Add another result's counts to this one."""
@@ -1577,14 +1585,17 @@ class ApplyResult:
         self.aside += other.aside
 
 
-@dataclass
 class Arrival:
     """An incoming wire record as read before the write lock is taken."""
 
-    raw: Any
-    record: Record | None               # None: ``refusal`` says why it cannot apply
-    refusal: Exception | None = None
-    fresh: dict | None = None           # see fresh_values(); None: the per-record path
+    __slots__ = ("raw", "record", "refusal", "fresh")
+
+    def __init__(self, raw: Any, record: Record | None, refusal: Exception | None = None,
+                 fresh: dict | None = None):
+        self.raw = raw
+        self.record = record            # None: ``refusal`` says why it cannot apply
+        self.refusal = refusal
+        self.fresh = fresh              # see fresh_values(); None: the per-record path
 
 
 def fresh_values(info: TableInfo, record: Record) -> dict | None:
@@ -1766,6 +1777,7 @@ class SyncState:
             self._suppress(bool(before))
 
     def _fingerprint(self) -> str:
+        import socket
         path = self.path
         return f"{socket.gethostname()}:{os.path.realpath(path) if path else ''}"
 
@@ -1785,10 +1797,11 @@ class SyncState:
     def _new_device_id(self, prefix: str) -> None:
         # The old id stays this database's (its kept edits still go out, as
         # copies); the random part tells copies of one database apart.
+        import secrets
         if self.meta("device_id"):
             self.set_meta("own_ids", json.dumps(self.own_ids()[:16]))
         self.set_meta("device_id", f"{prefix}.{secrets.token_hex(4)}" if prefix
-                      else uuid.uuid4().hex[:16])       # 64 bits: short clocks
+                      else new_uuid().hex[:16])       # 64 bits: short clocks
 
     def own_ids(self) -> list[str]:
         """Every device id this database has sent edits under, newest first."""
@@ -1968,6 +1981,8 @@ class LocalRows(SyncState):
         columns and settings left out).  Devices that hold the same data give
         the same digest whatever their rowids.  Read in chunks, never holding
         cc back; None when cc kept writing while it was read."""
+        import hashlib
+        import hmac
         for _attempt in range(3):
             before = self.conn.execute("PRAGMA data_version").fetchone()[0]
             total, count = 0, 0
@@ -1987,12 +2002,13 @@ class LocalRows(SyncState):
     def _digest_lines(self, info: TableInfo) -> Iterator[bytes]:
         """One canonical line per row of ``info`` that syncs."""
         after = -(2 ** 63)
+        local_names = self._local_setting_names()
         while True:
             rows = self.conn.execute(f"SELECT rowid AS _rid, * FROM {_q(info.name)} WHERE "
                                      f"rowid > ? ORDER BY rowid LIMIT ?",
                                      (after, self.DIGEST_CHUNK)).fetchall()
             for row, values in zip(rows, self._wire_rows(info, rows)):
-                if not self._skip_row(info, row):
+                if not self._skip_row(info, row, local_names):
                     yield json.dumps([info.name, row["sync_id"], {c: values[c] for c in
                                                                   info.tracked}],
                                      sort_keys=True, separators=(",", ":")).encode()
@@ -2105,11 +2121,15 @@ class LocalRows(SyncState):
         shadow = self._shadow(table, sid)
         return shadow is not None and is_deleted(shadow[2])
 
-    def _skip_row(self, info: TableInfo, row: Any) -> bool:
-        """True for rows that never leave this device (secret or local settings)."""
+    def _skip_row(self, info: TableInfo, row: Any,
+                  local_names: tuple[str, ...] | None = None) -> bool:
+        """True for rows that never leave this device (secret or local settings);
+        ``local_names``: _local_setting_names(), when already read."""
         if info.name != "setting":
             return False
-        return setting_policy(row["name"], self._local_setting_names()) is not None
+        if local_names is None:
+            local_names = self._local_setting_names()
+        return setting_policy(row["name"], local_names) is not None
 
     def _local_setting_names(self) -> tuple[str, ...]:
         names = self.extra_local
@@ -2289,7 +2309,7 @@ class Identity(LocalRows):
                 continue
             holder = self._rid_for_sid(info.name, want)
             if holder is not None and holder in moving:
-                self._rekey(info, holder, want, str(uuid.uuid4()))
+                self._rekey(info, holder, want, str(new_uuid()))
                 holder = None
             if holder is None:
                 self._rekey(info, rid, current[0], want)
@@ -2489,7 +2509,7 @@ class Resume(Identity):
                 self._copy_rows(kept, self.conn, table)
         except sqlite3.Error as exc:          # not a state file of ours: start afresh
             self.conn.execute("ROLLBACK TO ccsync_resume")
-            LOG.warning("ignoring %s: %s", source, exc)
+            _log().warning("ignoring %s: %s", source, exc)
             return False
         finally:
             self.conn.execute("RELEASE ccsync_resume")
@@ -2643,7 +2663,7 @@ class Install(Resume):
             "AND name LIKE '\\_ccsync\\_%' ESCAPE '\\'").fetchall())
 
     def _triggers_for(self, info: TableInfo) -> dict[str, str]:
-        return trigger_sql(info.name, info.tracked, info.key_columns, info.local)
+        return dict(_trigger_sql_of(info.name, info.tracked, info.key_columns, info.local))
 
     def _drop_stray_triggers(self) -> None:
         # A renamed table takes its triggers along (ALTER TABLE t RENAME TO
@@ -2747,7 +2767,7 @@ class Install(Resume):
         taken = set(self._rids_for_sids(info.name, wanted))
         stamped = []
         for row, want in zip(rows, wanted):
-            sid = want if want is not None and want not in taken else str(uuid.uuid4())
+            sid = want if want is not None and want not in taken else str(new_uuid())
             taken.add(sid)
             stamped.append((sid, row["_rid"]))
         self.conn.executemany(f"UPDATE {_q(info.name)} SET sync_id = ? WHERE rowid = ?",
@@ -3351,7 +3371,7 @@ class RowWriter(Capture):
         except Exception as exc:               # noqa: BLE001 -- stays pending, retried later
             if environment_error(exc):
                 raise
-            LOG.info("row %s/%s still cannot be written here: %s", table, sid, exc)
+            _log().info("row %s/%s still cannot be written here: %s", table, sid, exc)
 
     def pending_references(self) -> int:
         """How many rows still wait for a parent that has not arrived."""
@@ -3577,6 +3597,7 @@ class Incoming(RowWriter):
 
     def _hold(self, raw: Any, kind: str, reason: str) -> None:
         """Keep an incoming record this device could not apply, for a later try."""
+        import hashlib
         text = json.dumps(raw, separators=(",", ":"), sort_keys=True, default=str)  # ASCII
         table, sid = (raw.get("t"), raw.get("id")) if isinstance(raw, dict) else (None, None)
         self.conn.execute(
@@ -3589,6 +3610,7 @@ class Incoming(RowWriter):
 
     def _held_version(self) -> str:
         """What decides whether a kept record could apply now: ccsync and the schema."""
+        import hashlib
         shape = json.dumps({t: info.columns for t, info in self.tables().items()})
         return f"{__version__}:{hashlib.sha256(shape.encode()).hexdigest()[:12]}"
 
@@ -3713,11 +3735,12 @@ class Sending(Incoming):
         """
         counts = {}
         installed = self.installed()
+        local_names = self._local_setting_names()
         for info in self.tables().values():
             counts[info.name] = c = {"insert": 0, "update": 0, "delete": 0}
             if not installed:
                 for row in self.conn.execute(f"SELECT * FROM {_q(info.name)}"):  # streamed
-                    c["insert"] += not self._skip_row(info, row)
+                    c["insert"] += not self._skip_row(info, row, local_names)
                 continue
             query = (f"SELECT d.rid, group_concat(d.col, char(31)) AS cols, "
                      f"t.rowid IS NOT NULL AS present, s.sid IS NOT NULL AS synced, t.* "
@@ -3726,7 +3749,7 @@ class Sending(Incoming):
                      f"WHERE d.tbl = ? GROUP BY d.rid")
             for row in self.conn.execute(query, (info.name,)):
                 cols = set(row["cols"].split("\x1f")) - {MOVED}
-                if cols and row["present"] and not self._skip_row(info, row):
+                if cols and row["present"] and not self._skip_row(info, row, local_names):
                     c["update" if row["synced"] and INSERTED not in cols else "insert"] += 1
             c["update"] += self.conn.execute("SELECT count(*) FROM _ccsync_outbox WHERE tbl = ?",
                                              (info.name,)).fetchone()[0]
@@ -3838,6 +3861,7 @@ class Sending(Incoming):
             "SELECT sid FROM _ccsync_shadow WHERE tbl = ? AND sid IN ({marks})",
             (r["sync_id"] for r in present if isinstance(r["sync_id"], str)), info.name)}
         wire = dict(zip((r["_rid"] for r in present), self._wire_rows(info, present)))
+        local_names = self._local_setting_names()
         for (rid, col), (sid, hlc) in self._named_refs(info.name, rids).items():
             if rid in wire and dirty[rid].get(col) == hlc and rows[rid][col] is None:
                 wire[rid][col] = sid
@@ -3847,7 +3871,7 @@ class Sending(Incoming):
             if rid in rows and rows[rid]["sync_id"] is None:
                 continue                       # inserted after stamping: next sync
             record = None                      # a row gone (its delete went on its own)
-            if rid in rows and not self._skip_row(info, rows[rid]):
+            if rid in rows and not self._skip_row(info, rows[rid], local_names):
                 record = self._row_record(info, rows[rid], wire[rid], cells,
                                           rows[rid]["sync_id"] in synced)
             tokens.append(Outgoing(info.name, rid, cells))
@@ -4098,8 +4122,8 @@ COLLECT_EVERY_S = 60.0                  # how often the server collects
 COLLECT_CHUNK = 500                     # rows looked at per collecting transaction
 
 
-@dataclass(frozen=True)
-class Quota:
+class Quota(namedtuple("Quota", "records bytes hour_records hour_bytes push_records",
+                       defaults=(5_000_000, 4 * 1024 ** 3, 2_000_000, 2 * 1024 ** 3, 5000))):
     """What one device may store on the server, and push in an hour (0: no limit).
 
     The defaults hold a cc database many times larger than any seen, and
@@ -4107,14 +4131,12 @@ class Quota:
     them with the server's --quota-* options.  Stored records are those a
     device pushed that the server still holds (superseded and collected
     ones no longer count); an hour's records are all it pushed, its bytes
-    those stored.
+    those stored.  ``records`` and ``bytes`` bound what it stores,
+    ``hour_records`` and ``hour_bytes`` an hour's pushes, ``push_records``
+    one push (its bytes: the server's --max-body).
     """
 
-    records: int = 5_000_000
-    bytes: int = 4 * 1024 ** 3
-    hour_records: int = 2_000_000
-    hour_bytes: int = 2 * 1024 ** 3
-    push_records: int = 5000            # in one push (its bytes: the server's --max-body)
+    __slots__ = ()
 
 
 class QuotaExceeded(Exception):
@@ -4189,7 +4211,7 @@ class ServerRegistry:
                         conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
                 conn.execute("CREATE INDEX IF NOT EXISTS change_batch ON change (batch)")
                 conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)",
-                             (uuid.uuid4().hex,))
+                             (new_uuid().hex,))
         return cls(conn, clock=clock, max_value=max_value, max_record=max_record, quota=quota,
                    forget_after=forget_after)
 
@@ -4527,7 +4549,7 @@ class ServerStore(ServerCollection):
             self.conn.execute(f"DELETE FROM {table}")
         self.conn.execute("DELETE FROM meta WHERE key IN ('collected', 'e2e', 'e2e_pending')")
         self.conn.execute("UPDATE meta SET value = ? WHERE key = 'store_id'",
-                          (uuid.uuid4().hex,))
+                          (new_uuid().hex,))
 
     def reset(self) -> None:
         """Start the store afresh, plaintext, keeping its devices (the server's
@@ -4758,7 +4780,7 @@ class ServerStore(ServerCollection):
             "FROM recent WHERE device = ? AND minute > ?", (device, minute - 60)).fetchone()
         return {"stored": tuple(stored), "hour": tuple(hour[:2]),
                 "oldest_minute": hour[2] if hour[2] is not None else minute,
-                "limits": asdict(self.quota)}
+                "limits": self.quota._asdict()}
 
     def pull(self, cursor: int = 0, limit: int = PULL_PAGE, since: str | None = None,
              max_bytes: int = PULL_PAGE_BYTES, check: str | None = None,
@@ -5044,15 +5066,12 @@ def health_answer() -> Answer:
         {"status": "ok", "version": __version__})
 
 
-@dataclass(frozen=True)
-class Admission:
-    """A request whose head authenticated: its body may now be read."""
+class Admission(namedtuple("Admission", "operation device context nonce length")):
+    """A request whose head authenticated: its body may now be read (the
+    ``operation`` to serve, the ``device`` row, the signing ``context``, the
+    request's ``nonce`` and its body's ``length``)."""
 
-    operation: Callable[..., dict]
-    device: sqlite3.Row
-    context: bytes
-    nonce: str
-    length: int
+    __slots__ = ()
 
 
 def admit(server: "SyncServer", method: str, path: str, headers: dict[str, str],
@@ -5163,21 +5182,25 @@ class _Bounded:
 
     def __init__(self, raw_file: Any, limit: int):
         self.raw_file, self._left = raw_file, limit
+        self.ended = False          # the input ended mid-head (not at the limit)
 
     def readline(self, size: int = -1) -> bytes:
         """A line, cut (or empty) once the limit is reached."""
         if self._left <= 0:
             return b""
-        line = self.raw_file.readline(self._left if size < 0 else min(size, self._left))
+        wanted = self._left if size < 0 else min(size, self._left)
+        line = self.raw_file.readline(wanted)
         self._left -= len(line)
+        self.ended = len(line) < wanted and not line.endswith(b"\n")
         return line
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.raw_file, name)
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    """Thin HTTP/1.1 adapter around :func:`admit` and :func:`serve_admitted`.
+class _Handler:
+    """Thin HTTP/1.1 adapter around :func:`admit` and :func:`serve_admitted`,
+    served on http.server's request handler (see :func:`_request_handler`).
 
     Every wait is bounded: a request head must arrive whole within the idle
     timeout (kept-alive connections too), a body within the request timeout
@@ -5210,9 +5233,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def parse_request(self) -> bool:
         ok = super().parse_request()
-        self.rfile = getattr(self.rfile, "raw_file", self.rfile)   # the body: unbounded
+        head = self.rfile
+        self.rfile = getattr(head, "raw_file", head)   # the body: unbounded
         if self.request_version == "HTTP/0.9":    # answered with a status line all the same
             self.request_version, self.close_connection = "HTTP/1.0", True
+        elif ok and getattr(head, "ended", False):
+            # The head stopped before its blank line (the deadline shut the input):
+            # what arrived is not the request, and is never served as one.
+            self.send_error(408, "the request head did not arrive in time")
+            return False
         return ok
 
     def __getattr__(self, name: str) -> Any:
@@ -5307,8 +5336,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass                            # _serve logs one line per request itself
 
 
+@functools.cache
+def _request_handler() -> type:
+    """:class:`_Handler` on http.server's BaseHTTPRequestHandler, made when a
+    server starts: a device's commands never import http.server (nor the email
+    package it brings)."""
+    import http.server
+    return type("_Handler", (_Handler, http.server.BaseHTTPRequestHandler), {})
+
+
 def raw_answer(answer: Answer) -> bytes:
     """An answer as the bytes of a whole HTTP/1.1 response that closes the connection."""
+    import http
     status, headers, body = answer
     try:
         reason = http.HTTPStatus(status).phrase
@@ -5337,6 +5376,7 @@ class _Door:
     while every connection is taken, unless the monitor's own address floods."""
 
     def __init__(self) -> None:
+        import selectors
         self._selector = selectors.DefaultSelector()
         self._waiting: dict[socket.socket, dict] = {}
         self._per_address: Counter = Counter()
@@ -5348,6 +5388,8 @@ class _Door:
 
     def take(self, sock: socket.socket, address: str) -> bool:
         """Hold ``sock`` at the door (False: the door is full, or it is TLS)."""
+        import selectors
+        import ssl
         if isinstance(sock, ssl.SSLSocket):
             return False                # no handshake at the door
         with self._lock:
@@ -5423,6 +5465,7 @@ class _Door:
 
     def _drop(self, sock: Any) -> None:
         # With the lock held.
+        import socket
         entry = self._waiting.pop(sock, None)
         if entry is not None:
             self._per_address[entry["address"]] -= 1
@@ -5435,8 +5478,9 @@ class _Door:
         sock.close()
 
 
-class SyncServer(http.server.ThreadingHTTPServer):
-    """The sync endpoint: a ThreadingHTTPServer over a data file, bounded.
+class SyncServer:
+    """The sync endpoint: a threading HTTP server over a data file, bounded
+    (on socketserver's ThreadingMixIn and TCPServer, see :func:`_on_socketserver`).
 
     At most ``max_connections`` connections are served at once, each on its
     own thread; a connection beyond that waits at the door (:class:`_Door`),
@@ -5452,6 +5496,9 @@ class SyncServer(http.server.ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128           # the default of 5 stalls concurrent clients
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> "SyncServer":
+        return super().__new__(_on_socketserver(cls))
+
     def __init__(self, address: tuple[str, int], data_path: str, *,
                  max_body: int = DEFAULT_MAX_BODY, request_timeout: float = 30.0,
                  clock: Callable[[], float] = time.time, tls: ssl.SSLContext | None = None,
@@ -5459,6 +5506,7 @@ class SyncServer(http.server.ThreadingHTTPServer):
                  max_record: int = MAX_RECORD_BYTES, max_connections: int = MAX_CONNECTIONS,
                  idle_timeout: float = IDLE_TIMEOUT_S, quota: Quota = Quota(),
                  forget_after: float = FORGET_AFTER_S, collect_every: float = COLLECT_EVERY_S):
+        import queue
         ServerStore.open(data_path, clock=clock).conn.close()     # create schema once
         self.data_path, self.max_body, self.request_timeout = data_path, max_body, request_timeout
         self.max_value, self.max_record, self.quota = max_value, max_record, quota
@@ -5477,7 +5525,7 @@ class SyncServer(http.server.ThreadingHTTPServer):
         self._deadlines: dict[socket.socket, tuple[float, int]] = {}
         self._deadlines_lock = threading.Lock()
         self._closing = threading.Event()
-        super().__init__(address, _Handler)
+        super().__init__(address, _request_handler())
         self._reaper = threading.Thread(target=self._reap, name="ccsync-reaper", daemon=True)
         self._reaper.start()
         threading.Thread(target=self._collect, name="ccsync-collector", daemon=True).start()
@@ -5542,6 +5590,7 @@ class SyncServer(http.server.ThreadingHTTPServer):
         A late read ends as if the client had stopped sending, so the handler
         still answers; a late write (``writing``) closes the connection.
         """
+        import socket
         with self._deadlines_lock:
             if seconds is None:
                 self._deadlines.pop(sock, None)
@@ -5550,6 +5599,7 @@ class SyncServer(http.server.ThreadingHTTPServer):
                 self._deadlines[sock] = (time.monotonic() + seconds, how)
 
     def _reap(self) -> None:
+        import socket
         while not self._closing.wait(0.2):
             now = time.monotonic()
             with self._deadlines_lock:
@@ -5584,6 +5634,7 @@ class SyncServer(http.server.ThreadingHTTPServer):
     @contextlib.contextmanager
     def store(self) -> Iterator[ServerStore]:
         """A pooled ServerStore connection for one request."""
+        import queue
         try:
             store = self._pool.get_nowait()
         except queue.Empty:
@@ -5626,6 +5677,7 @@ class SyncServer(http.server.ThreadingHTTPServer):
 
     def server_close(self) -> None:
         """Close the listening socket and stop the reaper and the door."""
+        import queue
         self._closing.set()
         self._door.close()
         super().server_close()
@@ -5636,8 +5688,20 @@ class SyncServer(http.server.ThreadingHTTPServer):
                 break
 
 
+@functools.cache
+def _on_socketserver(cls: type) -> type:
+    """``cls`` on socketserver's threading TCP server, made when a server is:
+    a device's commands never import socketserver (nor socket)."""
+    import socketserver
+    if issubclass(cls, socketserver.BaseServer):
+        return cls
+    return type(cls.__name__, (cls, socketserver.ThreadingMixIn, socketserver.TCPServer),
+                {"__module__": cls.__module__, "__doc__": cls.__doc__})
+
+
 def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
     """A server TLS context from --tls-cert/--tls-key (both or neither)."""
+    import ssl
     if not cert and not key:
         return None
     if not (cert and key):
@@ -5652,6 +5716,7 @@ def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
 
 def is_loopback(host: str) -> bool:
     """True for 127.0.0.0/8, ::1 and localhost."""
+    import ipaddress
     if host == "localhost":
         return True
     try:
@@ -5738,13 +5803,10 @@ def opened_page(vault: "Vault | None", page: dict, max_size: int) -> dict:
     return {**page, "records": records}
 
 
-@dataclass(frozen=True)
-class WireRequest:
+class WireRequest(namedtuple("WireRequest", "path headers body")):
     """One signed, sealed request as it goes out (the seam tests record)."""
 
-    path: str
-    headers: dict[str, str]
-    body: bytes
+    __slots__ = ()
 
 
 class Client:
@@ -5758,6 +5820,8 @@ class Client:
     def __init__(self, url: str, api_key: str, *, timeout: float = 60.0,
                  ca_file: str | None = None, clock: Callable[[], float] = time.time,
                  max_response: int = 4 * DEFAULT_MAX_BODY, vault: "Vault | None" = None):
+        import urllib.parse
+        import ssl
         if not re.match(r"^https?://[^/\s]+", url or ""):
             bare = re.match(r"^[\w.\[\]:-]+$", url or "") and "://" not in (url or "")
             raise ConfigError(f"server URL {url!r} is not http(s)://host[:port]",
@@ -5844,6 +5908,7 @@ class Client:
         return self._read_answer(status, headers, answer, nonce)
 
     def _read_answer(self, status: int, headers: dict, answer: bytes, nonce: str) -> dict:
+        import hmac
         expected = response_context(nonce, status)
         if not hmac.compare_digest(headers.get(H_SIG.lower(), ""),
                                    sign(self.keys.mac, expected, answer)):
@@ -5874,6 +5939,7 @@ class Client:
         Retry-After, backing off, with jitter; a connection closed before an
         answer (a full server turns it away) once more, after a pause.
         """
+        import secrets
         busy = cut = 0
         while True:
             stamp, nonce = str(int(self.clock())), secrets.token_hex(16)
@@ -5899,6 +5965,9 @@ class Client:
     def _send(self, request: WireRequest) -> tuple[int, dict, bytes]:
         """One POST on the kept-alive connection: (status, headers, body), or
         RemoteError (or _StaleConnection)."""
+        import socket
+        import http.client
+        import ssl
         reused = self._conn is not None and self._served > 0
         try:
             return self._exchange(request)
@@ -5929,6 +5998,7 @@ class Client:
             raise
 
     def _exchange(self, request: WireRequest) -> tuple[int, dict, bytes]:
+        import http.client
         conn = self._conn
         if conn is None:
             conn = self._conn = http.client.HTTPSConnection(
@@ -6043,21 +6113,22 @@ class LocalTransport:
         return json.loads(json.dumps(self.server.digests()))
 
 
-@dataclass
 class SyncResult:
     """Counts from one sync, for humans and ``--json``."""
 
-    stamped: int = 0
-    sent: int = 0
-    accepted: int = 0
-    superseded: int = 0
-    refused: Counter = field(default_factory=Counter)
-    pulled: ApplyResult = field(default_factory=ApplyResult)
-    waiting: int = 0                # rows still waiting for a parent after the pull
-    reseeded: int = 0               # records re-sent to a new server store
-    backup: str | None = None       # the backup made before ccsync's first change
-    quota: str | None = None        # why the server took no more of this push
-    rejoined: int = 0               # rows gone here in a rejoin (collected on the server)
+    def __init__(self, stamped: int = 0, backup: str | None = None):
+        self.stamped = stamped
+        self.sent = self.accepted = self.superseded = 0
+        self.refused: Counter = Counter()
+        self.pulled = ApplyResult()
+        self.waiting = 0                # rows still waiting for a parent after the pull
+        self.reseeded = 0               # records re-sent to a new server store
+        self.backup = backup            # the backup made before ccsync's first change
+        self.quota: str | None = None   # why the server took no more of this push
+        self.rejoined = 0               # rows gone here in a rejoin (collected on the server)
+
+    def __repr__(self) -> str:
+        return f"SyncResult({self.as_dict()})"
 
     def as_dict(self) -> dict:
         """The counts as a JSON-ready dict (the ``--json`` output)."""
@@ -6131,7 +6202,8 @@ def _halved(exc: RemoteError, size: int) -> int:
     return size // 2
 
 
-Progress = Callable[[str, int, "int | None"], None]    # (leg, records done, of about)
+if TYPE_CHECKING:
+    Progress = Callable[[str, int, "int | None"], None]    # (leg, records done, of about)
 
 
 def push_changes(store: Store, transport: Any, result: SyncResult,
@@ -6197,8 +6269,8 @@ class StaleDevice(Exception):
 
 
 def _start_rejoin(store: Store) -> None:
-    LOG.warning("this device was away longer than the server keeps deletes: pulling "
-                "everything again (its own edits since still go out)")
+    _log().warning("this device was away longer than the server keeps deletes: pulling "
+                   "everything again (its own edits since still go out)")
     store.start_rejoin()
 
 
@@ -6304,7 +6376,7 @@ def _push_rejoining(store: Store, transport: Any, result: SyncResult, batch_size
 def reseed_server(store: Store, transport: Any, result: SyncResult, store_id: str,
                   stop: threading.Event | None = None) -> None:
     """Hand this device's synced state to a new (or rebuilt) server store."""
-    LOG.warning("the server's change store is new: sending this device's synced state again")
+    _log().warning("the server's change store is new: sending this device's synced state again")
     position, size = None, PUSH_BATCH
     while True:
         _check_stop(stop)
@@ -6353,7 +6425,7 @@ def encrypt_server(store: Store, transport: Any, result: SyncResult,
     is new), and each other device re-seeds once it has the passphrase, so
     nothing any device holds is lost.
     """
-    LOG.info("the server keeps this data in plaintext: encrypting it end to end")
+    _log().info("the server keeps this data in plaintext: encrypting it end to end")
     if store.meta("e2e_seen"):          # it was end to end: take no plaintext from it now
         with _in_plaintext(transport):
             probe = transport.pull(0, 1)
@@ -6480,17 +6552,15 @@ CC_DIR = os.path.join("~", ".cc-cli")
 DEFAULT_SERVER_DATA = os.path.join(CC_DIR, "ccsync_server.db")
 
 
-@dataclass
 class Config:
     """This device's sync settings and where each came from."""
 
-    server: str | None
-    api_key: str | None
-    ca_file: str | None
-    env_path: str
-    sources: dict[str, str]
-    e2e_key: str | None = None
-    cc_sync: str | None = None          # where CC_SERVER + CC_API_KEY are set for cc's own sync
+    def __init__(self, server: str | None, api_key: str | None, ca_file: str | None,
+                 env_path: str, sources: dict[str, str], e2e_key: str | None = None,
+                 cc_sync: str | None = None):
+        self.server, self.api_key, self.ca_file = server, api_key, ca_file
+        self.env_path, self.sources, self.e2e_key = env_path, sources, e2e_key
+        self.cc_sync = cc_sync          # where CC_SERVER + CC_API_KEY are set for cc's own sync
 
     @property
     def vault(self) -> "Vault | None":
@@ -6766,7 +6836,7 @@ class AutoSync:
         if self.running:
             return True
         if not self.configured:
-            LOG.info("auto-sync not started: sync is not configured (run `ccsync setup`)")
+            _log().info("auto-sync not started: sync is not configured (run `ccsync setup`)")
             return False
         self._stop.clear()
         self._thread = threading.Thread(target=self.run, name="ccsync-autosync", daemon=True)
@@ -6791,29 +6861,29 @@ class AutoSync:
             self.sync_now()
             delay = next_delay(self.interval, self.failures, self._rand)
             if self.failures:
-                LOG.warning("next sync attempt in %.0f s", delay)
+                _log().warning("next sync attempt in %.0f s", delay)
 
     def sync_now(self) -> SyncResult | None:
         """One sync on the calling thread; the result, or None (see last_error)."""
         try:
             result = self._sync()
         except SyncCancelled:
-            LOG.info("sync stopped")
+            _log().info("sync stopped")
             return None
         except SyncBusy as exc:
-            LOG.info("%s; skipped this round", exc)
+            _log().info("%s; skipped this round", exc)
             return None
         except Exception as exc:       # never raise into the host program
             self.failures += 1
             self.last_error = f"{iso_utc(self._clock)} {exc}"
             if isinstance(exc, CcsyncError):
-                LOG.warning("sync failed: %s", exc)
+                _log().warning("sync failed: %s", exc)
             else:
-                LOG.exception("sync failed unexpectedly")
+                _log().exception("sync failed unexpectedly")
             return None
         self.failures, self.last_error = 0, None
         self.last_result, self.last_sync_at = result, self._clock()
-        LOG.info("synced: %s", "; ".join(summary_lines(result, push=True, pull=True)))
+        _log().info("synced: %s", "; ".join(summary_lines(result, push=True, pull=True)))
         return result
 
     def _sync(self) -> SyncResult:
@@ -6841,16 +6911,16 @@ def version_digits(name: Any) -> tuple[int, ...]:
     return tuple(numbers)
 
 
-@dataclass
 class Resolver:
     """Finds and applies the fixes `resolve` makes; I/O passed in for tests."""
 
-    store: Store
-    clone: bool = False
-    dry_run: bool = False             # plan clones without running git
-    exists: Callable[[str], bool] = os.path.isdir
-    git_timeout: float = 300.0
-    home: str = field(default_factory=lambda: os.path.expanduser(CC_DIR))
+    def __init__(self, store: Store, clone: bool = False, dry_run: bool = False,
+                 exists: Callable[[str], bool] = os.path.isdir, git_timeout: float = 300.0,
+                 home: str | None = None):
+        self.store, self.clone = store, clone
+        self.dry_run = dry_run          # plan clones without running git
+        self.exists, self.git_timeout = exists, git_timeout
+        self.home = os.path.expanduser(CC_DIR) if home is None else home
 
     def plan(self) -> list[dict]:
         """Every change resolve would make (cloning happens here, with --clone)."""
@@ -6922,6 +6992,8 @@ class Resolver:
         return base if base and self.exists(base) else os.path.join(self.home, "clones")
 
     def _clone(self, env: sqlite3.Row, path: str | None, base: str | None) -> tuple[str | None, str]:
+        import shutil
+        import subprocess
         url = env["github_url"]
         name = os.path.basename(path or "") or re.sub(r"\.git$", "", url.rstrip("/").split("/")[-1])
         target = os.path.join(self._clone_dir(base), name or env["name"])
@@ -7042,6 +7114,7 @@ class ProgressLine:
 
 
 def _log_line(line: str) -> None:
+    import datetime as _dt
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     print(f"{stamp} {line}", file=sys.stderr, flush=True)
 
@@ -7335,6 +7408,7 @@ def usage_line(usage: dict) -> str:
 
 def cmd_server(args: argparse.Namespace) -> int:
     """server: run the sync endpoint until SIGINT (exit 130) or SIGTERM (exit 0)."""
+    import signal
     if not crypto_available():          # else /health says ok and every device gets a 500
         _aes()                          # raises CryptoUnavailable, with its hint
     data = resolve_server_data(args.data)
@@ -7384,6 +7458,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 def exit_for_signal(signum: int | None) -> int:
     """The exit code of a loop a signal stopped: 130 for Ctrl-C (SIGINT), 0 for
     SIGTERM (how systemd stops a service) or no signal."""
+    import signal
     return EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_OK
 
 
@@ -7432,6 +7507,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 
 def _ask_setup(config: Config, server: str | None, key: str | None) -> tuple[str, str]:
+    import getpass
     if server is None:
         server = input(f"Server URL [{config.server or ''}]: ").strip() or config.server
     if key is None:
@@ -7481,6 +7557,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
 def _passphrase(args: argparse.Namespace, *, new: bool) -> str:
     """The sync passphrase: --passphrase-file, $CCSYNC_PASSPHRASE, or asked
     (twice when ``new``) on a terminal."""
+    import getpass
     if args.passphrase_file:
         try:
             with (contextlib.nullcontext(sys.stdin) if args.passphrase_file == "-"
@@ -7609,6 +7686,8 @@ def _sh_quote(text: str) -> str:
 
 def cmd_enable(args: argparse.Namespace) -> int:
     """enable: install pycryptodomex into the interpreter running ccsync."""
+    import subprocess
+    import sysconfig
     if crypto_available():
         _emit(args, {"installed": True, "changed": False},
               ["pycryptodomex is already installed; sync is enabled"])
@@ -7644,10 +7723,13 @@ def cmd_enable(args: argparse.Namespace) -> int:
 
 def cmd_daemon(args: argparse.Namespace) -> int:
     """daemon [--interval S]: the auto-sync loop in the foreground until SIGINT/SIGTERM."""
+    import logging
+    import signal
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s ccsync: %(message)s", "%Y-%m-%d %H:%M:%S"))
-    LOG.addHandler(handler)
-    LOG.setLevel(logging.INFO)
+    log = _log()
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
     auto = AutoSync(db_path=args.db, interval=args.interval)
     if not auto.configured:
         raise ConfigError("sync is not configured (no CCSYNC_SERVER / CCSYNC_API_KEY)",
@@ -7659,15 +7741,14 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         auto.request_stop()
 
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    LOG.info("auto-sync every %g s on %s", auto.interval,
-             resolve_db_path(args.db, os.environ))
+    log.info("auto-sync every %g s on %s", auto.interval, resolve_db_path(args.db, os.environ))
     try:
         auto.run()
-        LOG.info("stopped")
+        log.info("stopped")
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-        LOG.removeHandler(handler)
+        log.removeHandler(handler)
     return exit_for_signal(stopped_by[0] if stopped_by else None)
 
 
@@ -7790,6 +7871,7 @@ def _demo_check(ok: bool, what: str) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """demo: a real server and two devices on this machine, synced and cleaned up."""
+    import tempfile
     say = (lambda line: None) if args.json else print
     with tempfile.TemporaryDirectory(prefix="ccsync-demo-") as tmp:
         data = os.path.join(tmp, "server.db")
@@ -8022,27 +8104,69 @@ def _add_device_parsers(sub: Any) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ccsync command line."""
+class _Unused:
+    """Stands in for the parser of a command that is not run: every call on
+    it does nothing (see :class:`_OnlyCommand`)."""
+
+    def __getattr__(self, name: str) -> Callable[..., "_Unused"]:
+        return lambda *args, **kwargs: self
+
+
+class _OnlyCommand:
+    """Subcommands of which only ``command``'s parser is made (None: all).
+
+    argparse builds a parser for every subcommand, most of a small command's
+    start-up; the one run is the only one it needs."""
+
+    def __init__(self, sub: Any, command: str | None):
+        self.sub, self.command, self.made = sub, command, False
+
+    def add_parser(self, name: str, **kwargs: Any) -> Any:
+        """The subcommand's parser, or a stand-in when another one runs."""
+        if self.command is not None and name != self.command:
+            return _Unused()
+        self.made = True
+        return self.sub.add_parser(name, **kwargs)
+
+
+def command_named(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` names: its first word that is no option nor an
+    option's value (None: none)."""
+    words = iter(argv)
+    for word in words:
+        if word in ("--db", "--data"):
+            next(words, None)
+        elif word == "--" or not word.startswith("-"):
+            return None if word == "--" else word
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ccsync command line; with ``command``, only that subcommand's
+    parser is made (when it is one)."""
     parser = _Parser(prog="ccsync", description="Keep cc's data the same on every machine "
                      "through a sync server you run.")
     parser.add_argument("--version", action="version", version=f"ccsync {__version__}")
     _flags(parser, data=True, defaults=True)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = _OnlyCommand(parser.add_subparsers(dest="command", metavar="COMMAND",
+                                             parser_class=_Parser), command)
     _add_server_parser(sub)
     _add_registry_parsers(sub)
     _add_device_parsers(sub)
+    if command is not None and not sub.made:        # no such command: argparse says so
+        return build_parser()
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 failure, 2 usage, 130 interrupted)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
+    argv = argv or ["status"]                       # alone, as `cc sync`: the status
+    parser = build_parser(command_named(argv))
     # Read before parsing: an error parsing says itself in the form asked for.
     debug, as_json = "--debug" in argv, "--json" in argv
     try:
-        args = parser.parse_args(argv or ["status"])    # alone, as `cc sync`: the status
+        args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
             return EXIT_USAGE
@@ -8058,6 +8182,7 @@ def main(argv: list[str] | None = None) -> int:
 def _fail(message: str, hint: str | None, code: int, debug: bool, as_json: bool) -> int:
     """Say why a command failed (stderr; with ``as_json`` also one JSON object
     on stdout) and return its exit code; ``debug`` adds the traceback."""
+    import traceback
     if debug:
         traceback.print_exc()
     if code == EXIT_INTERRUPTED:

@@ -43,7 +43,7 @@ SCHEMA = (Path(__file__).resolve().parent / "cc-schema.sql").read_text()
 def make_cc_db(path: Path) -> sqlite3.Connection:
     """A fresh cc 4.0 database at ``path``; returns cc's own (autocommit) connection."""
     conn = sqlite3.connect(str(path), isolation_level=None, timeout=5)
-    conn.executescript(SCHEMA)
+    conn.executescript(f"BEGIN; {SCHEMA}; COMMIT;")     # one commit, not one per table
     return conn
 
 

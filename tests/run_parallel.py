@@ -5,6 +5,10 @@ processes share a 2-core machine better than one.  Test files are dealt out
 by their time in tests/durations.json (longest first, each to the least
 loaded worker; a file not listed counts by its size); each worker has its
 own temporary directory, and its output is printed whole when it ends.
+Their scratch (pytest's base temp and TMPDIR) is in /dev/shm when it can
+be written, as the property and fuzz tests' databases already are: the tests
+check what ccsync does, not the disk's fsync; CCSYNC_TEST_SCRATCH names
+another place (``make stress`` and ``make bench`` run on the disk).
 ``--record`` writes the times of this run to tests/durations.json.  Exit
 status: 0 when every worker passed (or found nothing to run, while another
 ran something), else the first failing worker's.
@@ -35,6 +39,14 @@ LAST = ("test_model.py",)
 MODEL_S = 25.0
 BYTES_PER_S = 4000                      # a file not in durations.json: a guess by its size
 NO_TESTS = 5                            # pytest's exit status when it collected nothing
+
+
+def scratch_root() -> str | None:
+    """Where the workers' scratch goes (None: the system's temporary directory)."""
+    named = os.environ.get("CCSYNC_TEST_SCRATCH")
+    if named:
+        return named
+    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 
 
 def weights(files: list[Path]) -> dict[Path, float]:
@@ -83,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     files = sorted(TESTS.glob("test_*.py"))
     started = time.monotonic()
     running = []
-    with tempfile.TemporaryDirectory(prefix="ccsync-tests-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="ccsync-tests-", dir=scratch_root()) as scratch:
+        env = {**os.environ, "TMPDIR": scratch}
         for n, group in enumerate(deal(files, max(1, args.workers))):
             log = open(Path(scratch) / f"worker{n}.log", "w+")
             command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
@@ -91,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                        f"--junitxml={Path(scratch) / f'worker{n}.xml'}", *map(str, group),
                        *pytest_args]
             running.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                             cwd=TESTS.parent), log))
+                                             cwd=TESTS.parent, env=env), log))
         codes: list[int] = []
         total: dict[str, int] = {}
         for proc, log in running:

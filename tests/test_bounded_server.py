@@ -116,6 +116,23 @@ def test_a_flood_of_half_sent_requests_gets_503s_health_answers_and_sync_resumes
             sock.close()
 
 
+@pytest.mark.parametrize("cut", [b"Content-Le", b"Content-Type: text/plain\r\n",
+                                 b"X-Ccsync-Key: a"])
+def test_a_head_cut_off_mid_way_is_never_served_as_a_request(start_server, cut):
+    # What the deadline leaves of a half-sent head (its input shut) is not a
+    # request: one 408, never an answer to whatever its first lines said.
+    srv = start_server()
+    sock = open_slow(srv, b"POST /v1/pull HTTP/1.1\r\nHost: x\r\n" + cut)
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        status, body = parse_raw_response(answer_or_close(sock))
+        assert status == 408, body
+        error_json(body, "bad_request")
+    finally:
+        sock.close()
+    assert_healthy(srv)
+
+
 def test_the_client_gives_up_on_a_server_that_stays_busy(start_server, monkeypatch):
     srv = start_server(max_connections=1, idle_timeout=30)
     key = register(srv, "a")

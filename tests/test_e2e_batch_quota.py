@@ -15,7 +15,7 @@ Run: cd /tmp/r1 && CI=true .venv/bin/python -m pytest -q review/test_r14_batch_b
 
 from __future__ import annotations
 
-
+import secrets
 
 import ccsync
 from conftest import key_author, make_cc_db
@@ -32,7 +32,7 @@ def test_stored_batch_bytes_match_what_usage_counts(tmp_path):
             server, name, author=key_author(server.register(name)), vault=vault))
     lap, desk = devs["lap"], devs["desk"]
     lap[0].executemany("INSERT INTO switch_log (switched_at, note) VALUES (?, ?)",
-                       [(f"2026-01-01T00:{i // 60:02d}:{i % 60:02d}", ccsync.secrets.token_hex(200))
+                       [(f"2026-01-01T00:{i // 60:02d}:{i % 60:02d}", secrets.token_hex(200))
                         for i in range(1000)])
     ccsync.sync_once(*lap[1:])
     ccsync.sync_once(*desk[1:])

@@ -11,6 +11,7 @@ server takes and hands out: keyed row ids, forged batches, proofs.
 from __future__ import annotations
 
 import json
+import secrets
 import sqlite3
 from pathlib import Path
 
@@ -393,7 +394,7 @@ def test_a_batch_larger_than_its_records_may_be_is_refused(tmp_path, vault):
     meta, blob, proof = vault.seal_records([{"t": "project", "id": "big", "dev": "a.b",
                                             "c": {"name": 1},
                                             "p": {"v": {"name": ccsync.base64.b64encode(
-                                                ccsync.secrets.token_bytes(3000)).decode()}}}])
+                                                secrets.token_bytes(3000)).decode()}}}])
     answer = server.push(meta, device="lap", sealed=(blob, proof))
     assert answer["results"][0]["status"] == "refused"
     assert "larger than 1000 bytes" in answer["results"][0]["reason"]

@@ -33,7 +33,6 @@ import shutil
 import sqlite3
 import tempfile
 import time
-import types
 import uuid
 from pathlib import Path
 from unittest import mock
@@ -95,9 +94,9 @@ class Sim:
         # An hour in the past: the server refuses clocks > 5 min ahead of its own.
         self.now_ms = int(time.time() * 1000) - 3600 * 1000
         self._uuid_rng = random.Random(0)
-        self._patch = mock.patch.object(ccsync, "uuid", types.SimpleNamespace(
-            UUID=uuid.UUID, uuid5=uuid.uuid5,
-            uuid4=lambda: uuid.UUID(int=self._uuid_rng.getrandbits(128), version=4)))
+        self._patch = mock.patch.object(
+            ccsync, "new_uuid",
+            lambda: uuid.UUID(int=self._uuid_rng.getrandbits(128), version=4))
         self._patch.start()
         self.server = None
         self.devices: list[Device] = []

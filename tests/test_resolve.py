@@ -675,13 +675,23 @@ def test_enable_from_the_zipapp(tmp_path):
 ##### enable without the package #############################################
 
 def _bare_python(tmp_path, with_pip):
-    """A fresh venv (no pycryptodomex), with or without pip."""
+    """A fresh venv (no pycryptodomex), with or without pip.  Its pip is the
+    test venv's own, put on its path by a .pth file (ensurepip would take
+    seconds to install a copy)."""
     venv = tmp_path / ("venv_pip" if with_pip else "venv_nopip")
-    args = [sys.executable, "-m", "venv", str(venv)]
-    if not with_pip:
-        args.append("--without-pip")
-    subprocess.run(args, check=True, capture_output=True, timeout=120)
-    return venv / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   capture_output=True, timeout=120)
+    python = venv / "bin" / "python"
+    if with_pip:
+        import pip
+        only_pip = tmp_path / "only_pip"
+        only_pip.mkdir()
+        (only_pip / "pip").symlink_to(Path(pip.__file__).parent)
+        site = subprocess.run([str(python), "-c", "import sysconfig; "
+                               "print(sysconfig.get_paths()['purelib'])"], check=True,
+                              capture_output=True, text=True, timeout=60).stdout.strip()
+        Path(site, "test_pip.pth").write_text(f"{only_pip}\n")
+    return python
 
 
 def test_enable_without_pip_says_so(tmp_path):
