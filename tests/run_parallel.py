@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     running = []
     with tempfile.TemporaryDirectory(prefix="ccsync-tests-", dir=scratch_root()) as scratch:
-        env = {**os.environ, "TMPDIR": scratch}
+        env = {**os.environ, "TMPDIR": scratch, "CCSYNC_TEST_TMP": scratch}
         for n, group in enumerate(deal(files, max(1, args.workers))):
             log = open(Path(scratch) / f"worker{n}.log", "w+")
             command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",

@@ -71,7 +71,9 @@ UPDATABLE = {
 # Databases live on tmpfs when there is one (hundreds of examples, each with
 # several SQLite files), and every device starts as a copy of one fresh cc
 # database instead of running the schema script again.
-TMP_ROOT = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+# make test's scratch (removed when it ends), else /dev/shm: databases in memory.
+TMP_ROOT = os.environ.get("CCSYNC_TEST_TMP") or ("/dev/shm" if os.access("/dev/shm", os.W_OK)
+                                                 else None)
 _TEMPLATE: list = []
 
 
