@@ -5373,7 +5373,9 @@ class _Door:
     client reads the 503), and a head that does not arrive within DOOR_WAIT_S
     is closed.  At most DOOR_CAPACITY wait here, DOOR_PER_ADDRESS from one
     address; beyond that a connection is closed at once.  So /health answers
-    while every connection is taken, unless the monitor's own address floods."""
+    while every connection is taken, unless the monitor's own address floods.
+    A TLS connection's handshake is made here too, without blocking, within
+    the same wait."""
 
     def __init__(self) -> None:
         import selectors
@@ -5387,18 +5389,16 @@ class _Door:
         self._thread.start()
 
     def take(self, sock: socket.socket, address: str) -> bool:
-        """Hold ``sock`` at the door (False: the door is full, or it is TLS)."""
+        """Hold ``sock`` at the door (False: the door is full)."""
         import selectors
-        import ssl
-        if isinstance(sock, ssl.SSLSocket):
-            return False                # no handshake at the door
         with self._lock:
             if len(self._waiting) >= DOOR_CAPACITY \
                     or self._per_address[address] >= DOOR_PER_ADDRESS:
                 return False
             sock.setblocking(False)
             self._waiting[sock] = {"until": time.monotonic() + DOOR_WAIT_S, "head": b"",
-                                   "address": address, "drain": None}
+                                   "address": address, "drain": None,
+                                   "shaken": not hasattr(sock, "do_handshake")}
             self._per_address[address] += 1
             self._selector.register(sock, selectors.EVENT_READ)
         self._arrived.set()
@@ -5430,15 +5430,24 @@ class _Door:
                     self._drop(sock)
 
     def _read(self, sock: Any) -> None:
+        import ssl
+        entry = self._waiting.get(sock)
+        if entry is None:
+            return
         try:
+            if not entry["shaken"]:
+                sock.do_handshake()
+                entry["shaken"] = True
+                return
             data = sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
+            while isinstance(sock, ssl.SSLSocket) and sock.pending():
+                data += sock.recv(sock.pending())   # decrypted already: no select wakes for it
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
         except OSError:
             data = b""
         with self._lock:
-            entry = self._waiting.get(sock)
-            if entry is None:
+            if self._waiting.get(sock) is not entry:
                 return
             if entry["drain"] is not None:          # answered: the body is dropped
                 entry["drain"] -= len(data)
