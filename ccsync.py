@@ -5437,7 +5437,9 @@ class _Door:
         try:
             if not entry["shaken"]:
                 sock.do_handshake()
-                entry["shaken"] = True
+                # The head then gets the door's whole wait (a far client's
+                # handshake takes round trips of its own).
+                entry["shaken"], entry["until"] = True, time.monotonic() + DOOR_WAIT_S
                 return
             data = sock.recv(65536)
             while isinstance(sock, ssl.SSLSocket) and sock.pending():
