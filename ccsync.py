@@ -5510,6 +5510,11 @@ class SyncServer:
     def __new__(cls, *args: Any, **kwargs: Any) -> "SyncServer":
         return super().__new__(_on_socketserver(cls))
 
+    def server_bind(self) -> None:
+        """Bind, and name the address as http.server's servers do."""
+        super().server_bind()
+        self.server_name, self.server_port = self.server_address[:2]
+
     def __init__(self, address: tuple[str, int], data_path: str, *,
                  max_body: int = DEFAULT_MAX_BODY, request_timeout: float = 30.0,
                  clock: Callable[[], float] = time.time, tls: ssl.SSLContext | None = None,
@@ -6127,16 +6132,19 @@ class LocalTransport:
 class SyncResult:
     """Counts from one sync, for humans and ``--json``."""
 
-    def __init__(self, stamped: int = 0, backup: str | None = None):
-        self.stamped = stamped
-        self.sent = self.accepted = self.superseded = 0
-        self.refused: Counter = Counter()
-        self.pulled = ApplyResult()
-        self.waiting = 0                # rows still waiting for a parent after the pull
-        self.reseeded = 0               # records re-sent to a new server store
+    def __init__(self, stamped: int = 0, sent: int = 0, accepted: int = 0,
+                 superseded: int = 0, refused: Counter | None = None,
+                 pulled: ApplyResult | None = None, waiting: int = 0, reseeded: int = 0,
+                 backup: str | None = None, quota: str | None = None, rejoined: int = 0):
+        self.stamped, self.sent, self.accepted = stamped, sent, accepted
+        self.superseded = superseded
+        self.refused = Counter() if refused is None else refused
+        self.pulled = ApplyResult() if pulled is None else pulled
+        self.waiting = waiting          # rows still waiting for a parent after the pull
+        self.reseeded = reseeded        # records re-sent to a new server store
         self.backup = backup            # the backup made before ccsync's first change
-        self.quota: str | None = None   # why the server took no more of this push
-        self.rejoined = 0               # rows gone here in a rejoin (collected on the server)
+        self.quota = quota              # why the server took no more of this push
+        self.rejoined = rejoined        # rows gone here in a rejoin (collected on the server)
 
     def __repr__(self) -> str:
         return f"SyncResult({self.as_dict()})"
@@ -8142,13 +8150,15 @@ class _OnlyCommand:
 
 def command_named(argv: list[str]) -> str | None:
     """The subcommand ``argv`` names: its first word that is no option nor an
-    option's value (None: none)."""
+    option's value (None: none, or help asked for before it, which lists them all)."""
     words = iter(argv)
     for word in words:
-        if word in ("--db", "--data"):
+        if word in ("-h", "--help", "--"):
+            return None
+        if word == "--db" or (len(word) > 3 and "--data".startswith(word)):   # --da: --data
             next(words, None)
-        elif word == "--" or not word.startswith("-"):
-            return None if word == "--" else word
+        elif not word.startswith("-"):
+            return word
     return None
 
 

@@ -278,3 +278,36 @@ def test_no_command_shows_the_status(capsys, tmp_path, monkeypatch):
     code, out, err = run_main(capsys)
     assert code == 0, err
     assert "pending" in out and "server: not configured" in out
+
+
+ALL_COMMANDS = ("server", "register", "reset-store", "devices", "revoke", "setup", "push",
+                "pull", "sync", "status", "stamp", "daemon", "resolve", "link", "install",
+                "enable", "demo")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["-h", "status"], ["--json", "--help", "sync"]])
+def test_help_before_a_command_lists_every_command(capsys, argv):
+    # Only the parser of the command run is made; help asked for before it lists them all.
+    with pytest.raises(SystemExit) as done:
+        ccsync.main(argv)
+    assert done.value.code == 0
+    shown = capsys.readouterr().out
+    assert all(name in shown for name in ALL_COMMANDS), shown
+
+
+@pytest.mark.parametrize("spelled", ["--db", "--db=", "--d", "--dat"])
+def test_a_global_option_whose_value_is_a_command_name(tmp_path, capsys, monkeypatch, spelled):
+    # `--db devices` (a file named like a command) is a value, in every spelling
+    # argparse takes: the command is the word after it.
+    monkeypatch.chdir(tmp_path)
+    cc_db(tmp_path / "devices")
+    if spelled == "--d":
+        code, _out, err = run_main(capsys, "--d", "devices", "status")      # ambiguous
+        assert code == 2 and "ambiguous" in err
+        return
+    argv = [spelled + "devices"] if spelled.endswith("=") else [spelled, "devices"]
+    if spelled == "--dat":          # --data, the server's file; the cc database follows
+        argv += ["--db", "devices"]
+    code, out, err = run_main(capsys, *argv, "status", "--json")
+    assert code == 0, err
+    assert json.loads(out)["installed"] is False
