@@ -52,8 +52,8 @@ stress: $(STAMP)
 		tests/stress_server_memory.py tests/stress_server_deadlines.py \
 		tests/stress_clients.py tests/stress_hostile.py tests/stress_kill9.py \
 		tests/stress_faults.py
-	CCSYNC_BIG_ROWS=100000 CCSYNC_SMALL_BATCH_SEEDS=30 $(VENV_PY) -m pytest -q \
-		tests/test_transport.py -k big_first_sync tests/test_small_batches.py
+	CCSYNC_BIG_ROWS=100000 $(VENV_PY) -m pytest -q tests/test_transport.py -k big_first_sync
+	CCSYNC_SMALL_BATCH_SEEDS=30 $(VENV_PY) -m pytest -q tests/test_small_batches.py
 
 demo: $(STAMP)
 	$(VENV_PY) ccsync.py demo
