@@ -2002,13 +2002,13 @@ class LocalRows(SyncState):
     def _digest_lines(self, info: TableInfo) -> Iterator[bytes]:
         """One canonical line per row of ``info`` that syncs."""
         after = -(2 ** 63)
-        local_names = self._local_setting_names()
+        skip = self._row_skipper()
         while True:
             rows = self.conn.execute(f"SELECT rowid AS _rid, * FROM {_q(info.name)} WHERE "
                                      f"rowid > ? ORDER BY rowid LIMIT ?",
                                      (after, self.DIGEST_CHUNK)).fetchall()
             for row, values in zip(rows, self._wire_rows(info, rows)):
-                if not self._skip_row(info, row, local_names):
+                if not skip(info, row):
                     yield json.dumps([info.name, row["sync_id"], {c: values[c] for c in
                                                                   info.tracked}],
                                      sort_keys=True, separators=(",", ":")).encode()
@@ -2121,15 +2121,13 @@ class LocalRows(SyncState):
         shadow = self._shadow(table, sid)
         return shadow is not None and is_deleted(shadow[2])
 
-    def _skip_row(self, info: TableInfo, row: Any,
-                  local_names: tuple[str, ...] | None = None) -> bool:
-        """True for rows that never leave this device (secret or local settings);
-        ``local_names``: _local_setting_names(), when already read."""
-        if info.name != "setting":
-            return False
-        if local_names is None:
-            local_names = self._local_setting_names()
-        return setting_policy(row["name"], local_names) is not None
+    def _row_skipper(self) -> Callable[[TableInfo, Any], bool]:
+        """The test for rows that never leave this device (secret or local
+        settings), with this database's list of local settings read once: make
+        it before a loop over rows, not inside."""
+        local_names = self._local_setting_names()
+        return lambda info, row: info.name == "setting" and \
+            setting_policy(row["name"], local_names) is not None
 
     def _local_setting_names(self) -> tuple[str, ...]:
         names = self.extra_local
@@ -2285,11 +2283,11 @@ class Identity(LocalRows):
 
     def _stale_ids(self, info: TableInfo, rids: list[int]) -> list[tuple[int, str, str]]:
         """(rowid, id, its key's id) of the rows whose id is not their key's."""
-        stale = []
+        stale, skip = [], self._row_skipper()
         for chunk in _chunks(rids, STAMP_CHUNK):
             rows = list(self._by_rowid(info.name, "*", chunk))
             for row, values in zip(rows, self._wire_rows(info, rows)):
-                if row["sync_id"] is None or self._skip_row(info, row):
+                if row["sync_id"] is None or skip(info, row):
                     continue
                 want = self._key_sid(info, row, values)
                 if want is not None and want != row["sync_id"]:
@@ -3027,10 +3025,12 @@ class Capture(Install):
             "SELECT tbl, rowid, rid, sid, unsent FROM _ccsync_gone WHERE unsent IS NOT NULL")
             if row[0] in tables]
         if rows:
-            self._sliced(rows, lambda gone: self._keep_deleted_edit(tables[gone[0]], *gone[1:]))
+            skip = self._row_skipper()
+            self._sliced(rows, lambda gone: self._keep_deleted_edit(tables[gone[0]], *gone[1:],
+                                                                    skip=skip))
 
     def _keep_deleted_edit(self, info: TableInfo, gid: int, rid: int | None, sid: str | None,
-                           unsent: str) -> None:
+                           unsent: str, *, skip: Callable[[TableInfo, Any], bool]) -> None:
         self.conn.execute("UPDATE _ccsync_gone SET unsent = NULL WHERE rowid = ?", (gid,))
         shadow = self._shadow(info.name, sid) if sid is not None else None
         if shadow is None or self._rid_for_sid(info.name, sid) is not None:
@@ -3039,7 +3039,7 @@ class Capture(Install):
         row = defaultdict(lambda: None, kept["v"], _rid=rid)
         for col in filter(None, kept["b"]):
             row[col] = bytes.fromhex(row[col])
-        if self._skip_row(info, row):
+        if skip(info, row):
             return
         # Not its key: a rename the delete overtook never moved the row (the
         # row that had the id is gone), so the key it was given names nothing.
@@ -3735,12 +3735,12 @@ class Sending(Incoming):
         """
         counts = {}
         installed = self.installed()
-        local_names = self._local_setting_names()
+        skip = self._row_skipper()
         for info in self.tables().values():
             counts[info.name] = c = {"insert": 0, "update": 0, "delete": 0}
             if not installed:
                 for row in self.conn.execute(f"SELECT * FROM {_q(info.name)}"):  # streamed
-                    c["insert"] += not self._skip_row(info, row, local_names)
+                    c["insert"] += not skip(info, row)
                 continue
             query = (f"SELECT d.rid, group_concat(d.col, char(31)) AS cols, "
                      f"t.rowid IS NOT NULL AS present, s.sid IS NOT NULL AS synced, t.* "
@@ -3749,7 +3749,7 @@ class Sending(Incoming):
                      f"WHERE d.tbl = ? GROUP BY d.rid")
             for row in self.conn.execute(query, (info.name,)):
                 cols = set(row["cols"].split("\x1f")) - {MOVED}
-                if cols and row["present"] and not self._skip_row(info, row, local_names):
+                if cols and row["present"] and not skip(info, row):
                     c["update" if row["synced"] and INSERTED not in cols else "insert"] += 1
             c["update"] += self.conn.execute("SELECT count(*) FROM _ccsync_outbox WHERE tbl = ?",
                                              (info.name,)).fetchone()[0]
@@ -3861,7 +3861,7 @@ class Sending(Incoming):
             "SELECT sid FROM _ccsync_shadow WHERE tbl = ? AND sid IN ({marks})",
             (r["sync_id"] for r in present if isinstance(r["sync_id"], str)), info.name)}
         wire = dict(zip((r["_rid"] for r in present), self._wire_rows(info, present)))
-        local_names = self._local_setting_names()
+        skip = self._row_skipper()
         for (rid, col), (sid, hlc) in self._named_refs(info.name, rids).items():
             if rid in wire and dirty[rid].get(col) == hlc and rows[rid][col] is None:
                 wire[rid][col] = sid
@@ -3871,7 +3871,7 @@ class Sending(Incoming):
             if rid in rows and rows[rid]["sync_id"] is None:
                 continue                       # inserted after stamping: next sync
             record = None                      # a row gone (its delete went on its own)
-            if rid in rows and not self._skip_row(info, rows[rid], local_names):
+            if rid in rows and not skip(info, rows[rid]):
                 record = self._row_record(info, rows[rid], wire[rid], cells,
                                           rows[rid]["sync_id"] in synced)
             tokens.append(Outgoing(info.name, rid, cells))
@@ -3925,10 +3925,10 @@ class Sending(Incoming):
         rows = self.conn.execute(
             "SELECT tbl, sid, vals, clocks FROM _ccsync_shadow WHERE (tbl, sid) > (?, ?) "
             "ORDER BY tbl, sid LIMIT ?", (*lower, limit)).fetchall()
-        records = []
+        records, skip = [], self._row_skipper()
         for table, sid, vals, clocks in rows:
             info, vals = self.tables().get(table), json.loads(vals)
-            if info is not None and not self._skip_row(info, vals):
+            if info is not None and not skip(info, vals):
                 records += self._shadow_records(info, sid, vals, json.loads(clocks))
         return records, ((rows[-1][0], rows[-1][1]) if len(rows) == limit else None)
 
