@@ -38,6 +38,10 @@ os.environ["PYTHONPYCACHEPREFIX"] = _PYCACHE
 import ccsync  # noqa: E402
 
 SCHEMA = (Path(__file__).resolve().parent / "cc-schema.sql").read_text()
+# Where the property and fuzz tests keep their many small databases: make test's
+# scratch (removed when it ends), else /dev/shm (in memory), else the default.
+TMP_ROOT = os.environ.get("CCSYNC_TEST_TMP") or ("/dev/shm" if os.access("/dev/shm", os.W_OK)
+                                                 else None)
 
 
 def make_cc_db(path: Path) -> sqlite3.Connection:

@@ -52,9 +52,9 @@ from hypothesis import strategies as st
 
 import ccsync
 import model_sim
-from conftest import Device, content, keyed
+from conftest import TMP_ROOT, Device, content, keyed
 from model_sim import Model, cc_op, diff_events, logical_view, maximal, needed
-from test_property import DAY_MS, JD_EPOCH, TMP_ROOT, fresh_cc_db
+from test_property import DAY_MS, JD_EPOCH, fresh_cc_db
 
 EXAMPLES = int(os.environ.get("CCSYNC_COLLECT_EXAMPLES", "25"))
 NAMES = ("a", "b", "c")

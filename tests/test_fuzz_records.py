@@ -69,7 +69,7 @@ from hypothesis import strategies as st
 
 import ccsync
 from test_transport import signed
-from conftest import SCHEMA, Device, content, make_cc_db
+from conftest import SCHEMA, TMP_ROOT, Device, content, make_cc_db
 
 EXAMPLES = int(os.environ.get("CCSYNC_FUZZ_EXAMPLES", "80" if os.environ.get("CI") else "200"))
 DEVICE_EXAMPLES = EXAMPLES                      # test_device_page_with_fuzzed_records
@@ -82,9 +82,6 @@ FUZZ_SETTINGS = dict(deadline=None, report_multiple_bugs=False, suppress_health_
     HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example,
     HealthCheck.filter_too_much])
 
-# make test's scratch (removed when it ends), else /dev/shm: databases in memory.
-TMP_ROOT = os.environ.get("CCSYNC_TEST_TMP") or ("/dev/shm" if os.access("/dev/shm", os.W_OK)
-                                                 else None)
 MiB = 1024 * 1024
 SIZE_REASON = re.compile(r"larg|size|big|limit|byte|long|exceed|MiB|KiB", re.IGNORECASE)
 STATUSES = {"accepted", "superseded", "refused"}

@@ -42,7 +42,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ccsync
-from conftest import Device, make_cc_db
+from conftest import TMP_ROOT, Device, make_cc_db
 
 NAMES = "abcd"
 JD_EPOCH = 2440587.5            # julianday of 1970-01-01T00:00:00Z
@@ -71,9 +71,6 @@ UPDATABLE = {
 # Databases live on tmpfs when there is one (hundreds of examples, each with
 # several SQLite files), and every device starts as a copy of one fresh cc
 # database instead of running the schema script again.
-# make test's scratch (removed when it ends), else /dev/shm: databases in memory.
-TMP_ROOT = os.environ.get("CCSYNC_TEST_TMP") or ("/dev/shm" if os.access("/dev/shm", os.W_OK)
-                                                 else None)
 _TEMPLATE: list = []
 
 
