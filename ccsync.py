@@ -6567,6 +6567,9 @@ ENV_SERVER, ENV_API_KEY, ENV_CA_FILE = "CCSYNC_SERVER", "CCSYNC_API_KEY", "CC_CA
 CC_SERVER_NAMES = {ENV_SERVER: "CC_SERVER", ENV_API_KEY: "CC_API_KEY"}
 ENV_E2E_KEY = "CCSYNC_E2E_KEY"          # the vault (Vault.text), written by setup
 ENV_PASSPHRASE = "CCSYNC_PASSPHRASE"    # read by setup only (for scripted setups)
+# scrypt's n for a new passphrase (setup only): a machine short of memory may
+# ask for less than 128 MiB; every device then derives at the store's cost.
+ENV_SCRYPT_N = "CCSYNC_SCRYPT_N"
 CC_DIR = os.path.join("~", ".cc-cli")
 DEFAULT_SERVER_DATA = os.path.join(CC_DIR, "ccsync_server.db")
 
@@ -7573,6 +7576,19 @@ def cmd_setup(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _scrypt_n(environ: dict) -> int:
+    """scrypt's n for a new sync passphrase: $CCSYNC_SCRYPT_N, else SCRYPT_N."""
+    text = environ.get(ENV_SCRYPT_N, "").strip()
+    if not text:
+        return SCRYPT_N
+    low, high = KDF_BOUNDS["n"]
+    n = int(text) if text.isdigit() else 0
+    if not (low <= n <= high and n & (n - 1) == 0):
+        raise UsageError(f"{ENV_SCRYPT_N}={text!r} is not a power of two from {low} to {high}",
+                         hint=f"unset it for the default ({SCRYPT_N}: 128 MiB of memory)")
+    return n
+
+
 def _passphrase(args: argparse.Namespace, *, new: bool) -> str:
     """The sync passphrase: --passphrase-file, $CCSYNC_PASSPHRASE, or asked
     (twice when ``new``) on a terminal."""
@@ -7614,7 +7630,7 @@ def _open_vault(args: argparse.Namespace, client: Client, info: dict,
              "encrypts it end to end (and erases the plaintext there)")
     if info.get("e2e_pending"):         # another device chose it, before any encryption
         return Vault.opening(_passphrase(args, new=False), info["e2e_pending"], server), later
-    vault = Vault.new(_passphrase(args, new=True))
+    vault = Vault.new(_passphrase(args, new=True), _scrypt_n(os.environ))
     # A store with records keeps it pending (its first encrypted sync takes it).
     answer = client.begin_e2e(vault.params(private=True), 0, pending=bool(info.get("seq")))
     if answer.get("conflict"):
@@ -7634,7 +7650,7 @@ def _rekey(args: argparse.Namespace, client: Client, config: Config) -> Vault:
             with contextlib.suppress(PassphraseNeeded):     # an outdated key: what it holds
                 run_sync(store, Client(client.url, config.api_key or "",   # is re-seeded
                                        ca_file=config.ca_file, vault=old))
-        vault = Vault.new(_passphrase(args, new=True))
+        vault = Vault.new(_passphrase(args, new=True), _scrypt_n(os.environ))
         params = vault.params(private=True)
         answer = client.begin_e2e(params, store.cursor, replace=True, proof=rekey_proof(
             old.proof, params) if old is not None else None)

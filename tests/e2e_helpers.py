@@ -32,10 +32,11 @@ COMMAND = [sys.executable, "-m", "ccsync"]
 
 # Variables that would point a subprocess at the developer's real setup.
 _SCRUBBED = ("CC_SERVER", "CC_API_KEY", "CC_DB", "CC_CA_FILE", "CCSYNC_LOCAL_SETTINGS",
-             "CCSYNC_E2E_KEY", "CCSYNC_PASSPHRASE")
+             "CCSYNC_E2E_KEY", "CCSYNC_PASSPHRASE", "CCSYNC_SCRYPT_N")
 # Every device of the tests' user enters this sync passphrase at setup (as
 # CCSYNC_PASSPHRASE, the scripted way); a test may give another.
 TEST_PASSPHRASE = "tests' sync passphrase"
+TEST_SCRYPT_N = "1024"
 _LISTENING = re.compile(r"server listening on (http://127\.0\.0\.1:\d+) \(data: ")
 
 SERVER_START_TIMEOUT = 10.0
@@ -49,6 +50,9 @@ def clean_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str]
     env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
     env["HOME"] = str(home)
     env["CCSYNC_PASSPHRASE"] = TEST_PASSPHRASE
+    # A new passphrase at scrypt's least cost: each setup at the real one takes
+    # 0.5 s of CPU (test_e2e_encryption.py has a setup at the default cost).
+    env["CCSYNC_SCRYPT_N"] = TEST_SCRYPT_N
     env.pop("PYTHONSTARTUP", None)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), env.get("PYTHONPATH"))))
     env.update(extra or {})

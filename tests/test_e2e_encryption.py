@@ -82,7 +82,8 @@ def world(tmp_path):
 
 def test_after_a_sync_the_server_file_holds_no_value_name_or_setting(world):
     srv, device = world
-    lap, desk = device("lap"), device("desk")
+    lap = device("lap", env={"CCSYNC_SCRYPT_N": ""})   # the default cost, as users have it
+    desk = device("desk")
     _fill(lap)
     assert_ok(lap.cli("sync"))
     assert_ok(desk.cli("sync"))
@@ -215,6 +216,27 @@ def test_setup_needs_a_passphrase_when_not_interactive(world):
     assert_error(dev.cli("setup", "--server", srv.url, "--api-key", dev.key,
                          env={"CCSYNC_PASSPHRASE": "short"}), 2, "at least 8")
     assert not dev.env_file.exists()
+
+
+def test_a_new_passphrase_costs_128_mib_of_scrypt_unless_the_user_asks_for_less(world):
+    srv, device = world
+    lap, desk = device("lap", setup=False), device("desk", setup=False)
+    for bad in ("1000", "512", "lots"):
+        assert_error(lap.cli("setup", "--server", srv.url, "--api-key", lap.key,
+                             env={"CCSYNC_SCRYPT_N": bad}), 2, "CCSYNC_SCRYPT_N", "power of two")
+    assert not lap.env_file.exists()
+    client = ccsync.Client(srv.url, lap.key)
+    try:
+        assert not client.hello().get("e2e")                 # nothing chosen yet
+    finally:
+        client.close()
+    assert_ok(lap.cli("setup", "--server", srv.url, "--api-key", lap.key,
+                      env={"CCSYNC_SCRYPT_N": ""}))
+    vault = ccsync.Vault.parse(vault_line(lap))
+    assert (vault.n, vault.r, vault.p) == (ccsync.SCRYPT_N, ccsync.SCRYPT_R, ccsync.SCRYPT_P)
+    # A later device derives at the store's cost, whatever it would ask for.
+    assert_ok(desk.cli("setup", "--server", srv.url, "--api-key", desk.key))
+    assert ccsync.Vault.parse(vault_line(desk)) == vault
 
 
 def test_a_lost_passphrase_is_replaced_from_a_device_that_has_the_data(world):
