@@ -52,19 +52,16 @@ __all__ = [
 import argparse
 import base64
 import contextlib
-import fnmatch
 import functools
 import importlib
 import itertools
 import json
 import os
-import random
 import re
 import sqlite3
 import sys
 import threading
 import time
-import zlib
 from collections import Counter, defaultdict, namedtuple
 TYPE_CHECKING = False                   # typing is for the checkers: not imported to run
 if TYPE_CHECKING:
@@ -275,6 +272,12 @@ def since_key(text: str) -> str:
     return parse_iso(text).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+def uniform() -> float:
+    """A random float in [0, 1) (random is imported here, on first use)."""
+    import random
+    return random.random()
+
+
 def new_uuid() -> Any:
     """A random (version 4) uuid.UUID (uuid is imported here, on first use)."""
     import uuid
@@ -311,6 +314,7 @@ def setting_policy(name: Any, extra_local: Iterable[str] = ()) -> str | None:
     if low in LOCAL_SETTINGS or low.endswith(LOCAL_SETTING_SUFFIXES) \
             or low.startswith(LOCAL_SETTING_PREFIX):
         return "local"
+    import fnmatch
     if any(fnmatch.fnmatchcase(low, pat.strip().lower()) for pat in extra_local if pat.strip()):
         return "local"
     return None
@@ -909,6 +913,7 @@ def seal(enc_key: bytes, data: dict, context: bytes, blobs: Iterable[bytes] = ()
     ``blobs`` lists their lengths.
     """
     import secrets
+    import zlib
     aes = _aes()
     blobs = list(blobs)
     if blobs:
@@ -952,6 +957,7 @@ def unseal(enc_key: bytes, blob: bytes, context: bytes, max_size: int) -> dict:
 
 def _inflate_json(packed: bytes, max_size: int, what: str) -> Any:
     """zlib-compressed JSON text, at most ``max_size`` once decompressed."""
+    import zlib
     inflater = zlib.decompressobj()
     try:
         text = inflater.decompress(packed, max_size)
@@ -1102,6 +1108,7 @@ class Vault(namedtuple("Vault", "key salt n r p", defaults=(SCRYPT_N, SCRYPT_R, 
         """One push's records as (per-record metadata for the server, the
         encrypted batch, the batch's proof)."""
         import secrets
+        import zlib
         aes = _aes()
         meta = [[r["t"], self.row_id(r["t"], r["id"]), r["dev"], r["c"]] for r in records]
         text = json.dumps(records, separators=(",", ":")).encode("utf-8")
@@ -3738,19 +3745,27 @@ class Sending(Incoming):
         skip = self._row_skipper()
         for info in self.tables().values():
             counts[info.name] = c = {"insert": 0, "update": 0, "delete": 0}
-            if not installed:
+            setting = info.name == "setting"    # each row's name says whether it leaves
+            if not installed and setting:
                 for row in self.conn.execute(f"SELECT * FROM {_q(info.name)}"):  # streamed
                     c["insert"] += not skip(info, row)
+            if not installed:
+                c["insert"] += 0 if setting else self.conn.execute(
+                    f"SELECT count(*) FROM {_q(info.name)}").fetchone()[0]
                 continue
-            query = (f"SELECT d.rid, group_concat(d.col, char(31)) AS cols, "
-                     f"t.rowid IS NOT NULL AS present, s.sid IS NOT NULL AS synced, t.* "
-                     f"FROM _ccsync_dirty d LEFT JOIN {_q(info.name)} t ON t.rowid = d.rid "
-                     f"LEFT JOIN _ccsync_shadow s ON s.tbl = d.tbl AND s.sid = t.sync_id "
-                     f"WHERE d.tbl = ? GROUP BY d.rid")
-            for row in self.conn.execute(query, (info.name,)):
-                cols = set(row["cols"].split("\x1f")) - {MOVED}
-                if cols and row["present"] and not skip(info, row):
-                    c["update" if row["synced"] and INSERTED not in cols else "insert"] += 1
+            # A row here with a cell edited (not only moved): an update once synced.
+            rows = (f"SELECT CASE WHEN s.sid IS NOT NULL AND max(d.col = ?) = 0 THEN 'update' "
+                    f"ELSE 'insert' END AS kind{', t.*' if setting else ''} FROM _ccsync_dirty d "
+                    f"JOIN {_q(info.name)} t ON t.rowid = d.rid LEFT JOIN _ccsync_shadow s "
+                    f"ON s.tbl = d.tbl AND s.sid = t.sync_id WHERE d.tbl = ? "
+                    f"GROUP BY d.rid HAVING max(d.col != ?) = 1")
+            marks = (INSERTED, info.name, MOVED)
+            if setting:
+                for row in self.conn.execute(rows, marks):
+                    c[row["kind"]] += not skip(info, row)
+            else:
+                c.update(self.conn.execute(f"SELECT kind, count(*) FROM ({rows}) "
+                                           f"GROUP BY kind", marks).fetchall())
             c["update"] += self.conn.execute("SELECT count(*) FROM _ccsync_outbox WHERE tbl = ?",
                                              (info.name,)).fetchone()[0]
             c["delete"] = sum(1 for sid, key in self.conn.execute(
@@ -5970,10 +5985,10 @@ class Client:
                 continue                # the next connection is new: it cannot be stale
             except RemoteError as exc:
                 if exc.kind == "busy" and busy < self.BUSY_RETRIES:
-                    time.sleep(min(8.0, exc.retry_after * 2 ** busy) * (0.5 + random.random()))
+                    time.sleep(min(8.0, exc.retry_after * 2 ** busy) * (0.5 + uniform()))
                     busy += 1
                 elif exc.kind == "cut" and not cut:
-                    time.sleep(0.5 + random.random())
+                    time.sleep(0.5 + uniform())
                     cut += 1
                 else:
                     raise
@@ -6702,7 +6717,7 @@ def mask_key(key: str | None) -> str:
 MAX_BACKOFF = 3600.0
 
 
-def next_delay(interval: float, failures: int, rand: Callable[[], float] = random.random) -> float:
+def next_delay(interval: float, failures: int, rand: Callable[[], float] = uniform) -> float:
     """Seconds until the next sync: ``interval`` after a success, else an
     exponential backoff (capped at an hour) with 50-100 % jitter."""
     if failures <= 0:
@@ -6817,7 +6832,7 @@ class AutoSync:
     def __init__(self, db_path: str | None = None, server: str | None = None,
                  api_key: str | None = None, interval: float = 300.0, *,
                  environ: dict | None = None, clock: Callable[[], float] = time.time,
-                 rand: Callable[[], float] = random.random, lock_wait: float = 0.0):
+                 rand: Callable[[], float] = uniform, lock_wait: float = 0.0):
         self.interval = float(interval)
         self.last_result: SyncResult | None = None
         self.last_error: str | None = None
@@ -7939,8 +7954,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help layout, as wide as the terminal (found without
+    importing shutil, as argparse would: a tenth of ``--help``'s time)."""
+
+    def __init__(self, prog: str, **kwargs: Any):
+        if kwargs.get("width") is None:
+            kwargs["width"] = _terminal_columns() - 2
+        super().__init__(prog, **kwargs)
+
+
+def _terminal_columns() -> int:
+    """$COLUMNS, else stdout's terminal width, else 80 (shutil's rules)."""
+    with contextlib.suppress(ValueError):
+        if int(os.environ.get("COLUMNS", "0")) > 0:
+            return int(os.environ["COLUMNS"])
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse that raises UsageError instead of exiting."""
+    """argparse that raises UsageError instead of exiting, with _Formatter."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:       # type: ignore[override]
         raise UsageError(message)
@@ -8147,17 +8187,27 @@ class _Unused:
         return lambda *args, **kwargs: self
 
 
+HELP_FIRST = "-h"      # command_named(): help is asked for before any command
+
+
 class _OnlyCommand:
-    """Subcommands of which only ``command``'s parser is made (None: all).
+    """Subcommands of which only ``command``'s parser is made (None: all;
+    HELP_FIRST: none, each only listed in the help).
 
     argparse builds a parser for every subcommand, most of a small command's
-    start-up; the one run is the only one it needs."""
+    start-up; the one run is the only one it needs, and help asked for before
+    a command prints and exits before any is parsed."""
 
     def __init__(self, sub: Any, command: str | None):
         self.sub, self.command, self.made = sub, command, False
 
     def add_parser(self, name: str, **kwargs: Any) -> Any:
         """The subcommand's parser, or a stand-in when another one runs."""
+        if self.command == HELP_FIRST:      # the help's line for it, as argparse writes it
+            self.sub._choices_actions.append(self.sub._ChoicesPseudoAction(
+                name, (), kwargs.get("help")))
+            self.made = True
+            return _Unused()
         if self.command is not None and name != self.command:
             return _Unused()
         self.made = True
@@ -8166,10 +8216,12 @@ class _OnlyCommand:
 
 def command_named(argv: list[str]) -> str | None:
     """The subcommand ``argv`` names: its first word that is no option nor an
-    option's value (None: none, or help asked for before it, which lists them all)."""
+    option's value (None: none; HELP_FIRST: help asked for before it)."""
     words = iter(argv)
     for word in words:
-        if word in ("-h", "--help", "--"):
+        if word in ("-h", "--help"):
+            return HELP_FIRST
+        if word == "--":
             return None
         if word == "--db" or (len(word) > 3 and "--data".startswith(word)):   # --da: --data
             next(words, None)

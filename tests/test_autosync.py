@@ -263,7 +263,7 @@ def test_stop_during_a_long_sync_is_prompt_and_leaves_the_db_consistent(net):
                "VALUES ('addons', '/src/addons', 'https://example.com/addons.git')")
     cc.execute("BEGIN")
     cc.executemany("INSERT INTO knowledge_index (repository_id, symbol, symbol_kind) "
-                   "VALUES (1, ?, 'function')", [(f"sym_{i}",) for i in range(20_000)])
+                   "VALUES (1, ?, 'function')", [(f"sym_{i}",) for i in range(10_000)])
     cc.execute("COMMIT")
     auto = net.auto()
     assert auto.start()
@@ -274,7 +274,7 @@ def test_stop_during_a_long_sync_is_prompt_and_leaves_the_db_consistent(net):
     took = time.monotonic() - t0
     assert took < 1.5, took
     assert wait_for(lambda: not auto.running, timeout=5)
-    assert server_rows(net.data, "knowledge_index") < 20_000     # it really was cut short
+    assert server_rows(net.data, "knowledge_index") < 10_000     # it really was cut short
     assert stopped is True          # a sync in flight ends at its next batch boundary
     # the lock was released, and a plain sync finishes the job from where it stopped
     lock = lock_for(net.db_a)
@@ -287,10 +287,10 @@ def test_stop_during_a_long_sync_is_prompt_and_leaves_the_db_consistent(net):
     finally:
         store.conn.close()
     net.sync_b()
-    assert net.cc_b.execute("SELECT count(*) FROM knowledge_index").fetchone()[0] == 20_000
+    assert net.cc_b.execute("SELECT count(*) FROM knowledge_index").fetchone()[0] == 10_000
     assert net.cc_b.execute(
-        "SELECT count(DISTINCT symbol) FROM knowledge_index").fetchone()[0] == 20_000
-    assert server_rows(net.data, "knowledge_index") == 20_000        # nothing duplicated
+        "SELECT count(DISTINCT symbol) FROM knowledge_index").fetchone()[0] == 10_000
+    assert server_rows(net.data, "knowledge_index") == 10_000        # nothing duplicated
     assert content(net.cc_a) == content(net.cc_b)
 
 

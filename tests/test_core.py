@@ -1041,3 +1041,25 @@ def test_diff_interrupted_after_reinstalling_triggers_runs_at_next_sync(devices)
     pushed = a.push()
 
     assert pushed.sent == 1 and pushed.accepted == 1
+
+
+def test_pending_counts_each_kind_of_change_once(devices):
+    a, b = devices("a", "b")
+    a.sql("INSERT INTO project (name) VALUES ('acme'), ('moved'), ('later')")
+    a.sql("INSERT INTO setting (name, value) VALUES ('theme', 'dark'), ('github_pat', 'x')")
+    assert_clean(converge(a, b))
+    assert not any(sum(c.values()) for c in a.store.pending().values())
+    a.sql("UPDATE project SET main_branch = 'dev' WHERE name = 'acme'")       # an update
+    a.sql("UPDATE project SET id = id + 100 WHERE name = 'moved'")            # only moved
+    a.sql("INSERT INTO project (name) VALUES ('new')")                        # an insert,
+    a.sql("UPDATE project SET main_branch = 'x' WHERE name = 'new'")          # edited again
+    a.sql("DELETE FROM project WHERE name = 'later'")                         # a delete
+    a.sql("UPDATE setting SET value = 'light' WHERE name = 'theme'")
+    a.sql("UPDATE setting SET value = 'y' WHERE name = 'github_pat'")          # stays here
+    a.sql("INSERT INTO setting (name, value) VALUES ('ccsync.local_settings', 'font'), "
+          "('font', 'mono'), ('lang', 'en')")                                 # lang leaves
+    pending = a.store.pending()
+    assert pending["project"] == {"insert": 1, "update": 1, "delete": 1}
+    assert pending["setting"] == {"insert": 1, "update": 1, "delete": 0}
+    assert_clean(converge(a, b))
+    assert not any(sum(c.values()) for c in a.store.pending().values())
