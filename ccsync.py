@@ -222,6 +222,13 @@ class RemoteError(CcsyncError):
 ##### Pure helpers ############################################################
 # Clocks, ids, value encoding, setting rules, clock comparison.  No I/O.
 
+# json.dumps builds a new encoder whenever it is given an option; these run
+# for every row synced, so they are made once (the same text as json.dumps).
+compact_json = json.JSONEncoder(separators=(",", ":")).encode
+_key_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_sorted_json = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
+
+
 def now_ms(clock: Callable[[], float]) -> int:
     """Milliseconds since the epoch from ``clock`` (a ``time.time``-like callable)."""
     return int(clock() * 1000)
@@ -290,7 +297,7 @@ def natural_id(table: str, values: Iterable[Any]) -> str | None:
     values = list(values)
     if all(v is None or v == "" for v in values):
         return None
-    text = json.dumps([table, *values], separators=(",", ":"), ensure_ascii=False)
+    text = _key_json([table, *values])
     # uuid.uuid5(ID_NAMESPACE, text), spelled out: this runs for every row synced
     digest = bytearray(hashlib.sha1(ID_NAMESPACE + text.encode("utf-8")).digest()[:16])
     digest[6] = (digest[6] & 0x0F) | 0x50           # version 5
@@ -900,9 +907,9 @@ class RawJSON(str):
 def wire_json(data: dict) -> str:
     """Compact JSON text of a message; its top-level :class:`RawJSON` values go in as is."""
     if not any(isinstance(v, RawJSON) for v in data.values()):
-        return json.dumps(data, separators=(",", ":"))
-    return "{" + ",".join(f"{json.dumps(k)}:" + (v if isinstance(v, RawJSON) else json.dumps(
-        v, separators=(",", ":"))) for k, v in data.items()) + "}"
+        return compact_json(data)
+    return "{" + ",".join(f"{json.dumps(k)}:" + (v if isinstance(v, RawJSON) else compact_json(
+        v)) for k, v in data.items()) + "}"
 
 
 def seal(enc_key: bytes, data: dict, context: bytes, blobs: Iterable[bytes] = ()) -> bytes:
@@ -1111,7 +1118,7 @@ class Vault(namedtuple("Vault", "key salt n r p", defaults=(SCRYPT_N, SCRYPT_R, 
         import zlib
         aes = _aes()
         meta = [[r["t"], self.row_id(r["t"], r["id"]), r["dev"], r["c"]] for r in records]
-        text = json.dumps(records, separators=(",", ":")).encode("utf-8")
+        text = compact_json(records).encode("utf-8")
         if len(text) > E2E_MAX_BATCH and len(records) > 1:    # every device must open it
             raise BodyTooLarge(f"a batch of {len(records)} records is {len(text):,} bytes")
         plain = zlib.compress(text, 6)
@@ -1621,8 +1628,8 @@ def fresh_values(info: TableInfo, record: Record) -> dict | None:
     clocks: dict = {}
     merge_cells({}, clocks, record.values, cell_clocks(record.clocks, record.dev))
     return {"vals": vals, "values": values,     # and its synced state, as stored
-            "state": (json.dumps(vals, separators=(",", ":")),
-                      json.dumps(clocks, separators=(",", ":")))}
+            "state": (compact_json(vals),
+                      compact_json(clocks))}
 
 
 def with_parents(values: dict, parents: dict[str, dict[str, int]]) -> dict | None:
@@ -2016,9 +2023,8 @@ class LocalRows(SyncState):
                                      (after, self.DIGEST_CHUNK)).fetchall()
             for row, values in zip(rows, self._wire_rows(info, rows)):
                 if not skip(info, row):
-                    yield json.dumps([info.name, row["sync_id"], {c: values[c] for c in
-                                                                  info.tracked}],
-                                     sort_keys=True, separators=(",", ":")).encode()
+                    yield _sorted_json([info.name, row["sync_id"], {c: values[c] for c in
+                                                                   info.tracked}]).encode()
             if len(rows) < self.DIGEST_CHUNK:
                 return
             after = rows[-1]["_rid"]
@@ -2102,8 +2108,8 @@ class LocalRows(SyncState):
         """Write synced states, each (table, sync_id, rowid here or None, values,
         clocks); ``encoded``: values and clocks are JSON text already."""
         if not encoded:
-            rows = [(table, sid, rid, json.dumps(vals, separators=(",", ":")),
-                     json.dumps(clocks, separators=(",", ":")))
+            rows = [(table, sid, rid, compact_json(vals),
+                     compact_json(clocks))
                     for table, sid, rid, vals, clocks in rows]
         self.conn.executemany(
             "INSERT OR REPLACE INTO _ccsync_shadow (tbl, sid, rid, vals, clocks) "
@@ -4744,7 +4750,7 @@ class ServerStore(ServerCollection):
         if None not in winners:
             return {"status": "superseded"}
         clocks = json.dumps(record.clocks)
-        payload = "" if batch else json.dumps(record.payload(), separators=(",", ":"))
+        payload = "" if batch else compact_json(record.payload())
         batch_id, slot, share = batch.place(slot) if batch else (None, None, None)
         cur = self.conn.execute(
             "INSERT INTO change (tbl, sid, dev, clocks, payload, received_at, device, batch, "
@@ -4927,7 +4933,7 @@ class HttpError(Exception):
 
 
 def _json_body(data: dict) -> bytes:
-    return json.dumps(data, separators=(",", ":")).encode("utf-8")
+    return compact_json(data).encode("utf-8")
 
 
 def _op_hello(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
