@@ -1658,6 +1658,7 @@ class SyncState:
         self.backup_path: str | None = None     # set when this run made the first backup
         self._tables: dict[str, TableInfo] | None = None
         self._device_id: str | None = None      # read once; set_meta() forgets it
+        self._schema_seen: int | None = None    # schema_version capture was checked at
 
     @contextlib.contextmanager
     def _write(self, *, quiet: bool = False) -> Iterator[sqlite3.Connection]:
@@ -2546,6 +2547,9 @@ class Install(Resume):
                 or self.meta("fingerprint") != self._fingerprint() \
                 or self.meta("bookkeeping") != BOOKKEEPING_VERSION:
             return False
+        version = self._schema_version()    # read first: a change after it is seen next time
+        if version == self._schema_seen:
+            return True                 # no schema change by anyone since the last check
         have = {row[0]: (row[1], row[2] or "") for row in self.conn.execute(
             "SELECT name, tbl_name, sql FROM sqlite_master "
             "WHERE name LIKE '\\_ccsync\\_%' ESCAPE '\\'")}
@@ -2558,7 +2562,12 @@ class Install(Resume):
             if any(have.get(name) != (info.name, sql) for name, sql in
                    self._triggers_for(info).items()):
                 return False
+        self._schema_seen = version
         return True
+
+    def _schema_version(self) -> int:
+        # SQLite counts every change to the schema (any CREATE, DROP, ALTER).
+        return self.conn.execute("PRAGMA schema_version").fetchone()[0]
 
     def _install(self) -> None:
         """Create bookkeeping, add missing columns, (re)install triggers.
@@ -2822,11 +2831,13 @@ class Capture(Install):
         The first time it changes this database it keeps a backup of it first
         (``backup_path``).
         """
-        self._tables = None             # cc may have migrated its schema since the last sync
+        if self._schema_version() != self._schema_seen:
+            self._tables = None         # cc may have migrated its schema since the last sync
         self._device_id = None
         self.backup_path = None
         if not self._up_to_date():
             self._install()
+            self._up_to_date()          # notes the schema it left
         self._settle_identity()
         stamped = self.stamp_rows()
         # A diff marker survives a crash, so an interrupted diff runs again.
