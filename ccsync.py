@@ -124,11 +124,13 @@ SPEC: tuple[TableSpec, ...] = (
               refs={"repository_id": "repository"}),
 )
 SPEC_BY_NAME = {spec.name: spec for spec in SPEC}
-# Tables no reference names: a deleted row of these can go from the server
-# for good.  A row another may name stays (a live row here may still need it
-# as its parent, or a device joining later would wait for it).
+# Tables no single-id reference names: a deleted row of these can go from
+# the server for good.  A row such a reference may name stays (a live row
+# may still need it as its parent, and a device joining later must learn it
+# was deleted, or it would wait for it).  An id list (list_refs) reads the
+# same either way: an id of a row not here is left out of the list.
 COLLECTABLE = tuple(spec.name for spec in SPEC if not any(
-    spec.name in (*other.refs.values(), *other.list_refs.values()) for other in SPEC))
+    spec.name in other.refs.values() for other in SPEC))
 TABLE_ORDER = {spec.name: i for i, spec in enumerate(SPEC)}
 
 SYNC_COLUMNS = ("sync_id", "synced_at")   # cc's own columns; never synced as data

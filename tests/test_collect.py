@@ -73,6 +73,49 @@ def test_rows_other_rows_may_reference_are_kept(tmp_path):
     sync_all(a, b, rounds=3)
     assert server.horizon() > 0 and server.collect() == 0
     assert "project" not in ccsync.COLLECTABLE and "switch_log" in ccsync.COLLECTABLE
+    assert "environment" not in ccsync.COLLECTABLE          # a time entry's parent
+
+
+def symbols(device) -> set[str]:
+    return {s for (s,) in device.sql("SELECT symbol FROM knowledge_index")}
+
+
+def test_a_reindex_leaves_no_deleted_code_index_rows_on_the_server(tmp_path):
+    # The indexer deletes and re-inserts knowledge_index and skill_tag rows;
+    # only a repository's id lists name them, and those read the same once
+    # the rows are gone: an id of a row not here is left out of the list.
+    server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
+    a, b = devices(tmp_path, server, "a", "b")
+    a.sql("INSERT INTO repository (name, path, origin_url) VALUES ('r', '/r', 'https://x/r.git')")
+    for symbol in ("s1", "s2", "s3", "s4"):
+        a.sql("INSERT INTO knowledge_index (repository_id, symbol, symbol_kind) "
+              "VALUES (1, ?, 'function')", symbol)
+    a.sql("INSERT INTO skill_tag (repository_id, commit_sha, tag) VALUES (1, 'c1', 'orm')")
+    a.sql("UPDATE repository SET knowledge_index_ids = '[1,2,3,4]', skill_tag_ids = '[1]'")
+    sync_all(a, b)
+    a.sql("DELETE FROM knowledge_index WHERE symbol IN ('s2', 's3')")          # re-indexed
+    a.sql("INSERT INTO knowledge_index (repository_id, symbol, symbol_kind) "
+          "VALUES (1, 's5', 'function')")
+    a.sql("DELETE FROM skill_tag")
+    sync_all(a, b, rounds=3)
+    kept = server.stats()["records"]
+    assert server.collect() == 3
+    assert server.stats()["records"] == kept - 6          # each row and its tombstone
+    assert {t for (t,) in server.conn.execute("SELECT DISTINCT tbl FROM change")} == \
+        {"repository", "knowledge_index"}
+    c = Device(tmp_path / "c.db", server, "c")
+    c.transport, c.key = keyed(server, "c")
+    sync_all(a, b, c)
+    assert symbols(a) == symbols(b) == symbols(c) == {"s1", "s4", "s5"}
+    assert c.sql("SELECT count(*) FROM skill_tag") == [(0,)]
+    digests = {d.store.content_digest(b"k") for d in (a, b, c)}
+    assert len(digests) == 1 and None not in digests       # what every device syncs agrees
+    lists = {d.name: ccsync.parse_id_list(d.sql("SELECT knowledge_index_ids FROM repository")
+                                          [0][0])[0] for d in (a, b, c)}
+    live = {d.name: {rid for (rid,) in d.sql("SELECT id FROM knowledge_index WHERE symbol IN "
+                                             "('s1', 's4')")} for d in (a, b, c)}
+    for name, ids in lists.items():
+        assert live[name] <= set(ids), (name, ids)         # the live rows are still listed
 
 
 def test_a_deleted_row_goes_once_every_device_has_merged_its_delete(tmp_path):

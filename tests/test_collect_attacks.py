@@ -3,8 +3,8 @@
 Each test states the behaviour ccsync should have; on that commit all but
 the control failed.  ``Clock``, ``keyed``, ``devices``, ``settings`` and
 ``sync_all`` come from test_collect.py.  Collection takes only rows of tables
-nothing references (ccsync.COLLECTABLE), so the cases that need a collected
-row use settings, time entries and backups.
+no reference column names (ccsync.COLLECTABLE), so the cases that need a
+collected row use settings, time entries and backups.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ a setting) is synced everywhere; then a random program runs, drawn from
 
 * cc's own write forms (model_sim.cc_op: ORM create and write, setting
   upserts, ``cc switch``, punch-outs, manual spans, plain and ORM updates,
-  cascading deletes) on projects, environments, settings and switch_log;
+  cascading deletes) on projects, environments, settings and switch_log,
+  and the code index's (a repository, the indexer's skill_tag upserts,
+  re-indexing, deletes of its rows);
 * sync / push / pull on a device (skipped while that device is offline);
 * ``server.collect()``;
 * a jump of the server's (and every device's) clock by 31 days, past the
@@ -68,12 +70,15 @@ VALUES = ["x", "y", "z", None]
 UPDATES = [("project", "main_branch"), ("project", "home_repo"), ("project", "is_virtual"),
            ("environment", "notes"), ("environment", "branch_name"), ("setting", "value"),
            ("switch_log", "note"), ("switch_log", "flagged")]
-DELETABLE = ["project", "project", "environment", "environment", "setting", "switch_log"]
+DELETABLE = ["project", "project", "environment", "environment", "setting", "switch_log",
+             "repository", "skill_tag", "knowledge_index", "knowledge_index"]
 
 # A shared base every device has merged before the program starts.
 BASE = [("project", 0, "acme", "master"), ("project", 0, "globex", None),
         ("environment", 0, 0, "main", None, "x"), ("environment", 0, 1, "staging", None, None),
         ("switch", 0, 0, 0), ("setting", 0, "theme", "light"),
+        ("repository", 0, 0), ("reindex", 0, 0, [0, 1, 2]),
+        ("skill_tags", 0, 0, [(0, 0, 1, None), (1, 1, 2, "a.py")]),
         ("sync", 0, "sync"), ("sync", 1, "sync"), ("sync", 2, "sync")]
 
 
@@ -311,7 +316,14 @@ def steps():
         st.tuples(st.just("punch"), dev, st.integers(0, 1)),
         st.tuples(st.just("span"), dev, index, st.sampled_from([None, "2024-05-01T11:00:00"]),
                   value),
-        update, update, delete, delete,
+        # the code index: a repository, the indexer's skill_tag upserts and re-indexing
+        st.tuples(st.just("repository"), dev, st.integers(0, len(model_sim.ORIGINS) - 1)),
+        st.tuples(st.just("skill_tags"), dev, st.integers(0, 1), st.lists(st.tuples(
+            st.integers(0, len(model_sim.SHAS) - 1), st.integers(0, len(model_sim.TAGS) - 1),
+            st.integers(1, 3), st.sampled_from(model_sim.TOP_FILES)), min_size=1, max_size=3)),
+        st.tuples(st.just("reindex"), dev, st.integers(0, 1), st.lists(
+            st.integers(0, len(model_sim.SYMBOLS) - 1), min_size=1, max_size=3, unique=True)),
+        update, update, delete, delete, delete,
         sync_step, sync_step, sync_step, sync_step,
         st.tuples(st.just("collect")), st.tuples(st.just("collect")),
         st.tuples(st.just("collect")),
