@@ -1480,10 +1480,13 @@ def trigger_sql(table: str, tracked: Iterable[str], key: Iterable[str] = (),
     moved = "OLD.rowid IS NOT NEW.rowid"
     lost_sid = "OLD.sync_id IS NOT NULL AND NEW.sync_id IS NOT OLD.sync_id"
     changed = " OR ".join([moved, lost_sid, *(f"OLD.{_q(c)} IS NOT NEW.{_q(c)}" for c in cols)])
-    per_col = " ".join(
-        f"DELETE FROM {cell} AND col = {_lit(c)} AND OLD.{_q(c)} IS NOT NEW.{_q(c)}; "
-        f"INSERT INTO _ccsync_dirty (tbl, rid, col, hlc) SELECT {lit}, NEW.rowid, {_lit(c)}, "
-        f"{_SQL_HLC} WHERE OLD.{_q(c)} IS NOT NEW.{_q(c)};" for c in cols)
+    # The edited cells as a table (column1: name, column2: edited), so one
+    # statement deletes and one inserts them all, however many columns.
+    edited = ("(SELECT column1 FROM (VALUES " + ", ".join(
+        f"({_lit(c)}, OLD.{_q(c)} IS NOT NEW.{_q(c)})" for c in cols) + ") WHERE column2)")
+    per_col = (f"DELETE FROM {cell} AND col IN {edited}; "
+               f"INSERT INTO _ccsync_dirty (tbl, rid, col, hlc) SELECT {lit}, NEW.rowid, "
+               f"column1, {_SQL_HLC} FROM {edited};") if cols else ""
     return {
         f"_ccsync_ins_{table}":
             f"CREATE TRIGGER {_q('_ccsync_ins_' + table)} AFTER INSERT ON {t} "
