@@ -2555,6 +2555,7 @@ class Install(Resume):
         version = self._schema_version()    # read first: a change after it is seen next time
         if version == self._schema_seen:
             return True                 # no schema change by anyone since the last check
+        self._tables = None             # the layouts are read after the version, too
         have = {row[0]: (row[1], row[2] or "") for row in self.conn.execute(
             "SELECT name, tbl_name, sql FROM sqlite_master "
             "WHERE name LIKE '\\_ccsync\\_%' ESCAPE '\\'")}
@@ -7618,9 +7619,9 @@ def _scrypt_n(environ: dict) -> int:
     text = environ.get(ENV_SCRYPT_N, "").strip()
     if not text:
         return SCRYPT_N
-    low, high = KDF_BOUNDS["n"]
-    n = int(text) if text.isdigit() else 0
-    if not (low <= n <= high and n & (n - 1) == 0):
+    low, high = KDF_BOUNDS["n"][0], KDF_MAX_MEMORY // SCRYPT_R     # what every device opens
+    n = int(text) if text.isascii() and text.isdigit() and len(text) <= 8 else 0
+    if not _valid_cost({"n": n, "r": SCRYPT_R, "p": SCRYPT_P}):
         raise UsageError(f"{ENV_SCRYPT_N}={text!r} is not a power of two from {low} to {high}",
                          hint=f"unset it for the default ({SCRYPT_N}: 128 MiB of memory)")
     return n

@@ -221,7 +221,7 @@ def test_setup_needs_a_passphrase_when_not_interactive(world):
 def test_a_new_passphrase_costs_128_mib_of_scrypt_unless_the_user_asks_for_less(world):
     srv, device = world
     lap, desk = device("lap", setup=False), device("desk", setup=False)
-    for bad in ("1000", "512", "lots"):
+    for bad in ("1000", "512", "lots", "\u00b2", "9" * 5000, "1048576"):  # 1 GiB: refused
         assert_error(lap.cli("setup", "--server", srv.url, "--api-key", lap.key,
                              env={"CCSYNC_SCRYPT_N": bad}), 2, "CCSYNC_SCRYPT_N", "power of two")
     assert not lap.env_file.exists()
