@@ -2548,14 +2548,15 @@ class Install(Resume):
 
         Read-only, so a sync with nothing to do takes no write lock for it.
         """
+        version = self._schema_version()    # read first: a change after it is seen next time
+        if version != self._schema_seen:
+            self._tables = None             # cc may have migrated: layouts read after it too
         if not self.installed() or not self.meta("device_id") \
                 or self.meta("fingerprint") != self._fingerprint() \
                 or self.meta("bookkeeping") != BOOKKEEPING_VERSION:
             return False
-        version = self._schema_version()    # read first: a change after it is seen next time
         if version == self._schema_seen:
             return True                 # no schema change by anyone since the last check
-        self._tables = None             # the layouts are read after the version, too
         have = {row[0]: (row[1], row[2] or "") for row in self.conn.execute(
             "SELECT name, tbl_name, sql FROM sqlite_master "
             "WHERE name LIKE '\\_ccsync\\_%' ESCAPE '\\'")}
@@ -2837,8 +2838,6 @@ class Capture(Install):
         The first time it changes this database it keeps a backup of it first
         (``backup_path``).
         """
-        if self._schema_version() != self._schema_seen:
-            self._tables = None         # cc may have migrated its schema since the last sync
         self._device_id = None
         self.backup_path = None
         if not self._up_to_date():
@@ -3154,9 +3153,8 @@ class Capture(Install):
             rows = list(self._by_rowid(info.name, "*", rids))
             self.conn.executemany(
                 "INSERT OR REPLACE INTO _ccsync_base (tbl, rid, vals) VALUES (?, ?, ?)",
-                [(info.name, row["_rid"], json.dumps(
-                    {**values, "~ids": {c: encode_value(row[c]) for c in refs}},
-                    separators=(",", ":")))
+                [(info.name, row["_rid"], compact_json(
+                    {**values, "~ids": {c: encode_value(row[c]) for c in refs}}))
                  for row, values in zip(rows, self._wire_rows(info, rows))])
 
     def remove_triggers(self) -> int:
@@ -3769,11 +3767,9 @@ class Sending(Incoming):
         for info in self.tables().values():
             counts[info.name] = c = {"insert": 0, "update": 0, "delete": 0}
             setting = info.name == "setting"    # each row's name says whether it leaves
-            if not installed and setting:
-                for row in self.conn.execute(f"SELECT * FROM {_q(info.name)}"):  # streamed
-                    c["insert"] += not skip(info, row)
             if not installed:
-                c["insert"] += 0 if setting else self.conn.execute(
+                c["insert"] = sum(not skip(info, row) for row in self.conn.execute(
+                    f"SELECT * FROM {_q(info.name)}")) if setting else self.conn.execute(
                     f"SELECT count(*) FROM {_q(info.name)}").fetchone()[0]
                 continue
             # A row here with a cell edited (not only moved): an update once synced.
@@ -7990,8 +7986,8 @@ class _Formatter(argparse.HelpFormatter):
 def _terminal_columns() -> int:
     """$COLUMNS, else stdout's terminal width, else 80 (shutil's rules)."""
     with contextlib.suppress(ValueError):
-        if int(os.environ.get("COLUMNS", "0")) > 0:
-            return int(os.environ["COLUMNS"])
+        if (columns := int(os.environ.get("COLUMNS", "0"))) > 0:
+            return columns
     try:
         return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
     except (AttributeError, ValueError, OSError):

@@ -96,12 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     running = []
     with tempfile.TemporaryDirectory(prefix="ccsync-tests-", dir=scratch_root()) as scratch:
-        env = {**os.environ, "TMPDIR": scratch, "CCSYNC_TEST_TMP": scratch,
-               "PYTHONPYCACHEPREFIX": str(Path(scratch) / "pycache")}
-        # Bytecode goes to the scratch, never beside the sources: each of the
-        # hundreds of ccsync processes the tests start then reads ccsync.py's
-        # compiled form instead of compiling 400 KB of source again.
-        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env = {**os.environ, "TMPDIR": scratch, "CCSYNC_TEST_TMP": scratch}
         for n, group in enumerate(deal(files, max(1, args.workers))):
             log = open(Path(scratch) / f"worker{n}.log", "w+")
             command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",

@@ -11,6 +11,16 @@ import ccsync
 from conftest import Device
 
 
+def assert_the_new_column_syncs(a, b) -> None:
+    """Later syncs, nothing else going on: a's edit of the new column reaches b."""
+    for _ in range(2):
+        a.sync(), b.sync()
+    a.sql("UPDATE setting SET scope = 'user' WHERE name = 'theme'")
+    for _ in range(3):
+        a.sync(), b.sync()
+    assert b.sql("SELECT scope FROM setting WHERE name = 'theme'") == [("user",)]
+
+
 def test_column_added_during_prepare_is_synced_by_the_next_syncs(tmp_path):
     server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
     a = Device(tmp_path / "a.db", server, "a")
@@ -21,7 +31,7 @@ def test_column_added_during_prepare_is_synced_by_the_next_syncs(tmp_path):
     b.sql("ALTER TABLE setting ADD COLUMN scope TEXT")
 
     # cc (its own connection) adds a column while a's sync is in prepare():
-    # after prepare's first look at schema_version, before _up_to_date's.
+    # after the check of capture read schema_version, before it reads the layouts.
     real = a.store.installed
     fired = []
 
@@ -36,13 +46,7 @@ def test_column_added_during_prepare_is_synced_by_the_next_syncs(tmp_path):
     del a.store.installed
     assert fired
 
-    # Later syncs, nothing else going on: the new column must now be captured.
-    for _ in range(2):
-        a.sync(), b.sync()
-    a.sql("UPDATE setting SET scope = 'user' WHERE name = 'theme'")
-    for _ in range(3):
-        a.sync(), b.sync()
-    assert b.sql("SELECT scope FROM setting WHERE name = 'theme'") == [("user",)]
+    assert_the_new_column_syncs(a, b)
 
 
 def test_column_added_right_after_install_commits_is_synced_later(tmp_path):
@@ -67,9 +71,4 @@ def test_column_added_right_after_install_commits_is_synced_later(tmp_path):
     a.sync()                       # the first sync installs capture
     del a.store._install
     assert fired
-    for _ in range(2):
-        a.sync(), b.sync()
-    a.sql("UPDATE setting SET scope = 'user' WHERE name = 'theme'")
-    for _ in range(3):
-        a.sync(), b.sync()
-    assert b.sql("SELECT scope FROM setting WHERE name = 'theme'") == [("user",)]
+    assert_the_new_column_syncs(a, b)
