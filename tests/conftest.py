@@ -18,7 +18,8 @@ import pytest
 from hypothesis import settings
 
 # CI runs the same property examples every time (a red build is reproducible,
-# never a fresh random draw); local runs keep exploring new ones.
+# never a fresh random draw); local runs draw as many fresh ones, and
+# ``make hunt`` runs the long forms.
 settings.register_profile("ci", derandomize=True, database=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")

@@ -7,8 +7,8 @@ Each program comes from ``random.Random(seed)``: replay one with
     .venv/bin/python bench/hunt.py --seed N --verbose
 
 ``test_model_programs`` runs seeds 0..N-1 (N = CCSYNC_MODEL_PROGRAMS, default
-250 when CI is set, else 100; ``make hunt`` runs 10,000 fresh ones) on the spare cores while the rest of the suite
-runs, and lists every failing seed with its first complaint.
+250; ``make hunt`` runs 10,000 fresh ones) on the spare cores while the rest
+of the suite runs, and lists every failing seed with its first complaint.
 ``FOUND_SEEDS`` are programs a hunt (``make hunt``) found failing, fixed
 since; each runs as its own test case.  Seeds only replay on the same
 generator: changing model_sim's generation changes every program.
@@ -131,7 +131,7 @@ FOUND_SEEDS = [
     (635864245, None, None, "the same, with capture off: devices diverged"),
 ]
 
-PROGRAMS = int(os.environ.get("CCSYNC_MODEL_PROGRAMS", "250" if os.environ.get("CI") else "100"))
+PROGRAMS = int(os.environ.get("CCSYNC_MODEL_PROGRAMS", "250"))     # make hunt: 10,000 fresh
 
 
 def _run(seed: int) -> tuple[int, list]:
