@@ -131,6 +131,11 @@ SPEC_BY_NAME = {spec.name: spec for spec in SPEC}
 # same either way: an id of a row not here is left out of the list.
 COLLECTABLE = tuple(spec.name for spec in SPEC if not any(
     spec.name in other.refs.values() for other in SPEC))
+# The other tables' deleted rows go too, once every device says nothing it
+# holds names them any more (see ServerCollection.note_reader); a device is
+# asked about ASK_ROWS of them at a time.
+REFERENCED = tuple(spec.name for spec in SPEC if spec.name not in COLLECTABLE)
+ASK_ROWS = 200
 TABLE_ORDER = {spec.name: i for i, spec in enumerate(SPEC)}
 
 SYNC_COLUMNS = ("sync_id", "synced_at")   # cc's own columns; never synced as data
@@ -3754,7 +3759,8 @@ class Incoming(RowWriter):
 
 
 class Sending(Incoming):
-    """Pending changes as records to push, and settling what the server said."""
+    """Pending changes as records to push, settling what the server said, and
+    answering what it asks about the deleted rows it may collect."""
 
     def pending(self) -> dict[str, dict[str, int]]:
         """Pending local changes per table: {"insert": n, "update": n, "delete": n}.
@@ -4081,6 +4087,105 @@ class Sending(Incoming):
         self._put_shadows((table, sid, rid, *known[(table, sid)])
                           for (table, sid), rid in rows.items())
 
+    # -- what this device still holds of the deleted rows the server may collect --
+
+    def keep_ask(self, ask: Any) -> None:
+        """Keep the server's ask (see ServerCollection.note_reader): the next
+        report answers it (:meth:`pins`)."""
+        rows = ask.get("rows") if isinstance(ask, dict) else None
+        keep = compact_json({"n": ask["n"], "rows": rows[:ASK_ROWS]}) \
+            if isinstance(rows, list) and rows and type(ask.get("n")) is int else None
+        if keep != self.meta("pin_ask"):
+            with self._write():
+                self.set_meta("pin_ask", keep)
+
+    def pins(self, row_id: Callable[[str, str], str] | None = None) -> dict | None:
+        """The answer to the server's last ask (None: it asked nothing): which
+        of the deleted rows it named this device still holds, as a row, or as
+        a name in a live row, an edit not sent or a record kept here.
+        ``row_id`` gives the id the server knows a row by (a vault's)."""
+        ask = json.loads(self.meta("pin_ask") or "null") if self.installed() else None
+        if not ask:
+            return None
+        asked: dict[str, set[str]] = defaultdict(set)
+        for row in ask["rows"]:
+            if isinstance(row, list) and len(row) == 2 and row[0] in REFERENCED \
+                    and isinstance(row[1], str):
+                asked[row[0]].add(row[1])
+        held = []
+        for table, ids in sorted(asked.items()):
+            plain = {(row_id(table, sid) if row_id else sid): sid
+                     for sid in self._names_of(table)}
+            mine = self._held_of(table, {plain[i] for i in ids if i in plain})
+            held += [[table, i] for i in sorted(ids) if plain.get(i) in mine]
+        return {"n": ask["n"], "held": held}
+
+    def _naming(self, table: str) -> Iterator[tuple[str, str, str]]:
+        """(child table, JSON path, condition on its synced state ``s``) for
+        each reference to ``table`` that only the synced state may show: a
+        nullable one (it reads NULL here once its row is deleted), and a
+        required one in rows waiting for a parent (elsewhere the parent of a
+        live row is here: it came back for it)."""
+        for spec, col in self._child_refs(table):
+            child = self.tables().get(spec.name)
+            waiting = child is not None and col in child.required
+            yield spec.name, f'$."{col}"', (
+                " AND EXISTS (SELECT 1 FROM _ccsync_pending p WHERE p.tbl = s.tbl "
+                "AND p.sid = s.sid)" if waiting else "")
+
+    def _names_of(self, table: str) -> set[str]:
+        """Every id of a ``table`` row this device has or names anywhere."""
+        names = {sid for (sid,) in self.conn.execute(
+            "SELECT sid FROM _ccsync_shadow WHERE tbl = ? UNION SELECT sid FROM _ccsync_held "
+            "WHERE tbl = ? UNION SELECT sid FROM _ccsync_named", (table, table))}
+        info = self.tables().get(table)
+        if info is not None and "sync_id" in info.columns:
+            names.update(sid for (sid,) in self.conn.execute(
+                f"SELECT sync_id FROM {_q(table)} WHERE sync_id IS NOT NULL"))
+        for child, path, waiting in self._naming(table):
+            names.update(ref for (ref,) in self.conn.execute(
+                f"SELECT json_extract(s.vals, ?) FROM _ccsync_shadow s WHERE s.tbl = ?{waiting}",
+                (path, child)))
+        for spec, col in self._child_refs(table):
+            names.update(ref for (ref,) in self.conn.execute(
+                "SELECT json_extract(record, ?) FROM _ccsync_held WHERE tbl = ? UNION "
+                "SELECT json_extract(record, ?) FROM _ccsync_held WHERE tbl = ?",
+                (f'$.p.v."{col}"', spec.name, f'$.p.k."{col}"', spec.name)))
+        return {n for n in names if isinstance(n, str)}
+
+    def _held_of(self, table: str, sids: set[str]) -> set[str]:
+        """Those of ``sids`` (rows of ``table``) this device holds: the row is
+        here or live in the synced state, or a live row, an edit not sent or
+        a record kept for later names it."""
+        held = set()
+        info = self.tables().get(table)
+        if info is not None and "sync_id" in info.columns:
+            held.update(sid for (sid,) in self._select_in(
+                f"SELECT sync_id FROM {_q(table)} WHERE sync_id IN ({{marks}})", sids))
+        held.update(sid for sid, (_rid, _vals, clocks) in self._shadows(table, sids).items()
+                    if not is_deleted(clocks))
+        held.update(sid for (sid,) in self._select_in(
+            "SELECT sid FROM _ccsync_named WHERE sid IN ({marks})", sids))
+        held.update(sid for (sid,) in self._select_in(
+            "SELECT sid FROM _ccsync_held WHERE tbl = ? AND sid IN ({marks})", sids, table))
+        for child, path, waiting in self._naming(table):
+            held.update(ref for ref, clocks in self._select_in(
+                f"SELECT json_extract(s.vals, ?), s.clocks FROM _ccsync_shadow s WHERE "
+                f"s.tbl = ?{waiting} AND json_extract(s.vals, ?) IN ({{marks}})",
+                sids - held, path, child, path) if not is_deleted(json.loads(clocks)))
+        for spec, col in self._child_refs(table):
+            for part in ("v", "k"):
+                path = f'$.p.{part}."{col}"'
+                held.update(ref for (ref,) in self._select_in(
+                    "SELECT json_extract(record, ?) FROM _ccsync_held WHERE tbl = ? "
+                    "AND json_extract(record, ?) IN ({marks})", sids, path, spec.name, path))
+        # A kept record too malformed to name its table may name anything.
+        for (record,) in self.conn.execute("SELECT record FROM _ccsync_held WHERE tbl IS NULL "
+                                           f"OR tbl NOT IN ({','.join('?' * len(SPEC))})",
+                                           [spec.name for spec in SPEC]):
+            held.update(sid for sid in sids if sid in record)
+        return held
+
 
 class Store(Sending):
     """A device's cc database, seen by ccsync.
@@ -4139,6 +4244,13 @@ CREATE TABLE IF NOT EXISTS batch (id INTEGER PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS report (
     dev TEXT PRIMARY KEY, device TEXT NOT NULL, cursor INTEGER NOT NULL, digest TEXT NOT NULL,
     at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS candidate (
+    tbl TEXT NOT NULL, sid TEXT NOT NULL, seq INTEGER NOT NULL,
+    PRIMARY KEY (tbl, sid)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS asked (dev TEXT PRIMARY KEY, n INTEGER NOT NULL, rows TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pin (
+    tbl TEXT NOT NULL, sid TEXT NOT NULL, dev TEXT NOT NULL, seq INTEGER NOT NULL,
+    held INTEGER NOT NULL, at INTEGER NOT NULL, PRIMARY KEY (tbl, sid, dev)) WITHOUT ROWID;
 """
 # Columns later versions added to tables an earlier one made: (table, column, type).
 _SERVER_COLUMNS = (("change", "batch", "INTEGER"), ("change", "slot", "INTEGER"),
@@ -4154,6 +4266,7 @@ SERVER_MAX_SKEW_MS = MAX_SKEW_S * 1000
 FORGET_AFTER_S = 30 * 86400
 COLLECT_EVERY_S = 60.0                  # how often the server collects
 COLLECT_CHUNK = 500                     # rows looked at per collecting transaction
+PIN_RECHECK_S = 3600                    # a row a device still holds is asked about again after
 
 
 class Quota(namedtuple("Quota", "records bytes hour_records hour_bytes push_records",
@@ -4327,19 +4440,31 @@ class ServerRegistry:
 class ServerCollection(ServerRegistry):
     """Collection: deleted rows go once every device has merged their delete.
     Devices report how far they have merged (:meth:`note_reader`); a device
-    that may hold what was collected is stale and rejoins."""
+    that may hold what was collected is stale and rejoins.
+
+    A deleted row of a table others reference (:data:`REFERENCED`) is a
+    *candidate*: it goes only once every device also says that it holds
+    nothing naming it (the server, seeing no values, cannot tell).  Each
+    report is answered with candidates to ask about (``ask``); the device's
+    next report says which of them it still holds (``pins``).
+    """
 
     MAX_READERS = 16                    # device ids one device name reports under
 
-    def note_reader(self, device: str, author: str, dev: Any, merged: Any) -> None:
+    def note_reader(self, device: str, author: str, dev: Any, merged: Any,
+                    pins: Any = None) -> dict | None:
         """Remember that device id ``dev`` (of the key with prefix ``author``)
         has merged everything up to ``merged``, with every edit it made
         before that sent: it holds collection back no further.  A report of
         0 (a device starting afresh) also says it holds nothing collected
-        so far."""
+        so far.  ``pins`` answers the last ask (see :meth:`_take_pins`).
+
+        Returns what to ask the device about next, ``{"n": number, "rows":
+        [[table, id], ...]}`` (no rows: nothing), or None for a report not taken.
+        """
         if not (isinstance(dev, str) and DEVICE_ID_RE.match(dev) and author_of(dev) == author
                 and type(merged) is int and 0 <= merged <= self._seq_high()):
-            return                      # only a key's own ids, and only cursors it was given
+            return None                 # only a key's own ids, and only cursors it was given
         with transaction(self.conn):
             through = self.collected_through()
             self.conn.execute(
@@ -4350,6 +4475,42 @@ class ServerCollection(ServerRegistry):
             self.conn.execute(
                 "DELETE FROM reader WHERE device = ? AND dev NOT IN (SELECT dev FROM reader "
                 "WHERE device = ? ORDER BY at DESC LIMIT ?)", (device, device, self.MAX_READERS))
+            if merged:
+                self._take_pins(dev, pins)
+            return self._ask(dev, merged)
+
+    def _take_pins(self, dev: str, pins: Any) -> None:
+        """Note a device's answer to the last ask: ``{"n": the ask's number,
+        "held": [[table, id], ...]}``, the rows asked of which it still holds
+        one or something naming it.  An answer to another ask is ignored."""
+        asked = self.conn.execute("SELECT n, rows FROM asked WHERE dev = ?", (dev,)).fetchone()
+        if not (asked and isinstance(pins, dict) and pins.get("n") == asked[0]
+                and type(pins.get("n")) is int and isinstance(pins.get("held"), list)):
+            return
+        held = {(h[0], h[1]) for h in pins["held"][:ASK_ROWS] if isinstance(h, list)
+                and len(h) == 2 and all(isinstance(x, str) for x in h)}
+        now = int(self.clock())
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO pin (tbl, sid, dev, seq, held, at) VALUES (?, ?, ?, ?, ?, ?)",
+            [(tbl, sid, dev, seq, int((tbl, sid) in held), now)
+             for tbl, sid, seq in json.loads(asked[1])])
+
+    def _ask(self, dev: str, merged: int) -> dict:
+        """The candidates to ask ``dev`` about (those it merged the records of
+        and has not answered for; one it holds, again after PIN_RECHECK_S)."""
+        rows = self.conn.execute(
+            "SELECT c.tbl, c.sid, c.seq FROM candidate c WHERE c.seq <= ? AND NOT EXISTS "
+            "(SELECT 1 FROM pin p WHERE p.tbl = c.tbl AND p.sid = c.sid AND p.dev = ? "
+            "AND p.seq = c.seq AND (p.held = 0 OR p.at > ?)) ORDER BY c.seq LIMIT ?",
+            (merged, dev, int(self.clock() - PIN_RECHECK_S), ASK_ROWS)).fetchall()
+        if not rows:
+            self.conn.execute("DELETE FROM asked WHERE dev = ?", (dev,))
+            return {"n": 0, "rows": []}
+        last = self.conn.execute("SELECT n FROM asked WHERE dev = ?", (dev,)).fetchone()
+        n = (last[0] if last else 0) % 2 ** 31 + 1
+        self.conn.execute("INSERT OR REPLACE INTO asked (dev, n, rows) VALUES (?, ?, ?)",
+                          (dev, n, json.dumps([list(r) for r in rows])))
+        return {"n": n, "rows": [[tbl, sid] for tbl, sid, _seq in rows]}
 
     def _seq_high(self) -> int:
         """The highest sequence number ever given (collected records included)."""
@@ -4360,8 +4521,7 @@ class ServerCollection(ServerRegistry):
     def collected_through(self) -> int:
         """Deleted rows whose records all lie at or before this sequence number
         may be gone: a device that merged less must rejoin (see :meth:`stale`)."""
-        row = self.conn.execute("SELECT value FROM meta WHERE key = 'collected'").fetchone()
-        return int(row[0]) if row else 0
+        return self._meta_int("collected")
 
     def stale(self, cursor: Any, through: int | None = None) -> bool:
         """True when a device that merged up to ``cursor`` may have missed a
@@ -4398,31 +4558,86 @@ class ServerCollection(ServerRegistry):
         return self._counted()[0]
 
     def collect(self, stop: threading.Event | None = None) -> int:
-        """Drop the deleted rows of :data:`COLLECTABLE` tables that every device
-        seen lately has merged the delete of, a chunk per transaction (pushes
-        go between); returns how many rows went.  The tombstone goes with the
-        row's other records."""
+        """Drop the deleted rows that every device seen lately has merged the
+        delete of (of a :data:`REFERENCED` table, only those every such
+        device also holds nothing naming), a chunk per transaction (pushes
+        go between); returns how many rows went.  The tombstone goes with
+        the row's other records."""
         with transaction(self.conn):    # first: whoever merged less is stale from now
             through = self.collected_through()
             horizon, counted = self._counted()
-            if horizon <= through:
-                return 0
-            self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('collected', ?)",
-                              (str(horizon),))
-            self.conn.executemany("UPDATE reader SET floor = ? WHERE dev = ?",
-                                  [(horizon, dev) for dev in counted])
-        done, after = 0, through
-        tables = ",".join("?" * len(COLLECTABLE))
+            if horizon > through:
+                self.conn.execute("INSERT OR REPLACE INTO meta (key, value) "
+                                  "VALUES ('collected', ?)", (str(horizon),))
+                self.conn.executemany("UPDATE reader SET floor = ? WHERE dev = ?",
+                                      [(horizon, dev) for dev in counted])
+        done = 0
+        if horizon > through:
+            done += self._scan(COLLECTABLE, through, horizon, stop,
+                               lambda rows: self._collect_rows(rows, horizon))
+        scanned = self._meta_int("candidates")
+        if horizon > scanned:
+            self._scan(REFERENCED, scanned, horizon, stop,
+                       lambda rows: self._note_candidates(rows, horizon))
+            if stop is not None and stop.is_set():
+                return done             # the scan goes on from where it was next time
+            with transaction(self.conn):
+                self.conn.execute("INSERT OR REPLACE INTO meta (key, value) "
+                                  "VALUES ('candidates', ?)", (str(horizon),))
+        return done + self._collect_unheld(horizon, counted)
+
+    def _meta_int(self, key: str) -> int:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _scan(self, tables: tuple[str, ...], after: int, upto: int,
+              stop: threading.Event | None, each: Callable[[set], int]) -> int:
+        """``each`` (in a transaction) over the rows of ``tables`` with records
+        in (``after``, ``upto``], COLLECT_CHUNK records at a time; the sum."""
+        done, marks = 0, ",".join("?" * len(tables))
         while stop is None or not stop.is_set():
             chunk = self.conn.execute(
                 f"SELECT seq, tbl, sid FROM change WHERE seq > ? AND seq <= ? AND tbl IN "
-                f"({tables}) ORDER BY seq LIMIT ?",
-                (after, horizon, *COLLECTABLE, COLLECT_CHUNK)).fetchall()
+                f"({marks}) ORDER BY seq LIMIT ?", (after, upto, *tables, COLLECT_CHUNK)).fetchall()
             with transaction(self.conn):
-                done += self._collect_rows({(t, sid) for _seq, t, sid in chunk}, horizon)
+                done += each({(t, sid) for _seq, t, sid in chunk})
             if len(chunk) < COLLECT_CHUNK:
                 break
             after = chunk[-1][0]
+        return done
+
+    def _note_candidates(self, rows: set[tuple[str, str]], horizon: int) -> int:
+        """Of ``rows``, make those that read as deleted, with every record
+        merged by every device, candidates (at their last record); the rest
+        are not (a row edited since is looked at again once merged)."""
+        for (table, sid), versions in self._versions(rows).items():
+            if versions and max(v[0] for v in versions) <= horizon and versions_deleted(
+                    [(v[1], v[2]) for v in versions]):
+                self.conn.execute("INSERT OR REPLACE INTO candidate (tbl, sid, seq) "
+                                  "VALUES (?, ?, ?)", (table, sid, max(v[0] for v in versions)))
+            else:
+                self.conn.execute("DELETE FROM candidate WHERE tbl = ? AND sid = ?",
+                                  (table, sid))
+        return 0
+
+    def _collect_unheld(self, horizon: int, counted: list[str]) -> int:
+        """Collect the candidates every device counted has said it holds
+        nothing of (at their last record); forget answers no longer needed."""
+        answered: dict[tuple[str, str], set[str]] = defaultdict(set)
+        for tbl, sid, dev in self.conn.execute(
+                "SELECT c.tbl, c.sid, p.dev FROM candidate c JOIN pin p ON p.tbl = c.tbl "
+                "AND p.sid = c.sid AND p.seq = c.seq AND p.held = 0 WHERE c.seq <= ?",
+                (horizon,)):
+            answered[(tbl, sid)].add(dev)
+        ready = {row for row, devs in answered.items() if counted and set(counted) <= devs}
+        with transaction(self.conn):
+            done = self._collect_rows(ready, horizon) if ready else 0
+            self.conn.execute("DELETE FROM candidate WHERE NOT EXISTS (SELECT 1 FROM change "
+                              "WHERE change.tbl = candidate.tbl AND change.sid = candidate.sid)")
+            self.conn.execute("DELETE FROM pin WHERE dev NOT IN (SELECT dev FROM reader) OR "
+                              "NOT EXISTS (SELECT 1 FROM candidate c WHERE c.tbl = pin.tbl "
+                              "AND c.sid = pin.sid AND c.seq = pin.seq)")
+            self.conn.execute("DELETE FROM asked WHERE dev NOT IN (SELECT dev FROM reader)")
         return done
 
     def _versions(self, rows: Iterable[tuple[str, str]]) -> dict[tuple[str, str], list]:
@@ -4579,9 +4794,11 @@ class ServerStore(ServerCollection):
     def _empty(self) -> None:
         """Drop every record, batch, report and count; a new store identity
         (devices re-seed it)."""
-        for table in ("change", "batch", "reader", "usage", "recent", "report"):
+        for table in ("change", "batch", "reader", "usage", "recent", "report", "candidate",
+                      "asked", "pin"):
             self.conn.execute(f"DELETE FROM {table}")
-        self.conn.execute("DELETE FROM meta WHERE key IN ('collected', 'e2e', 'e2e_pending')")
+        self.conn.execute("DELETE FROM meta WHERE key IN ('collected', 'candidates', 'e2e', "
+                          "'e2e_pending')")
         self.conn.execute("UPDATE meta SET value = ? WHERE key = 'store_id'",
                           (new_uuid().hex,))
 
@@ -4997,10 +5214,11 @@ def _op_pull(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
             isinstance(r, list) and len(r) == 2 and all(type(n) is int and 0 <= n < 2 ** 63
                                                         for n in r) for r in skip)):
         raise HttpError(400, "bad_request", "skip is at most 64 [first, last] pairs")
-    store.note_reader(device["name"], author_prefix(device["key_id"]), payload.get("dev"),
-                      payload.get("merged"))
-    return store.pull_raw(cursor, min(limit, MAX_PULL_PAGE), since,
+    ask = store.note_reader(device["name"], author_prefix(device["key_id"]),
+                            payload.get("dev"), payload.get("merged"), payload.get("pins"))
+    page = store.pull_raw(cursor, min(limit, MAX_PULL_PAGE), since,
                           min(max_bytes, PULL_PAGE_BYTES), check, skip)
+    return page if ask is None else {**page, "ask": ask}
 
 
 def _op_e2e(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
@@ -6141,11 +6359,14 @@ class LocalTransport:
     def pull(self, cursor: int, limit: int = PULL_PAGE, since: str | None = None,
              report: dict | None = None, skip: list | None = None) -> dict:
         """One page of records from the in-process server store."""
-        if report and self.author:
-            self.server.note_reader(self.device, self.author, report["dev"], report["merged"])
+        ask = self.server.note_reader(self.device, self.author, report["dev"],
+                                      report["merged"], report.get("pins")) \
+            if report and self.author else None
         page = self.server.pull(cursor, limit, since, page_bytes(limit),
                                 check=self.vault.check if self.vault else None,
                                 skip=skip or ())
+        if ask is not None:
+            page["ask"] = ask
         blobs = page.pop("blobs", [])
         page = {**json.loads(json.dumps(page)), "blobs": blobs}
         return opened_page(self.vault, checked_mode(page, self.vault, "the server"),
@@ -6344,9 +6565,15 @@ def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: in
     changing is an error); without ``reseed`` (a pull in plaintext, before
     encrypting the store) this device only merges it from the start.
     """
+    def pinned(cursor: int) -> dict:
+        # The answer to what the server asked at the last report (see Store.pins).
+        vault = getattr(transport, "vault", None)
+        pins = store.pins(vault.row_id if vault else None) if cursor else None
+        return {"pins": pins} if pins else {}
+
     def fetch(cursor: int, report: bool = False) -> _InFlight:
         # Starting afresh (cursor 0) is always worth saying: it holds nothing collected.
-        told = [{"dev": store.device_id, "merged": cursor}] \
+        told = [{"dev": store.device_id, "merged": cursor, **pinned(cursor)}] \
             if (report or cursor == 0) and not since else []
         # Its own records need not come back, unless it rejoins (it counts what it sees).
         skip = store.own_ranges() if not since and not store.rejoining() else []
@@ -6369,6 +6596,8 @@ def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: in
                 page_size = _halved(exc, page_size)      # the same cursor, a smaller page
                 fetching = fetch(cursor)
                 continue
+            if "ask" in page:           # the answer to this sync's report
+                store.keep_ask(page["ask"])
             if store.server_changed(page.get("store")) and page["store"] not in restarted:
                 fetching = None
                 if len(restarted) >= 2:

@@ -64,7 +64,9 @@ def sync_all(*devs, rounds: int = 2):
             assert result.quota is None and not result.refused
 
 
-def test_rows_other_rows_may_reference_are_kept(tmp_path):
+def test_rows_other_rows_may_reference_wait_for_every_devices_answer(tmp_path):
+    """A deleted project is not collected on the horizon alone: the devices
+    have not said yet that nothing they hold names it (test_collect_referenced)."""
     server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
     a, b = devices(tmp_path, server, "a", "b")
     a.sql("INSERT INTO project (name) VALUES ('acme')")

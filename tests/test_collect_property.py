@@ -32,7 +32,10 @@ key) pulls the server's state.  Then:
    parent), a row whose latest events include no delete (never deleted, or
    created again after its delete) is everywhere, and no row exists that no
    device ever wrote;
-3. the server's usage table equals the change table counted afresh.
+3. the server's usage table equals the change table counted afresh;
+4. after a month and three more rounds (report, ask, answer, collect), the
+   server keeps no deleted row of a referenced table that no device holds
+   or names.
 
 Cells are not judged (a row a rejoining device sends again as new carries its
 own values: that is the documented rule, not the model's latest-edit one).
@@ -194,6 +197,20 @@ def settle(net: Net, model: Model) -> list[str]:
     return [f"still moving after {SETTLE_ROUNDS} rounds of syncs"]
 
 
+def collect_unheld(net: Net, model: Model) -> list[str]:
+    """A month on (device ids that no longer sync, such as the one a copied
+    database had, stop holding collection back; rows a device held are asked
+    about again), then rounds in which the server asks about the deleted
+    rows of referenced tables and collects those no device holds: report,
+    ask, answer, collect."""
+    net.now_ms += JUMP_MS
+    for _ in range(3):
+        for d in range(len(net.devices)):
+            sync(net, model, d, "sync")
+        net.server.collect()
+    return settle(net, model)
+
+
 def run_program(steps: list) -> list[str]:
     """Run BASE + ``steps`` on a fresh network; every complaint of the oracle."""
     model_sim._COLUMNS.clear()          # model_sim caches columns by connection id
@@ -203,7 +220,7 @@ def run_program(steps: list) -> list[str]:
         try:
             for i, step in enumerate(BASE + steps):
                 run_step(net, model, i, step)
-            complaints = settle(net, model)
+            complaints = settle(net, model) + collect_unheld(net, model)
             newcomer = net.newcomer()
             try:
                 newcomer.sync()
@@ -230,7 +247,24 @@ def oracle(net: Net, model: Model, newcomer: Device) -> list[str]:
         out += [f"{dev.name}: {c}" for c in leftovers(dev, snap)]
         out += existence(model, logical_view(dev.cc), dev.name)
     out += usage_complaints(net.server)
+    out += unheld_left(net.server, devices)
     return out
+
+
+def unheld_left(server: ccsync.ServerStore, devices: list) -> list[str]:
+    """Collection goes on: the server keeps no deleted row of a referenced
+    table that no device has or names (content() writes references as ids)."""
+    named = set()
+    for dev in devices:
+        for rows in content(dev.cc).values():
+            named |= set(rows)
+            named |= {v for row in rows.values() for v in row.values() if isinstance(v, str)}
+    rows = {(t, sid) for t, sid in server.conn.execute(
+        f"SELECT tbl, sid FROM change WHERE tbl IN ({','.join('?' * len(ccsync.REFERENCED))})",
+        ccsync.REFERENCED)}
+    return [f"the server keeps deleted {t} {sid}, which no device holds"
+            for (t, sid), versions in sorted(server._versions(rows).items())
+            if sid not in named and ccsync.versions_deleted([(v[1], v[2]) for v in versions])]
 
 
 def first_difference(a: dict, b: dict) -> str:

@@ -1,0 +1,258 @@
+"""Collection of deleted rows that other rows may name (projects, environments,
+versions, databases, repositories).
+
+The server cannot see which live rows name a deleted one (under end-to-end
+encryption it sees no values), so it asks: each report a device makes is
+answered with deleted rows to ask about, and the device's next report says
+which of them it still holds (the row, or a live row, an unsent edit or a
+record kept for later that names it).  A row goes once every device seen
+lately has said it holds nothing of it; a device joining later never meets
+a reference to a row it cannot learn about.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ccsync
+from conftest import Device, content, make_cc_db
+from model_sim import E2E_VAULT
+from test_collect import Clock, devices, sync_all
+from test_transport import register, server_sql, signed, start_server  # noqa: F401
+
+
+def stored(server, table: str) -> int:
+    """How many records of ``table`` the server holds."""
+    return server.conn.execute("SELECT count(*) FROM change WHERE tbl = ?",
+                               (table,)).fetchone()[0]
+
+
+def settle(server, *devs, cycles: int = 3) -> None:
+    """Rounds of syncs with a collection after each: reports, asks, answers."""
+    for _ in range(cycles):
+        sync_all(*devs)
+        server.collect()
+
+
+def newcomer(tmp_path, server, name: str = "n", vault=None):
+    """A device joining after the collection; it must end with nothing waiting."""
+    (dev,) = devices(tmp_path, server, name)
+    dev.transport.vault = vault
+    dev.sync()
+    assert dev.store.pending_references() == 0
+    return dev
+
+
+def acme(device) -> None:
+    """A project with an environment (a version, a database) on ``device``."""
+    device.sql("INSERT INTO version (name, path) VALUES ('17.0', '/odoo/17.0')")
+    device.sql("INSERT INTO database (name) VALUES ('acme_db')")
+    device.sql("INSERT INTO project (name, main_branch) VALUES ('acme', 'main')")
+    device.sql("INSERT INTO environment (name, project_id, version_id, database_id, "
+               "project_path) VALUES ('main', 1, 1, 1, '/x')")
+
+
+def drop_acme(device) -> None:
+    device.sql("DELETE FROM environment WHERE name = 'main'")
+    device.sql("DELETE FROM project WHERE name = 'acme'")
+    device.sql("DELETE FROM database")
+    device.sql("DELETE FROM version")
+
+
+def test_deleted_rows_no_live_row_names_go_once_every_device_says_so(tmp_path):
+    server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
+    a, b = devices(tmp_path, server, "a", "b")
+    acme(a)
+    sync_all(a, b)
+    drop_acme(b)
+    sync_all(a, b)
+    assert server.collect() == 0        # candidates now; no device has answered yet
+    assert stored(server, "project") >= 1
+    settle(server, a, b)
+    for table in ("environment", "project", "database", "version"):
+        assert stored(server, table) == 0, table
+    n = newcomer(tmp_path, server)
+    assert content(n.cc) == content(a.cc) == content(b.cc)
+    assert not content(n.cc)["project"]
+    # Nothing is left to ask about: an idle sync's report gets an empty ask.
+    assert server.conn.execute("SELECT count(*) FROM candidate").fetchone()[0] == 0
+    assert a.store.meta("pin_ask") is None
+
+
+def test_a_deleted_environment_a_time_entry_made_elsewhere_needs_stays_until_it_goes(tmp_path):
+    """b logs time on 'main' while a deletes it: 'main' comes back everywhere
+    (a time entry needs its environment), the server still reads it as
+    deleted, and b and a say they hold it: it stays.  Once the time entry
+    is deleted too, the environment goes."""
+    clock = Clock()
+    server = ccsync.ServerStore.open(str(tmp_path / "server.db"), clock=clock)
+    a, b = devices(tmp_path, server, "a", "b")
+    acme(a)
+    sync_all(a, b)
+    a.sql("DELETE FROM environment")
+    b.sql("INSERT INTO switch_log (environment_id, switched_at, flagged, source) "
+          "VALUES (1, '2026-12-01T10:00:00', 0, 'cli')")
+    settle(server, a, b)
+    assert stored(server, "environment") >= 1
+    assert [r[0] for r in a.sql("SELECT name FROM environment")] == ["main"]
+    late = newcomer(tmp_path, server, "late")
+    assert content(late.cc) == content(a.cc) == content(b.cc)
+    b.sql("DELETE FROM switch_log")
+    settle(server, a, b, late)
+    assert stored(server, "environment") >= 1       # held: asked again only after a while
+    clock.now += ccsync.PIN_RECHECK_S
+    settle(server, a, b, late)
+    assert stored(server, "environment") == 0
+    assert not a.sql("SELECT name FROM environment")
+    n = newcomer(tmp_path, server)
+    assert content(n.cc) == content(a.cc) == content(b.cc) == content(late.cc)
+
+
+def test_a_device_that_never_answers_holds_the_collection_back(tmp_path):
+    """A device whose ccsync does not answer asks (an older version) is still
+    counted: nothing of a referenced table goes while it is seen."""
+    server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
+    a, b = devices(tmp_path, server, "a", "b")
+    b.store.pins = lambda row_id=None: None     # reports its cursor, never answers
+    acme(a)
+    sync_all(a, b)
+    drop_acme(a)
+    settle(server, a, b)
+    assert stored(server, "project") >= 1
+    del b.store.pins
+    settle(server, a, b)
+    assert stored(server, "project") == 0
+
+
+def test_end_to_end_devices_answer_for_the_keyed_ids_the_server_knows(tmp_path):
+    server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
+    server.begin_e2e(E2E_VAULT.params(private=True), 0)
+    a, b = devices(tmp_path, server, "a", "b")
+    for dev in (a, b):
+        dev.transport.vault = E2E_VAULT
+    acme(a)
+    a.sql("INSERT INTO project (name) VALUES ('globex')")
+    a.sql("INSERT INTO environment (name, project_id, project_path) VALUES ('prod', 2, '/y')")
+    sync_all(a, b)
+    ids = {name: E2E_VAULT.row_id("project", sid)
+           for name, sid in a.sql("SELECT name, sync_id FROM project")}
+    drop_acme(b)
+    b.sql("DELETE FROM project WHERE name = 'globex'")     # prod (still live) names it
+    settle(server, a, b)
+    assert stored(server, "version") == stored(server, "database") == 0
+    projects = {sid for (sid,) in server.conn.execute("SELECT sid FROM change "
+                                                      "WHERE tbl = 'project'")}
+    assert projects == {ids["globex"]}              # acme went; prod names globex
+    keyed = {sid for (sid,) in server.conn.execute("SELECT sid FROM change")}
+    assert all(sid.startswith("e") and len(sid) == 41 for sid in keyed)
+    n = newcomer(tmp_path, server, vault=E2E_VAULT)
+    assert content(n.cc) == content(a.cc) == content(b.cc)
+
+
+def test_answers_to_another_ask_and_malformed_pins_change_nothing(tmp_path):
+    """Only an answer to the ask the device got last counts; whatever a
+    report's pins hold, the server answers 200 and collects nothing a device
+    did not say it no longer holds."""
+    server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
+    a, b = devices(tmp_path, server, "a", "b")
+    acme(a)
+    sync_all(a, b)
+    drop_acme(a)
+    settle(server, a, b, cycles=1)
+    report = dict(dev=b.store.device_id, merged=b.store.cursor)
+    lines: list[str] = []
+    http = ccsync.SyncServer(("127.0.0.1", 0), str(tmp_path / "server.db"), log=lines.append,
+                             collect_every=3600)
+    try:
+        answer_badly(server, b, http, lines, report)
+    finally:
+        http.server_close()
+    # a has not answered yet: nothing goes, whatever b said.
+    assert server.collect() == 0 and stored(server, "project") >= 1
+
+
+def answer_badly(server, b, http, lines, report):
+    # Answers to another ask, or not an answer; the last is an answer whose
+    # junk entries name nothing (so it says b holds none of the rows).
+    for bad in ({"n": "N+1", "held": []}, {"n": True, "held": []}, {"n": "N", "held": "x"},
+                [1], "x", None, 7, {"held": []},
+                {"n": "N", "held": [["project", [1]], [1, 2], {}, None, ["a"], "x"]}):
+        asked = server.note_reader("b", b.transport.author, **report)
+        assert asked["rows"], "b has not answered yet"
+        if isinstance(bad, dict) and bad.get("n") in ("N", "N+1"):
+            bad = {**bad, "n": asked["n"] + (bad["n"] == "N+1")}
+        headers, body = signed(b.key, "/v1/pull", {"cursor": b.store.cursor, "limit": 10,
+                                                   **report, "pins": bad})
+        status, _headers, answer = ccsync.dispatch(http, "POST", "/v1/pull", headers, body)
+        assert status == 200, (bad, answer, lines[-3:])
+
+
+def test_a_fresh_device_starting_from_nothing_is_asked_nothing(tmp_path):
+    server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
+    a, = devices(tmp_path, server, "a")
+    acme(a)
+    a.sync()
+    drop_acme(a)
+    a.sync()
+    server.collect()
+    fresh = Device(tmp_path / "fresh.db", server, "fresh")
+    assert server.note_reader("a", a.transport.author, a.store.device_id, 0) == \
+        {"n": 0, "rows": []}
+    assert fresh.store.pins() is None
+
+
+def test_the_running_server_collects_a_deleted_project_end_to_end(tmp_path, start_server):
+    """Over HTTP with encryption on, as users run it: reports, asks and
+    answers travel in the pull requests, and the server's own collector
+    drops the project once both devices have answered."""
+    srv = start_server(collect_every=0.1)
+    store = ccsync.ServerStore.open(srv.data_path)
+    store.begin_e2e(E2E_VAULT.params(private=True), 0)
+    store.conn.close()
+    a = Device(tmp_path / "a.db", None, "a")
+    b = Device(tmp_path / "b.db", None, "b")
+    a.transport = ccsync.Client(srv.url, register(srv, "a"), vault=E2E_VAULT)
+    b.transport = ccsync.Client(srv.url, register(srv, "b"), vault=E2E_VAULT)
+    acme(a)
+    sync_all(a, b)
+    drop_acme(a)
+    gone = 0
+    for _ in range(50):                 # syncs, each followed by a collection or more
+        sync_all(a, b, rounds=1)
+        time.sleep(0.25)
+        gone = server_sql(srv, "SELECT count(*) FROM change WHERE tbl IN "
+                               "('project', 'environment', 'version', 'database')")[0][0]
+        if not gone:
+            break
+    assert not gone, srv.lines
+    assert not content(a.cc)["project"] and content(a.cc) == content(b.cc)
+    a.transport.close()
+    b.transport.close()
+
+
+def test_a_record_kept_aside_for_a_table_cc_lacks_holds_the_row_it_names(tmp_path):
+    """'lap' runs an older cc without the code index: it keeps the index
+    entry aside.  The repository is deleted while the entry still names it,
+    then the only other device retires.  lap's kept record holds the
+    repository, so a newcomer still gets it (and brings it back for the
+    entry) instead of an entry waiting for a parent that is gone."""
+    clock = Clock()
+    server = ccsync.ServerStore.open(str(tmp_path / "server.db"), clock=clock)
+    a, = devices(tmp_path, server, "a")
+    a.sql("INSERT INTO repository (name, path) VALUES ('r', '/src/r')")
+    a.sql("INSERT INTO knowledge_index (repository_id, symbol) VALUES (1, 'ledger')")
+    a.sync()
+    lap_path = tmp_path / "lap.db"
+    make_cc_db(lap_path).executescript("DROP TABLE knowledge_index;")
+    lap, = devices(tmp_path, server, "lap")
+    lap.sync()
+    assert lap.store.conn.execute("SELECT count(*) FROM _ccsync_held").fetchone()[0] == 1
+    a.sql("DELETE FROM repository")     # the entry (NOT NULL) keeps it alive on a
+    sync_all(a, lap)
+    server.revoke("a")
+    clock.now += ccsync.PIN_RECHECK_S
+    settle(server, lap)
+    assert stored(server, "repository") >= 1
+    n = newcomer(tmp_path, server)
+    assert [r[0] for r in n.sql("SELECT symbol FROM knowledge_index")] == ["ledger"]
+    assert [r[0] for r in n.sql("SELECT name FROM repository")] == ["r"]
