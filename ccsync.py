@@ -136,6 +136,22 @@ COLLECTABLE = tuple(spec.name for spec in SPEC if not any(
 # asked about ASK_ROWS of them at a time.
 REFERENCED = tuple(spec.name for spec in SPEC if spec.name not in COLLECTABLE)
 ASK_ROWS = 200
+
+
+def _naming_tables(table: str) -> tuple[str, ...]:
+    """The tables whose rows may keep a ``table`` row alive, directly or
+    through others (a time entry keeps its environment, and so its project)."""
+    found, todo = set(), [table]
+    while todo:
+        name = todo.pop()
+        for spec in SPEC:
+            if name in spec.refs.values() and spec.name not in found:
+                found.add(spec.name)
+                todo.append(spec.name)
+    return tuple(sorted(found))
+
+
+NAMED_BY = {name: _naming_tables(name) for name in REFERENCED}
 TABLE_ORDER = {spec.name: i for i, spec in enumerate(SPEC)}
 
 SYNC_COLUMNS = ("sync_id", "synced_at")   # cc's own columns; never synced as data
@@ -4250,7 +4266,8 @@ CREATE TABLE IF NOT EXISTS candidate (
 CREATE TABLE IF NOT EXISTS asked (dev TEXT PRIMARY KEY, n INTEGER NOT NULL, rows TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS pin (
     tbl TEXT NOT NULL, sid TEXT NOT NULL, dev TEXT NOT NULL, seq INTEGER NOT NULL,
-    held INTEGER NOT NULL, at INTEGER NOT NULL, PRIMARY KEY (tbl, sid, dev)) WITHOUT ROWID;
+    held INTEGER NOT NULL, merged INTEGER NOT NULL, at INTEGER NOT NULL,
+    PRIMARY KEY (tbl, sid, dev)) WITHOUT ROWID;
 """
 # Columns later versions added to tables an earlier one made: (table, column, type).
 _SERVER_COLUMNS = (("change", "batch", "INTEGER"), ("change", "slot", "INTEGER"),
@@ -4446,7 +4463,11 @@ class ServerCollection(ServerRegistry):
     *candidate*: it goes only once every device also says that it holds
     nothing naming it (the server, seeing no values, cannot tell).  Each
     report is answered with candidates to ask about (``ask``); the device's
-    next report says which of them it still holds (``pins``).
+    next report says which of them it still holds (``pins``).  An answer
+    holds while no record of a table that may name the row
+    (:data:`NAMED_BY`) is newer than what the device had merged when it
+    gave it: such a record (a time entry made elsewhere) can bring the row
+    back on a device that had let it go.
     """
 
     MAX_READERS = 16                    # device ids one device name reports under
@@ -4476,10 +4497,10 @@ class ServerCollection(ServerRegistry):
                 "DELETE FROM reader WHERE device = ? AND dev NOT IN (SELECT dev FROM reader "
                 "WHERE device = ? ORDER BY at DESC LIMIT ?)", (device, device, self.MAX_READERS))
             if merged:
-                self._take_pins(dev, pins)
+                self._take_pins(dev, merged, pins)
             return self._ask(dev, merged)
 
-    def _take_pins(self, dev: str, pins: Any) -> None:
+    def _take_pins(self, dev: str, merged: int, pins: Any) -> None:
         """Note a device's answer to the last ask: ``{"n": the ask's number,
         "held": [[table, id], ...]}``, the rows asked of which it still holds
         one or something naming it.  An answer to another ask is ignored."""
@@ -4491,18 +4512,39 @@ class ServerCollection(ServerRegistry):
                 and len(h) == 2 and all(isinstance(x, str) for x in h)}
         now = int(self.clock())
         self.conn.executemany(
-            "INSERT OR REPLACE INTO pin (tbl, sid, dev, seq, held, at) VALUES (?, ?, ?, ?, ?, ?)",
-            [(tbl, sid, dev, seq, int((tbl, sid) in held), now)
+            "INSERT OR REPLACE INTO pin (tbl, sid, dev, seq, held, merged, at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(tbl, sid, dev, seq, int((tbl, sid) in held), merged, now)
              for tbl, sid, seq in json.loads(asked[1])])
 
+    def _newest_naming(self, tables: Iterable[str]) -> dict[str, int]:
+        """For each of ``tables``, the newest record of a table whose rows may
+        name its rows (0: none)."""
+        tables = set(tables)
+        newest = {name: self.conn.execute("SELECT coalesce(max(seq), 0) FROM change WHERE "
+                                          "tbl = ?", (name,)).fetchone()[0]
+                  for name in {n for t in tables for n in NAMED_BY.get(t, ())}}
+        return {t: max((newest[n] for n in NAMED_BY.get(t, ())), default=0) for t in tables}
+
     def _ask(self, dev: str, merged: int) -> dict:
-        """The candidates to ask ``dev`` about (those it merged the records of
-        and has not answered for; one it holds, again after PIN_RECHECK_S)."""
-        rows = self.conn.execute(
-            "SELECT c.tbl, c.sid, c.seq FROM candidate c WHERE c.seq <= ? AND NOT EXISTS "
-            "(SELECT 1 FROM pin p WHERE p.tbl = c.tbl AND p.sid = c.sid AND p.dev = ? "
-            "AND p.seq = c.seq AND (p.held = 0 OR p.at > ?)) ORDER BY c.seq LIMIT ?",
-            (merged, dev, int(self.clock() - PIN_RECHECK_S), ASK_ROWS)).fetchall()
+        """The candidates to ask ``dev`` about: those it merged the records of
+        and has no answer for that holds (one it holds: again after PIN_RECHECK_S)."""
+        candidates = self.conn.execute("SELECT tbl, sid, seq FROM candidate WHERE seq <= ? "
+                                       "ORDER BY seq", (merged,)).fetchall()
+        rows = []
+        if candidates:
+            newest = self._newest_naming(t for t, _sid, _seq in candidates)
+            answers = {(t, sid): (seq, held, at, upto) for t, sid, seq, held, at, upto in
+                       self.conn.execute("SELECT tbl, sid, seq, held, at, merged FROM pin "
+                                         "WHERE dev = ?", (dev,))}
+            recheck = self.clock() - PIN_RECHECK_S
+
+            def answered(table: str, sid: str, seq: int) -> bool:
+                got = answers.get((table, sid))
+                return got is not None and got[0] == seq and (
+                    got[2] > recheck if got[1] else got[3] >= newest[table])
+
+            rows = [c for c in candidates if not answered(*c)][:ASK_ROWS]
         if not rows:
             self.conn.execute("DELETE FROM asked WHERE dev = ?", (dev,))
             return {"n": 0, "rows": []}
@@ -4567,10 +4609,7 @@ class ServerCollection(ServerRegistry):
             through = self.collected_through()
             horizon, counted = self._counted()
             if horizon > through:
-                self.conn.execute("INSERT OR REPLACE INTO meta (key, value) "
-                                  "VALUES ('collected', ?)", (str(horizon),))
-                self.conn.executemany("UPDATE reader SET floor = ? WHERE dev = ?",
-                                      [(horizon, dev) for dev in counted])
+                self._mark_collected(horizon, counted)
         done = 0
         if horizon > through:
             done += self._scan(COLLECTABLE, through, horizon, stop,
@@ -4585,6 +4624,16 @@ class ServerCollection(ServerRegistry):
                 self.conn.execute("INSERT OR REPLACE INTO meta (key, value) "
                                   "VALUES ('candidates', ?)", (str(horizon),))
         return done + self._collect_unheld(horizon, counted)
+
+    def _mark_collected(self, mark: int, counted: list[str]) -> None:
+        """Records up to ``mark`` may be collected from now: a device that
+        merged less, or one not ``counted`` (it may hold what goes), rejoins
+        before it sends anything (see :meth:`stale` and :meth:`_uncounted`)."""
+        self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('collected', ?)",
+                          (str(mark),))
+        self.conn.execute("UPDATE reader SET floor = min(floor, ?)", (mark - 1,))
+        self.conn.executemany("UPDATE reader SET floor = ? WHERE dev = ?",
+                              [(mark, dev) for dev in counted])
 
     def _meta_int(self, key: str) -> int:
         row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -4622,16 +4671,26 @@ class ServerCollection(ServerRegistry):
 
     def _collect_unheld(self, horizon: int, counted: list[str]) -> int:
         """Collect the candidates every device counted has said it holds
-        nothing of (at their last record); forget answers no longer needed."""
-        answered: dict[tuple[str, str], set[str]] = defaultdict(set)
-        for tbl, sid, dev in self.conn.execute(
-                "SELECT c.tbl, c.sid, p.dev FROM candidate c JOIN pin p ON p.tbl = c.tbl "
-                "AND p.sid = c.sid AND p.seq = c.seq AND p.held = 0 WHERE c.seq <= ?",
-                (horizon,)):
-            answered[(tbl, sid)].add(dev)
-        ready = {row for row, devs in answered.items() if counted and set(counted) <= devs}
+        nothing of, in answers that still hold (see the class); forget
+        answers no longer needed."""
         with transaction(self.conn):
-            done = self._collect_rows(ready, horizon) if ready else 0
+            candidates = self.conn.execute("SELECT tbl, sid, seq FROM candidate WHERE seq <= ?",
+                                           (horizon,)).fetchall()
+            ready: set[tuple[str, str]] = set()
+            if candidates and counted:
+                newest = self._newest_naming(t for t, _sid, _seq in candidates)
+                answers: dict[tuple[str, str], dict[str, int]] = defaultdict(dict)
+                for tbl, sid, dev, upto in self.conn.execute(
+                        "SELECT c.tbl, c.sid, p.dev, p.merged FROM candidate c JOIN pin p "
+                        "ON p.tbl = c.tbl AND p.sid = c.sid AND p.seq = c.seq AND p.held = 0 "
+                        "WHERE c.seq <= ?", (horizon,)):
+                    answers[(tbl, sid)][dev] = upto
+                ready = {(t, sid) for t, sid, _seq in candidates if all(
+                    answers[(t, sid)].get(dev, -1) >= newest[t] for dev in counted)}
+            done = 0
+            if ready:
+                self._mark_collected(max(horizon, self.collected_through()), counted)
+                done = self._collect_rows(ready, horizon)
             self.conn.execute("DELETE FROM candidate WHERE NOT EXISTS (SELECT 1 FROM change "
                               "WHERE change.tbl = candidate.tbl AND change.sid = candidate.sid)")
             self.conn.execute("DELETE FROM pin WHERE dev NOT IN (SELECT dev FROM reader) OR "

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 import ccsync
 from conftest import Device, content, make_cc_db
 from model_sim import E2E_VAULT
@@ -256,3 +258,50 @@ def test_a_record_kept_aside_for_a_table_cc_lacks_holds_the_row_it_names(tmp_pat
     n = newcomer(tmp_path, server)
     assert [r[0] for r in n.sql("SELECT symbol FROM knowledge_index")] == ["ledger"]
     assert [r[0] for r in n.sql("SELECT name FROM repository")] == ["r"]
+
+
+def log_time(device, when: str) -> None:
+    device.sql("INSERT INTO switch_log (environment_id, switched_at, flagged, source) VALUES "
+               "((SELECT id FROM environment WHERE name = 'main'), ?, 0, 'auto')", when)
+
+
+@pytest.mark.parametrize("vault", [None, E2E_VAULT], ids=["plaintext", "e2e"])
+def test_a_device_that_let_the_row_go_and_got_it_back_is_asked_again(tmp_path, vault):
+    """A review's case: b says it holds nothing of the deleted 'main'; then a
+    time entry a made on it arrives and brings 'main' back on b, which logs
+    time on it too before a's entry is deleted.  b's old answer must not
+    let 'main' go: a record that may name it is newer than that answer."""
+    clock = Clock()
+    server = ccsync.ServerStore.open(str(tmp_path / "server.db"), clock=clock)
+    if vault:
+        server.begin_e2e(vault.params(private=True), 0)
+    a, b = devices(tmp_path, server, "a", "b")
+    a.transport.vault = b.transport.vault = vault
+    acme(a)
+    sync_all(a, b)
+    a.sql("DELETE FROM environment")            # a deletes main while b logs time on it
+    log_time(b, "2026-12-01T10:00:00")
+    settle(server, a, b)
+    log_time(a, "2026-12-01T11:00:00")          # not sent yet
+    b.sql("DELETE FROM switch_log")
+    b.sync()
+    clock.now += ccsync.PIN_RECHECK_S + 1
+    b.sync()
+    b.sync()
+    server.collect()
+    assert not b.sql("SELECT 1 FROM environment")   # b let main go, and said so
+    a.sync()
+    b.sync()                                        # a's entry brings main back on b
+    log_time(b, "2026-12-01T12:00:00")              # not sent yet
+    a.sql("DELETE FROM switch_log")
+    a.sync()
+    clock.now += ccsync.PIN_RECHECK_S + 1
+    a.sync()
+    a.sync()                                        # a holds nothing of main now
+    b.sync()                                        # b's entry goes out
+    server.collect()
+    assert stored(server, "environment") >= 1
+    settle(server, a, b)
+    n = newcomer(tmp_path, server, vault=vault)
+    assert content(n.cc) == content(a.cc) == content(b.cc)
+    assert [r[0] for r in n.sql("SELECT name FROM environment")] == ["main"]
