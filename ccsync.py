@@ -4137,17 +4137,17 @@ class Sending(Incoming):
         return {"n": ask["n"], "held": held}
 
     def _naming(self, table: str) -> Iterator[tuple[str, str, str]]:
-        """(child table, JSON path, condition on its synced state ``s``) for
-        each reference to ``table`` that only the synced state may show: a
+        """(child table, JSON path, the synced states ``s`` to read) for each
+        reference to ``table`` that only the synced state may show: a
         nullable one (it reads NULL here once its row is deleted), and a
         required one in rows waiting for a parent (elsewhere the parent of a
-        live row is here: it came back for it)."""
+        live row is here: it came back for it; read from the few waiting)."""
         for spec, col in self._child_refs(table):
             child = self.tables().get(spec.name)
             waiting = child is not None and col in child.required
             yield spec.name, f'$."{col}"', (
-                " AND EXISTS (SELECT 1 FROM _ccsync_pending p WHERE p.tbl = s.tbl "
-                "AND p.sid = s.sid)" if waiting else "")
+                "_ccsync_pending p CROSS JOIN _ccsync_shadow s ON s.tbl = p.tbl "
+                "AND s.sid = p.sid" if waiting else "_ccsync_shadow s")
 
     def _names_of(self, table: str) -> set[str]:
         """Every id of a ``table`` row this device has or names anywhere."""
@@ -4158,10 +4158,9 @@ class Sending(Incoming):
         if info is not None and "sync_id" in info.columns:
             names.update(sid for (sid,) in self.conn.execute(
                 f"SELECT sync_id FROM {_q(table)} WHERE sync_id IS NOT NULL"))
-        for child, path, waiting in self._naming(table):
+        for child, path, shadows in self._naming(table):
             names.update(ref for (ref,) in self.conn.execute(
-                f"SELECT json_extract(s.vals, ?) FROM _ccsync_shadow s WHERE s.tbl = ?{waiting}",
-                (path, child)))
+                f"SELECT json_extract(s.vals, ?) FROM {shadows} WHERE s.tbl = ?", (path, child)))
         for spec, col in self._child_refs(table):
             names.update(ref for (ref,) in self.conn.execute(
                 "SELECT json_extract(record, ?) FROM _ccsync_held WHERE tbl = ? UNION "
@@ -4184,11 +4183,11 @@ class Sending(Incoming):
             "SELECT sid FROM _ccsync_named WHERE sid IN ({marks})", sids))
         held.update(sid for (sid,) in self._select_in(
             "SELECT sid FROM _ccsync_held WHERE tbl = ? AND sid IN ({marks})", sids, table))
-        for child, path, waiting in self._naming(table):
+        for child, path, shadows in self._naming(table):
             held.update(ref for ref, clocks in self._select_in(
-                f"SELECT json_extract(s.vals, ?), s.clocks FROM _ccsync_shadow s WHERE "
-                f"s.tbl = ?{waiting} AND json_extract(s.vals, ?) IN ({{marks}})",
-                sids - held, path, child, path) if not is_deleted(json.loads(clocks)))
+                f"SELECT json_extract(s.vals, ?), s.clocks FROM {shadows} WHERE s.tbl = ? "
+                "AND json_extract(s.vals, ?) IN ({marks})", sids - held, path, child, path)
+                if not is_deleted(json.loads(clocks)))
         for spec, col in self._child_refs(table):
             for part in ("v", "k"):
                 path = f'$.p.{part}."{col}"'
