@@ -140,12 +140,14 @@ ASK_ROWS = 200
 
 def _naming_tables(table: str) -> tuple[str, ...]:
     """The tables whose rows may keep a ``table`` row alive, directly or
-    through others (a time entry keeps its environment, and so its project)."""
+    through others (a time entry keeps its environment, and so its project;
+    a project's list of environments names them too)."""
     found, todo = set(), [table]
     while todo:
         name = todo.pop()
         for spec in SPEC:
-            if name in spec.refs.values() and spec.name not in found:
+            names = (*spec.refs.values(), *spec.list_refs.values())
+            if name in names and spec.name not in found:
                 found.add(spec.name)
                 todo.append(spec.name)
     return tuple(sorted(found))
@@ -4136,18 +4138,31 @@ class Sending(Incoming):
             held += [[table, i] for i in sorted(ids) if plain.get(i) in mine]
         return {"n": ask["n"], "held": held}
 
-    def _naming(self, table: str) -> Iterator[tuple[str, str, str]]:
-        """(child table, JSON path, the synced states ``s`` to read) for each
-        reference to ``table`` that only the synced state may show: a
-        nullable one (it reads NULL here once its row is deleted), and a
-        required one in rows waiting for a parent (elsewhere the parent of a
-        live row is here: it came back for it; read from the few waiting)."""
+    def _naming(self, table: str) -> Iterator[tuple[str, tuple]]:
+        """Queries of (ref, clocks): the ids of ``table`` rows that the synced
+        state (clocks: the naming row's) or a record kept for later (clocks
+        NULL) names, with their arguments.  The synced state alone shows a
+        nullable reference (it reads NULL here once its row is deleted) and
+        an id list; a required one only in rows waiting for a parent (the
+        parent of a live row is here: it came back for it)."""
         for spec, col in self._child_refs(table):
             child = self.tables().get(spec.name)
-            waiting = child is not None and col in child.required
-            yield spec.name, f'$."{col}"', (
-                "_ccsync_pending p CROSS JOIN _ccsync_shadow s ON s.tbl = p.tbl "
-                "AND s.sid = p.sid" if waiting else "_ccsync_shadow s")
+            shadows = "_ccsync_pending p CROSS JOIN _ccsync_shadow s ON s.tbl = p.tbl " \
+                "AND s.sid = p.sid" if child is not None and col in child.required \
+                else "_ccsync_shadow s"
+            yield (f"SELECT json_extract(s.vals, ?) AS ref, s.clocks AS clocks FROM {shadows} "
+                   "WHERE s.tbl = ?", (f'$."{col}"', spec.name))
+            for part in ("v", "k"):
+                yield ("SELECT json_extract(record, ?) AS ref, NULL AS clocks FROM _ccsync_held "
+                       "WHERE tbl = ?", (f'$.p.{part}."{col}"', spec.name))
+        for spec in SPEC:
+            for col, target in spec.list_refs.items():
+                if target == table:
+                    yield ("SELECT j.value AS ref, s.clocks AS clocks FROM _ccsync_shadow s, "
+                           "json_each(s.vals, ?) j WHERE s.tbl = ?", (f'$."{col}".ids', spec.name))
+                    yield ("SELECT j.value AS ref, NULL AS clocks FROM _ccsync_held h, "
+                           "json_each(h.record, ?) j WHERE h.tbl = ?",
+                           (f'$.p.v."{col}".ids', spec.name))
 
     def _names_of(self, table: str) -> set[str]:
         """Every id of a ``table`` row this device has or names anywhere."""
@@ -4158,14 +4173,9 @@ class Sending(Incoming):
         if info is not None and "sync_id" in info.columns:
             names.update(sid for (sid,) in self.conn.execute(
                 f"SELECT sync_id FROM {_q(table)} WHERE sync_id IS NOT NULL"))
-        for child, path, shadows in self._naming(table):
+        for query, args in self._naming(table):
             names.update(ref for (ref,) in self.conn.execute(
-                f"SELECT json_extract(s.vals, ?) FROM {shadows} WHERE s.tbl = ?", (path, child)))
-        for spec, col in self._child_refs(table):
-            names.update(ref for (ref,) in self.conn.execute(
-                "SELECT json_extract(record, ?) FROM _ccsync_held WHERE tbl = ? UNION "
-                "SELECT json_extract(record, ?) FROM _ccsync_held WHERE tbl = ?",
-                (f'$.p.v."{col}"', spec.name, f'$.p.k."{col}"', spec.name)))
+                f"SELECT DISTINCT ref FROM ({query})", args))
         return {n for n in names if isinstance(n, str)}
 
     def _held_of(self, table: str, sids: set[str]) -> set[str]:
@@ -4183,17 +4193,10 @@ class Sending(Incoming):
             "SELECT sid FROM _ccsync_named WHERE sid IN ({marks})", sids))
         held.update(sid for (sid,) in self._select_in(
             "SELECT sid FROM _ccsync_held WHERE tbl = ? AND sid IN ({marks})", sids, table))
-        for child, path, shadows in self._naming(table):
+        for query, args in self._naming(table):
             held.update(ref for ref, clocks in self._select_in(
-                f"SELECT json_extract(s.vals, ?), s.clocks FROM {shadows} WHERE s.tbl = ? "
-                "AND json_extract(s.vals, ?) IN ({marks})", sids - held, path, child, path)
-                if not is_deleted(json.loads(clocks)))
-        for spec, col in self._child_refs(table):
-            for part in ("v", "k"):
-                path = f'$.p.{part}."{col}"'
-                held.update(ref for (ref,) in self._select_in(
-                    "SELECT json_extract(record, ?) FROM _ccsync_held WHERE tbl = ? "
-                    "AND json_extract(record, ?) IN ({marks})", sids, path, spec.name, path))
+                f"SELECT ref, clocks FROM ({query}) WHERE ref IN ({{marks}})", sids - held, *args)
+                if clocks is None or not is_deleted(json.loads(clocks)))
         # A kept record too malformed to name its table may name anything.
         for (record,) in self.conn.execute("SELECT record FROM _ccsync_held WHERE tbl IS NULL "
                                            f"OR tbl NOT IN ({','.join('?' * len(SPEC))})",
@@ -4497,7 +4500,7 @@ class ServerCollection(ServerRegistry):
                 "WHERE device = ? ORDER BY at DESC LIMIT ?)", (device, device, self.MAX_READERS))
             if merged:
                 self._take_pins(dev, merged, pins)
-            return self._ask(dev, merged)
+            return self._ask(dev, device, merged)
 
     def _take_pins(self, dev: str, merged: int, pins: Any) -> None:
         """Note a device's answer to the last ask: ``{"n": the ask's number,
@@ -4516,16 +4519,23 @@ class ServerCollection(ServerRegistry):
             [(tbl, sid, dev, seq, int((tbl, sid) in held), merged, now)
              for tbl, sid, seq in json.loads(asked[1])])
 
-    def _newest_naming(self, tables: Iterable[str]) -> dict[str, int]:
-        """For each of ``tables``, the newest record of a table whose rows may
-        name its rows (0: none)."""
+    def _newest_naming(self, tables: Iterable[str]) -> Callable[[str, str, str], int]:
+        """newest(table, dev, device): the newest record (0: none) of a table
+        whose rows may name a row of ``table`` (one of ``tables``), leaving
+        out those device id ``dev`` made and device ``device`` pushed: its own
+        edits cannot bring back a row it no longer has."""
         tables = set(tables)
-        newest = {name: self.conn.execute("SELECT coalesce(max(seq), 0) FROM change WHERE "
-                                          "tbl = ?", (name,)).fetchone()[0]
-                  for name in {n for t in tables for n in NAMED_BY.get(t, ())}}
-        return {t: max((newest[n] for n in NAMED_BY.get(t, ())), default=0) for t in tables}
+        versions = {name: self.conn.execute(
+            "SELECT dev, coalesce(device, ''), max(seq) FROM change WHERE tbl = ? "
+            "GROUP BY dev, device", (name,)).fetchall()
+            for name in {n for t in tables for n in NAMED_BY.get(t, ())}}
 
-    def _ask(self, dev: str, merged: int) -> dict:
+        def newest(table: str, dev: str, device: str) -> int:
+            return max((seq for name in NAMED_BY.get(table, ()) for by, pusher, seq
+                        in versions[name] if (by, pusher) != (dev, device)), default=0)
+        return newest
+
+    def _ask(self, dev: str, device: str, merged: int) -> dict:
         """The candidates to ask ``dev`` about: those it merged the records of
         and has no answer for that holds (one it holds: again after PIN_RECHECK_S)."""
         candidates = self.conn.execute("SELECT tbl, sid, seq FROM candidate WHERE seq <= ? "
@@ -4541,7 +4551,7 @@ class ServerCollection(ServerRegistry):
             def answered(table: str, sid: str, seq: int) -> bool:
                 got = answers.get((table, sid))
                 return got is not None and got[0] == seq and (
-                    got[2] > recheck if got[1] else got[3] >= newest[table])
+                    got[2] > recheck if got[1] else got[3] >= newest(table, dev, device))
 
             rows = [c for c in candidates if not answered(*c)][:ASK_ROWS]
         if not rows:
@@ -4684,8 +4694,10 @@ class ServerCollection(ServerRegistry):
                         "ON p.tbl = c.tbl AND p.sid = c.sid AND p.seq = c.seq AND p.held = 0 "
                         "WHERE c.seq <= ?", (horizon,)):
                     answers[(tbl, sid)][dev] = upto
+                names = dict(self.conn.execute("SELECT dev, device FROM reader").fetchall())
                 ready = {(t, sid) for t, sid, _seq in candidates if all(
-                    answers[(t, sid)].get(dev, -1) >= newest[t] for dev in counted)}
+                    answers[(t, sid)].get(dev, -1) >= newest(t, dev, names.get(dev, ""))
+                    for dev in counted)}
             done = 0
             if ready:
                 self._mark_collected(max(horizon, self.collected_through()), counted)

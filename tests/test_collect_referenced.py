@@ -54,6 +54,16 @@ def acme(device) -> None:
                "project_path) VALUES ('main', 1, 1, 1, '/x')")
 
 
+def acme_on_two(tmp_path, statement: str):
+    """A server and devices a and b, synced, with acme and ``statement`` run on a."""
+    server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
+    a, b = devices(tmp_path, server, "a", "b")
+    acme(a)
+    a.sql(statement)
+    sync_all(a, b)
+    return server, a, b
+
+
 def drop_acme(device) -> None:
     device.sql("DELETE FROM environment WHERE name = 'main'")
     device.sql("DELETE FROM project WHERE name = 'acme'")
@@ -305,3 +315,31 @@ def test_a_device_that_let_the_row_go_and_got_it_back_is_asked_again(tmp_path, v
     n = newcomer(tmp_path, server, vault=vault)
     assert content(n.cc) == content(a.cc) == content(b.cc)
     assert [r[0] for r in n.sql("SELECT name FROM environment")] == ["main"]
+
+
+def test_a_deleted_version_goes_once_time_entries_stop_arriving(tmp_path):
+    """The machine in use logs time at every sync; the other is idle.  A time
+    entry may bring a deleted row back on a device that merges it, so the
+    idle device's answer, given before it merged the newest entry, is asked
+    again: the deleted version waits while entries keep arriving, and goes
+    within a few syncs of the last one."""
+    server, a, b = acme_on_two(tmp_path, "INSERT INTO version (name, path) "
+                                         "VALUES ('16.0', '/odoo/16.0')")
+    a.sql("DELETE FROM version WHERE name = '16.0'")
+    for i in range(5):
+        log_time(a, f"2026-12-01T10:{i:02d}:00")
+        a.sync()
+        b.sync()
+        server.collect()
+    assert stored(server, "version") > 1
+    settle(server, a, b)
+    assert stored(server, "version") == 1          # 17.0, which 'main' names
+    assert content(newcomer(tmp_path, server).cc) == content(a.cc) == content(b.cc)
+
+
+def test_an_environment_a_project_lists_is_held(tmp_path):
+    """project.environment_ids (an id list) names the environment: it stays."""
+    server, a, b = acme_on_two(tmp_path, "UPDATE project SET environment_ids = '[1]'")
+    b.sql("DELETE FROM environment")
+    settle(server, a, b)
+    assert stored(server, "environment") >= 1
