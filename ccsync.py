@@ -6618,6 +6618,23 @@ def _start_rejoin(store: Store) -> None:
     store.start_rejoin()
 
 
+def _answer_after_pull(store: Store, transport: Any, cursor: int) -> None:
+    """Answer the server's ask again once the pull is merged (see
+    ServerCollection): the answer the first request carried is older than
+    the time entries the pull brought, and the server takes an answer only
+    when it is newer than the other devices' newest.  Only with nothing
+    here unsent (the report says every edit made here is on the server)."""
+    vault = getattr(transport, "vault", None)
+    pins = store.pins(vault.row_id if vault else None)
+    if not pins or any(n for counts in store.pending().values() for n in counts.values()):
+        return
+    with contextlib.suppress(RemoteError):      # advice: the sync is done
+        page = transport.pull(cursor, 1, report={"dev": store.device_id, "merged": cursor,
+                                                 "pins": pins})
+        if "ask" in page:
+            store.keep_ask(page["ask"])
+
+
 def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: int = PULL_PAGE,
                  since: str | None = None, max_pages: int = 10 ** 6,
                  stop: threading.Event | None = None, report: bool = False,
@@ -6651,6 +6668,7 @@ def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: in
         return _InFlight(call, cursor, page_size, since, *told)
 
     cursor = 0 if since else store.cursor
+    reported = cursor
     restarted: list[str] = []           # new stores met (each re-seeded once)
     stales = 0
     if progress:
@@ -6702,6 +6720,8 @@ def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: in
                 if store.rejoining() and not since:
                     result.rejoined += store.finish_rejoin()
                 result.waiting = store.resolve_pending()
+                if report and not since and cursor != reported:
+                    _answer_after_pull(store, transport, cursor)
                 return
     finally:
         if fetching is not None:        # a page fetched ahead that nobody will merge
