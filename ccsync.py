@@ -4132,8 +4132,9 @@ class Sending(Incoming):
                 asked[row[0]].add(row[1])
         held = []
         for table, ids in sorted(asked.items()):
-            plain = {(row_id(table, sid) if row_id else sid): sid
-                     for sid in self._names_of(table)}
+            # Keyed ids map back through every id this device knows of the table.
+            plain = {row_id(table, sid): sid for sid in self._names_of(table)} if row_id \
+                else {sid: sid for sid in ids}
             mine = self._held_of(table, {plain[i] for i in ids if i in plain})
             held += [[table, i] for i in sorted(ids) if plain.get(i) in mine]
         return {"n": ask["n"], "held": held}
@@ -4632,7 +4633,7 @@ class ServerCollection(ServerRegistry):
             with transaction(self.conn):
                 self.conn.execute("INSERT OR REPLACE INTO meta (key, value) "
                                   "VALUES ('candidates', ?)", (str(horizon),))
-        return done + self._collect_unheld(horizon, counted)
+        return done + self._collect_unheld(horizon, max(horizon, through), counted)
 
     def _mark_collected(self, mark: int, counted: list[str]) -> None:
         """Records up to ``mark`` may be collected from now: a device that
@@ -4669,19 +4670,20 @@ class ServerCollection(ServerRegistry):
         merged by every device, candidates (at their last record); the rest
         are not (a row edited since is looked at again once merged)."""
         for (table, sid), versions in self._versions(rows).items():
-            if versions and max(v[0] for v in versions) <= horizon and versions_deleted(
+            last = max((v[0] for v in versions), default=None)
+            if last is not None and last <= horizon and versions_deleted(
                     [(v[1], v[2]) for v in versions]):
                 self.conn.execute("INSERT OR REPLACE INTO candidate (tbl, sid, seq) "
-                                  "VALUES (?, ?, ?)", (table, sid, max(v[0] for v in versions)))
+                                  "VALUES (?, ?, ?)", (table, sid, last))
             else:
                 self.conn.execute("DELETE FROM candidate WHERE tbl = ? AND sid = ?",
                                   (table, sid))
         return 0
 
-    def _collect_unheld(self, horizon: int, counted: list[str]) -> int:
+    def _collect_unheld(self, horizon: int, mark: int, counted: list[str]) -> int:
         """Collect the candidates every device counted has said it holds
-        nothing of, in answers that still hold (see the class); forget
-        answers no longer needed."""
+        nothing of, in answers that still hold (see the class), marking the
+        collection up to ``mark``; forget answers no longer needed."""
         with transaction(self.conn):
             candidates = self.conn.execute("SELECT tbl, sid, seq FROM candidate WHERE seq <= ?",
                                            (horizon,)).fetchall()
@@ -4700,7 +4702,7 @@ class ServerCollection(ServerRegistry):
                     for dev in counted)}
             done = 0
             if ready:
-                self._mark_collected(max(horizon, self.collected_through()), counted)
+                self._mark_collected(mark, counted)
                 done = self._collect_rows(ready, horizon)
             self.conn.execute("DELETE FROM candidate WHERE NOT EXISTS (SELECT 1 FROM change "
                               "WHERE change.tbl = candidate.tbl AND change.sid = candidate.sid)")
@@ -6618,14 +6620,20 @@ def _start_rejoin(store: Store) -> None:
     store.start_rejoin()
 
 
+def _pins(store: Store, transport: Any) -> dict | None:
+    """This device's answer to the server's last ask, by the ids the server
+    knows rows by (see Store.pins)."""
+    vault = getattr(transport, "vault", None)
+    return store.pins(vault.row_id if vault else None)
+
+
 def _answer_after_pull(store: Store, transport: Any, cursor: int) -> None:
     """Answer the server's ask again once the pull is merged (see
     ServerCollection): the answer the first request carried is older than
     the time entries the pull brought, and the server takes an answer only
     when it is newer than the other devices' newest.  Only with nothing
     here unsent (the report says every edit made here is on the server)."""
-    vault = getattr(transport, "vault", None)
-    pins = store.pins(vault.row_id if vault else None)
+    pins = _pins(store, transport)
     if not pins or any(n for counts in store.pending().values() for n in counts.values()):
         return
     with contextlib.suppress(RemoteError):      # advice: the sync is done
@@ -6654,8 +6662,7 @@ def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: in
     """
     def pinned(cursor: int) -> dict:
         # The answer to what the server asked at the last report (see Store.pins).
-        vault = getattr(transport, "vault", None)
-        pins = store.pins(vault.row_id if vault else None) if cursor else None
+        pins = _pins(store, transport) if cursor else None
         return {"pins": pins} if pins else {}
 
     def fetch(cursor: int, report: bool = False) -> _InFlight:
