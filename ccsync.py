@@ -4558,8 +4558,9 @@ class ServerCollection(ServerRegistry):
         if not rows:
             self.conn.execute("DELETE FROM asked WHERE dev = ?", (dev,))
             return {"n": 0, "rows": []}
-        last = self.conn.execute("SELECT n FROM asked WHERE dev = ?", (dev,)).fetchone()
-        n = (last[0] if last else 0) % 2 ** 31 + 1
+        # A number no earlier ask had (a count would start again after an empty
+        # ask): an answer to another ask, arriving late, matches it by a 1 in 2**31 chance.
+        n = int.from_bytes(os.urandom(4), "big") // 2 + 1
         self.conn.execute("INSERT OR REPLACE INTO asked (dev, n, rows) VALUES (?, ?, ?)",
                           (dev, n, json.dumps([list(r) for r in rows])))
         return {"n": n, "rows": [[tbl, sid] for tbl, sid, _seq in rows]}

@@ -341,3 +341,32 @@ def test_an_environment_a_project_lists_is_held(tmp_path):
     b.sql("DELETE FROM environment")
     settle(server, a, b)
     assert stored(server, "environment") >= 1
+
+
+def test_an_answer_to_an_earlier_ask_is_ignored_after_an_empty_one(tmp_path):
+    """b said it holds the deleted version; the server then had nothing to ask
+    it, and asked again an hour later.  An answer b gave to the first ask,
+    arriving now (a lost response, or a copy of b's database restored), must
+    not count for the new one: b's last word is that it holds the row."""
+    clock = Clock()
+    server = ccsync.ServerStore.open(str(tmp_path / "server.db"), clock=clock)
+    a, b = devices(tmp_path, server, "a", "b")
+    acme(a)
+    a.sql("INSERT INTO version (name, path) VALUES ('16.0', '/odoo/16.0')")
+    sync_all(a, b)
+    a.sql("DELETE FROM version WHERE name = '16.0'")
+    settle(server, a, b, cycles=1)
+    report = dict(dev=b.store.device_id, merged=b.store.cursor)
+    first = server.note_reader("b", b.transport.author, **report)
+    assert first["rows"]
+    holds = {"n": first["n"], "held": first["rows"]}
+    assert server.note_reader("b", b.transport.author, **report, pins=holds)["rows"] == []
+    clock.now += ccsync.PIN_RECHECK_S + 1
+    again = server.note_reader("b", b.transport.author, **report)
+    assert again["rows"] == first["rows"]
+    late = {"n": first["n"], "held": []}               # b's answer to the first ask
+    server.note_reader("b", b.transport.author, **report, pins=late)
+    for _ in range(3):
+        a.sync()
+        server.collect()
+    assert stored(server, "version") >= 2              # 16.0 (b holds it) and 17.0
