@@ -102,3 +102,46 @@ def test_another_python_falls_back_to_the_source(tmp_path):
     result = subprocess.run([sys.executable, str(other), "--version"], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.startswith("ccsync ")
+
+
+def _imported(pyz, *args, env=None):
+    """The modules ``python pyz args`` imports (read off ``-X importtime``)."""
+    result = subprocess.run([sys.executable, "-X", "importtime", str(pyz), *args],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    return {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
+            if line.startswith("import time:") and "|" in line}
+
+
+def test_small_commands_import_only_what_they_use(tmp_path):
+    # Start-up is most of a small command: help and a local status load no
+    # server, no network, no crypto, no text wrapping, no terminal probe.
+    output = tmp_path / "ccsync.pyz"
+    build(copy_source(tmp_path), output)
+    env = {**os.environ, "HOME": str(tmp_path), "CCSYNC_SERVER": "", "CC_SERVER": ""}
+    db = tmp_path / "cc.db"
+    import sqlite3
+    sqlite3.connect(db).executescript((REPO / "tests" / "cc-schema.sql").read_text())
+    never = {"http.server", "socketserver", "email", "ssl", "http.client", "textwrap",
+             "shutil", "Cryptodome", "hashlib", "logging", "subprocess"}
+    for args in (["--help"], ["status", "--help"], ["--db", str(db), "status"]):
+        loaded = _imported(output, *args, env=env)
+        assert "ccsync" in loaded and not loaded & never, (args, loaded & never)
+
+
+def test_bytecode_keeps_line_numbers(tmp_path):
+    # The pyc leaves out column ranges (smaller, read faster); a traceback
+    # still names the line.
+    output = tmp_path / "ccsync.pyz"
+    build(copy_source(tmp_path), output)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import ccsync, traceback\n"
+            "class Bad:\n    def __str__(self): raise ValueError('no')\n"
+            "try:\n    ccsync.version_digits(Bad())\nexcept ValueError as exc:\n"
+            "    frame = [f for f in traceback.extract_tb(exc.__traceback__)\n"
+            "             if f.filename.endswith('ccsync.py')][0]\n"
+            "    print(frame.lineno, frame.line)\n")
+    result = subprocess.run([sys.executable, "-c", code, str(output)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    line = (REPO / "ccsync.py").read_text().splitlines()[int(result.stdout.split()[0]) - 1]
+    assert "str(name" in line and result.stdout.split(None, 1)[1].strip() == line.strip()
