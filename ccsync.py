@@ -2106,9 +2106,13 @@ class LocalRows(SyncState):
             outcome = missing_parent(col in info.required, self._is_dead(parent, value))
             return None if outcome == "empty" else self._UNRESOLVED
         if col in spec.list_refs and isinstance(value, dict) and "ids" in value:
-            rids = [self._rid_for_sid(spec.list_refs[col], s) for s in value["ids"]]
-            text = format_id_list([r for r in rids if r is not None], value["fmt"])
-            return (self._UNRESOLVED, text) if None in rids else text
+            # Each id is a nullable reference: one to a deleted row leaves the list.
+            parent = spec.list_refs[col]
+            rids = [(self._rid_for_sid(parent, s), s) for s in value["ids"]]
+            text = format_id_list([r for r, _s in rids if r is not None], value["fmt"])
+            waits = any(r is None and missing_parent(False, self._is_dead(parent, s)) == "wait"
+                        for r, s in rids)
+            return (self._UNRESOLVED, text) if waits else text
         if col in spec.name_refs:
             target, name_col = spec.name_refs[col]
             if value is None or not self.has_table(target):
@@ -2250,13 +2254,22 @@ class LocalRows(SyncState):
                           "VALUES (?, ?, ?)", (table, sid, kind))
 
     def _relink_children(self, table: str, sid: str) -> None:
-        # A row back from the dead: children whose reference read as NULL retry.
+        # A row back from the dead: children whose reference read as NULL, or
+        # whose id list left it out, retry.
         for spec, col in self._child_refs(table):
             if spec.name in self.tables():
                 self.conn.execute(
                     "INSERT OR IGNORE INTO _ccsync_pending (tbl, sid) SELECT tbl, sid "
                     "FROM _ccsync_shadow WHERE tbl = ? AND json_extract(vals, ?) = ?",
                     (spec.name, f'$."{col}"', sid))
+        for spec in SPEC:
+            for col in (c for c, parent in spec.list_refs.items() if parent == table):
+                if spec.name in self.tables():
+                    self.conn.execute(
+                        "INSERT OR IGNORE INTO _ccsync_pending (tbl, sid) SELECT tbl, sid "
+                        "FROM _ccsync_shadow WHERE tbl = ? AND EXISTS (SELECT 1 FROM "
+                        "json_each(vals, ?) WHERE value = ?)",
+                        (spec.name, f'$."{col}".ids', sid))
 
     def _relink_if_back(self, table: str, sid: str, rid: int, was: int | None = None) -> None:
         """A row deleted here is back at ``rid`` (cc created it again: same key,

@@ -370,3 +370,44 @@ def test_an_answer_to_an_earlier_ask_is_ignored_after_an_empty_one(tmp_path):
         a.sync()
         server.collect()
     assert stored(server, "version") >= 2              # 16.0 (b holds it) and 17.0
+
+
+def test_a_newcomer_takes_a_project_whose_list_names_a_deleted_environment(tmp_path):
+    """cc deletes an environment and leaves its id in the project's
+    environment_ids.  A device joining later learns the environment only as
+    deleted: the project must arrive (its list without that id, as on a
+    device where the id no longer resolves), not wait for it for good."""
+    server, a, b = acme_on_two(tmp_path, "UPDATE project SET environment_ids = '[1]'")
+    a.sql("INSERT INTO environment (name, project_id, version_id, database_id, "
+          "project_path) VALUES ('staging', 1, 1, 1, '/y')")
+    a.sql("UPDATE project SET environment_ids = '[1,2]'")
+    sync_all(a, b)
+    b.sql("DELETE FROM environment WHERE name = 'staging'")
+    settle(server, a, b)
+    late = newcomer(tmp_path, server)
+    assert late.cc.execute("SELECT name FROM project").fetchall() == [("acme",)]
+    ids = late.cc.execute("SELECT environment_ids FROM project").fetchone()[0]
+    main = late.cc.execute("SELECT id FROM environment WHERE name = 'main'").fetchone()[0]
+    assert ids == f"[{main}]"
+
+
+def test_an_environment_back_from_the_dead_returns_to_the_list(tmp_path):
+    """The newcomer left the deleted environment out of the project's list;
+    cc on a creates it again (same project, same name: the same row): the
+    list on the newcomer names it again, without an edit of the project."""
+    server, a, b = acme_on_two(tmp_path, "UPDATE project SET environment_ids = '[1]'")
+    a.sql("INSERT INTO environment (name, project_id, version_id, database_id, "
+          "project_path) VALUES ('staging', 1, 1, 1, '/y')")
+    a.sql("UPDATE project SET environment_ids = '[1,2]'")
+    sync_all(a, b)
+    b.sql("DELETE FROM environment WHERE name = 'staging'")
+    settle(server, a, b)
+    late = newcomer(tmp_path, server)
+    a.sql("INSERT INTO environment (name, project_id, version_id, database_id, "
+          "project_path) VALUES ('staging', 1, 1, 1, '/y')")
+    sync_all(a, b, late)
+    late.sync()
+    assert late.store.pending_references() == 0
+    envs = dict(late.cc.execute("SELECT name, id FROM environment").fetchall())
+    ids = late.cc.execute("SELECT environment_ids FROM project").fetchone()[0]
+    assert sorted(ccsync.json.loads(ids)) == sorted([envs["main"], envs["staging"]])
