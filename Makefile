@@ -40,7 +40,7 @@ hunt: $(STAMP)
 	$(VENV_PY) bench/hunt.py --count 10000
 	CCSYNC_FUZZ_EXAMPLES=3000 CCSYNC_PROPERTY_EXAMPLES=1000 CCSYNC_COLLECT_EXAMPLES=500 \
 		$(VENV_PY) -m pytest -q tests/test_fuzz_records.py tests/test_property.py \
-		tests/test_collect_property.py
+		tests/test_collect_property.py tests/test_columnar_batch.py
 
 # Long forms: cc's writer during 100,000-row syncs, then the attacks on the server
 # (floods of 1,000 sockets, junk connections, oversized heads, deadlines, 50 clients

@@ -804,7 +804,7 @@ API_KEY_PREFIX = "ccs1_"
 # server of different protocols refuse each other's requests and answers (and
 # say which one to upgrade) rather than exchange records they would read
 # differently.  Requests and answers that carry none are protocol 1.
-PROTOCOL = 5
+PROTOCOL = 6                            # 6: a batch names its columns once (pack_records)
 WIRE_TYPE = "application/x-ccsync"
 H_KEY, H_TIME, H_NONCE, H_SIG = ("X-Ccsync-Key", "X-Ccsync-Time", "X-Ccsync-Nonce",
                                  "X-Ccsync-Signature")
@@ -1017,6 +1017,81 @@ VAULT_PREFIX = "e2e1:"
 E2E_MAX_BATCH = DEFAULT_MAX_BODY        # a batch's JSON (devices open up to 4x that)
 
 
+# A batch's records (protocol 6) in columnar form: a run of records of one
+# table names its columns once, and each record is a row of positions:
+#   {"format": 2, "groups": [{"t": table, "cols": [...], "key": [...],
+#     "local": [...], "rows": [[id, dev, clocks, values, key values,
+#     local values], ...]}, ...]}
+# A clock of null: the record carries no edit of that column.  Rows keep the
+# records' order (the server points at a record by its place in the batch).
+# A batch sealed before protocol 6 is the plain list of records.
+BATCH_FORMAT = 2
+
+
+def pack_records(records: list[dict]) -> dict:
+    """The columnar form of a batch's wire records (see BATCH_FORMAT)."""
+    groups: list[dict] = []
+    shape, where = None, {}
+    for record in records:
+        payload = record["p"]
+        key, local = payload.get("k", {}), payload.get("l", {})
+        if (record["t"], tuple(key), tuple(local)) != shape:
+            shape, where = (record["t"], tuple(key), tuple(local)), {}
+            groups.append({"t": record["t"], "cols": [], "key": list(key), "local": list(local),
+                           "rows": []})
+        group, clocks, values = groups[-1], [], []
+        for col, hlc in record["c"].items():
+            if col not in where:
+                where[col] = len(group["cols"])
+                group["cols"].append(col)
+            at = where[col]
+            if at >= len(clocks):
+                clocks += [None] * (at + 1 - len(clocks))
+                values += [None] * (at + 1 - len(values))
+            clocks[at], values[at] = hlc, payload["v"].get(col)
+        group["rows"].append([record["id"], record["dev"], clocks, values, list(key.values()),
+                              list(local.values())])
+    return {"format": BATCH_FORMAT, "groups": groups}
+
+
+def _names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value) \
+        and len(set(value)) == len(value)
+
+
+def unpack_records(batch: Any) -> list:
+    """The wire records of a batch, columnar or (before protocol 6) a list;
+    WireError for a batch of neither shape.  A row out of shape stands in
+    as an unreadable record, so the batch's other records still count."""
+    if isinstance(batch, list):
+        return batch
+    groups = batch.get("groups") if isinstance(batch, dict) else None
+    if not isinstance(groups, list) or batch.get("format") != BATCH_FORMAT or not all(
+            isinstance(g, dict) and isinstance(g.get("t"), str) and _names(g.get("cols"))
+            and _names(g.get("key")) and _names(g.get("local")) and isinstance(g.get("rows"), list)
+            for g in groups):
+        raise WireError("record batch is malformed")
+    records = []
+    for group in groups:
+        table, cols, key, local = group["t"], group["cols"], group["key"], group["local"]
+        for row in group["rows"]:
+            records.append(_unpacked(table, cols, key, local, row))
+    return records
+
+
+def _unpacked(table: str, cols: list, key: list, local: list, row: Any) -> dict:
+    if not (isinstance(row, list) and len(row) == 6 and all(isinstance(p, list) for p in row[2:])
+            and len(row[2]) == len(row[3]) <= len(cols) and len(row[4]) == len(key)
+            and len(row[5]) == len(local)):
+        return {UNREADABLE: "a record out of shape in its batch"}
+    sid, dev, clocks, values, keys, locals_ = row
+    return {"t": table, "id": sid, "dev": dev,
+            "c": {c: h for c, h in zip(cols, clocks) if h is not None},
+            "p": {"v": {c: v for c, v, h in zip(cols, values, clocks)
+                        if h is not None and c != TOMBSTONE},
+                  "l": dict(zip(local, locals_)), "k": dict(zip(key, keys))}}
+
+
 def _valid_cost(cost: dict) -> bool:
     """An scrypt cost (n, r, p) within KDF_BOUNDS, n a power of two, n * r bounded."""
     return (all(type(v) is int and KDF_BOUNDS[k][0] <= v <= KDF_BOUNDS[k][1]
@@ -1143,7 +1218,7 @@ class Vault(namedtuple("Vault", "key salt n r p", defaults=(SCRYPT_N, SCRYPT_R, 
         import zlib
         aes = _aes()
         meta = [[r["t"], self.row_id(r["t"], r["id"]), r["dev"], r["c"]] for r in records]
-        text = compact_json(records).encode("utf-8")
+        text = compact_json(pack_records(records)).encode("utf-8")
         if len(text) > E2E_MAX_BATCH and len(records) > 1:    # every device must open it
             raise BodyTooLarge(f"a batch of {len(records)} records is {len(text):,} bytes")
         plain = zlib.compress(text, 6)
@@ -1166,10 +1241,7 @@ class Vault(namedtuple("Vault", "key salt n r p", defaults=(SCRYPT_N, SCRYPT_R, 
             plain = cipher.decrypt_and_verify(blob[12:-16], blob[-16:])
         except ValueError:
             raise WireError("record batch failed authentication") from None
-        records = _inflate_json(plain, max_size, "record batch")
-        if not isinstance(records, list):
-            raise WireError("record batch is not a list")
-        return records
+        return unpack_records(_inflate_json(plain, max_size, "record batch"))
 
     @functools.cached_property
     def _batch_key(self) -> bytes:
