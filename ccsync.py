@@ -1059,17 +1059,25 @@ def _names(value: Any) -> bool:
         and len(set(value)) == len(value)
 
 
+def _packed_groups(packed: Any, *names: str) -> list[dict] | None:
+    """The groups of a columnar batch (or of its metadata), each with a table,
+    rows and the lists of column ``names``; None when out of shape."""
+    groups = packed.get("groups") if isinstance(packed, dict) else None
+    if isinstance(groups, list) and packed.get("format") == BATCH_FORMAT and all(
+            isinstance(g, dict) and isinstance(g.get("t"), str) and isinstance(g.get("rows"), list)
+            and all(_names(g.get(n)) for n in names) for g in groups):
+        return groups
+    return None
+
+
 def unpack_records(batch: Any) -> list:
     """The wire records of a batch, columnar or (before protocol 6) a list;
     WireError for a batch of neither shape.  A row out of shape stands in
     as an unreadable record, so the batch's other records still count."""
     if isinstance(batch, list):
         return batch
-    groups = batch.get("groups") if isinstance(batch, dict) else None
-    if not isinstance(groups, list) or batch.get("format") != BATCH_FORMAT or not all(
-            isinstance(g, dict) and isinstance(g.get("t"), str) and _names(g.get("cols"))
-            and _names(g.get("key")) and _names(g.get("local")) and isinstance(g.get("rows"), list)
-            for g in groups):
+    groups = _packed_groups(batch, "cols", "key", "local")
+    if groups is None:
         raise WireError("record batch is malformed")
     records = []
     for group in groups:
@@ -1090,6 +1098,28 @@ def _unpacked(table: str, cols: list, key: list, local: list, row: Any) -> dict:
             "p": {"v": {c: v for c, v, h in zip(cols, values, clocks)
                         if h is not None and c != TOMBSTONE},
                   "l": dict(zip(local, locals_)), "k": dict(zip(key, keys))}}
+
+
+def sealed_meta(packed: dict, row_id: Callable[[str, str], str]) -> dict:
+    """What the server sees of a packed batch: each table's columns once and,
+    per record, its keyed id (``row_id(table, sync_id)``), device and clocks."""
+    return {"format": BATCH_FORMAT, "groups": [
+        {"t": g["t"], "cols": g["cols"], "rows": [[row_id(g["t"], r[0]), r[1], r[2]]
+                                                  for r in g["rows"]]}
+        for g in packed["groups"]]}
+
+
+def unpack_sealed(meta: Any) -> list | None:
+    """The records of :func:`sealed_meta` as ``[table, keyed id, device,
+    clocks]`` each (:func:`parse_sealed` judges them; a row out of shape is
+    None, which it refuses); None for metadata out of shape."""
+    groups = _packed_groups(meta, "cols")
+    if groups is None:
+        return None
+    return [[g["t"], row[0], row[1], {c: h for c, h in zip(g["cols"], row[2]) if h is not None}]
+            if isinstance(row, list) and len(row) == 3 and isinstance(row[2], list)
+            and len(row[2]) <= len(g["cols"]) else None
+            for g in groups for row in g["rows"]]
 
 
 def _valid_cost(cost: dict) -> bool:
@@ -1211,14 +1241,15 @@ class Vault(namedtuple("Vault", "key salt n r p", defaults=(SCRYPT_N, SCRYPT_R, 
         return "e" + hmac.new(self._id_key, f"{table}\n{sid}".encode("utf-8", "surrogatepass"),
                               hashlib.sha256).hexdigest()[:40]
 
-    def seal_records(self, records: list[dict]) -> tuple[list[list], bytes, str]:
-        """One push's records as (per-record metadata for the server, the
-        encrypted batch, the batch's proof)."""
+    def seal_records(self, records: list[dict]) -> tuple[dict, bytes, str]:
+        """One push's records as (their metadata for the server, see
+        :func:`sealed_meta`; the encrypted batch; the batch's proof)."""
         import secrets
         import zlib
         aes = _aes()
-        meta = [[r["t"], self.row_id(r["t"], r["id"]), r["dev"], r["c"]] for r in records]
-        text = compact_json(pack_records(records)).encode("utf-8")
+        packed = pack_records(records)
+        meta = sealed_meta(packed, self.row_id)
+        text = compact_json(packed).encode("utf-8")
         if len(text) > E2E_MAX_BATCH and len(records) > 1:    # every device must open it
             raise BodyTooLarge(f"a batch of {len(records)} records is {len(text):,} bytes")
         plain = zlib.compress(text, 6)
@@ -5336,11 +5367,11 @@ def _op_push(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
     records, cursor = payload.get("records"), payload.get("cursor")
     sealed, blobs, proof = payload.get("sealed"), payload.get("blobs"), payload.get("proof")
     if sealed is not None:              # an end-to-end push: metadata and one batch
-        if not (isinstance(sealed, list) and isinstance(blobs, list) and len(blobs) == 1
-                and isinstance(proof, str) and records is None):
+        records = unpack_sealed(sealed) if records is None else None
+        if not (records is not None and isinstance(blobs, list) and len(blobs) == 1
+                and isinstance(proof, str)):
             raise HttpError(400, "bad_request", "a sealed push needs metadata, one batch "
                                                 "and its proof")
-        records = sealed
     if not isinstance(records, list) or not (cursor is None or (
             isinstance(cursor, int) and 0 <= cursor < 2 ** 63)):
         raise HttpError(400, "bad_request", "push needs a list of records")
@@ -6170,7 +6201,7 @@ class PlaintextStore(Exception):
     yet: it makes it so (see encrypt_server)."""
 
 
-def sealed_batch(vault: "Vault", records: list[dict]) -> tuple[list, bytes, str]:
+def sealed_batch(vault: "Vault", records: list[dict]) -> tuple[dict, bytes, str]:
     """:meth:`Vault.seal_records`; a batch too large to seal is a too_large
     RemoteError, so that the push halves it."""
     try:
@@ -6508,8 +6539,8 @@ class LocalTransport:
         sealed = None
         wire = json.loads(json.dumps(records))
         if self.vault is not None:
-            wire, blob, proof = sealed_batch(self.vault, wire)
-            sealed = (blob, proof)
+            meta, blob, proof = sealed_batch(self.vault, wire)
+            wire, sealed = unpack_sealed(json.loads(json.dumps(meta))), (blob, proof)
         return checked_mode(json.loads(json.dumps(self.server.push(
             wire, device=self.device, cursor=cursor, author=self.author, sealed=sealed))),
             self.vault, "the server")

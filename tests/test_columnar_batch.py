@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -95,22 +97,37 @@ def _vault():
     return ccsync.Vault.derive("in-process passphrase", b"0123456789abcdef", n=2 ** 10)
 
 
-def test_batches_stored_before_protocol_6_still_open(tmp_path, server, monkeypatch):
+def _sealed_as_protocol_5(vault, records):
+    """(metadata, batch, proof) as a protocol 5 device sealed them: the
+    metadata one list per record, the batch the plain list of records."""
+    import zlib
+    from Cryptodome.Cipher import AES
+    meta = [[r["t"], vault.row_id(r["t"], r["id"]), r["dev"], r["c"]] for r in records]
+    cipher = AES.new(vault._batch_key, AES.MODE_GCM, nonce=b"\x07" * 12)
+    cipher.update(ccsync.E2E_AAD)
+    sealed, tag = cipher.encrypt_and_digest(zlib.compress(json.dumps(records).encode()))
+    blob = b"\x07" * 12 + sealed + tag
+    return meta, blob, ccsync.batch_proof(vault.proof, blob)
+
+
+def test_batches_stored_before_protocol_6_still_open(tmp_path, server):
     vault = _vault()
     lap = _device(tmp_path, server, "lap", vault)
     desk = _device(tmp_path, server, "desk", vault)
-    with monkeypatch.context() as old:      # lap runs a protocol 5 ccsync: plain lists
-        old.setattr(ccsync, "pack_records", lambda records: records)
-        lap[0].execute("INSERT INTO project (name) VALUES ('from-before')")
-        lap[0].execute("INSERT INTO setting (name, value) VALUES ('theme', 'dark')")
-        ccsync.sync_once(lap[1], lap[2])
     lap[0].execute("INSERT INTO project (name) VALUES ('from-after')")
-    ccsync.sync_once(lap[1], lap[2])
+    ccsync.sync_once(lap[1], lap[2])              # sets the store's parameters
+    old = [{"t": "setting", "id": ccsync.natural_id("setting", [name]), "dev": lap[1].device_id,
+            "c": {"name": 10 ** 15, "value": 10 ** 15},
+            "p": {"v": {"name": name, "value": "dark"}, "l": {}, "k": {"name": name}}}
+           for name in ("theme", "font")]
+    meta, blob, proof = _sealed_as_protocol_5(vault, old)
+    answer = server.push(meta, device="lap", author=lap[2].author, sealed=(blob, proof))
+    assert [r["status"] for r in answer["results"]] == ["accepted", "accepted"]
     result = ccsync.sync_once(desk[1], desk[2])
     assert not result.pulled.refused
-    assert {n for (n,) in desk[0].execute("SELECT name FROM project")} == {"from-before",
-                                                                           "from-after"}
-    assert content(desk[0]) == content(lap[0])
+    assert {n for (n,) in desk[0].execute("SELECT name FROM project")} == {"from-after"}
+    assert set(desk[0].execute("SELECT name, value FROM setting")) == {("theme", "dark"),
+                                                                       ("font", "dark")}
 
 
 def test_a_broken_row_costs_its_record_and_a_broken_batch_its_records(tmp_path, server,
@@ -120,9 +137,9 @@ def test_a_broken_row_costs_its_record_and_a_broken_batch_its_records(tmp_path, 
     desk = _device(tmp_path, server, "desk", vault)
     real = ccsync.pack_records
 
-    def broken_row(records):
+    def broken_row(records):                  # its metadata is right, its row is not
         packed = real(records)
-        packed["groups"][0]["rows"][0][2] = "not a list of clocks"
+        packed["groups"][0]["rows"][0][4] = ["a key", "too long", "for its columns"]
         return packed
 
     def broken_batch(records):
@@ -142,3 +159,31 @@ def test_a_broken_row_costs_its_record_and_a_broken_batch_its_records(tmp_path, 
         assert (f"after-{name}",) in desk[0].execute("SELECT name FROM project").fetchall()
     settings_here = {n for (n,) in desk[0].execute("SELECT name FROM setting")}
     assert settings_here == {"row-1", "row-2"}
+
+
+def test_the_servers_metadata_names_columns_once_and_matches_the_batch():
+    vault = _vault()
+    records = [{"t": "setting", "id": f"{i:032x}", "dev": "lap.1", "c": {"value": 5 + i},
+                "p": {"v": {"value": str(i)}, "l": {}, "k": {"name": f"s{i}"}}}
+               for i in range(50)]
+    meta, blob, _proof = vault.seal_records(records)
+    assert json.dumps(meta).count('"value"') == 1
+    opened = vault.open_batch(blob, 1 << 20)
+    assert opened == records
+    assert ccsync.unpack_sealed(json.loads(json.dumps(meta))) == [
+        ["setting", vault.row_id("setting", r["id"]), "lap.1", r["c"]] for r in records]
+
+
+def test_metadata_out_of_shape_is_refused_and_a_bad_row_is_one_refusal():
+    vault = _vault()
+    meta, blob, proof = vault.seal_records(
+        [{"t": "project", "id": f"{i:032x}", "dev": "x.y", "c": {"name": 1},
+          "p": {"v": {"name": f"p{i}"}}} for i in range(3)])
+    assert ccsync.unpack_sealed({**meta, "format": 5}) is None
+    assert ccsync.unpack_sealed([["project", "e" * 41, "x.y", {"name": 1}]]) is None
+    broken = json.loads(json.dumps(meta))
+    broken["groups"][0]["rows"][1] = ["only", "two"]
+    rows = ccsync.unpack_sealed(broken)
+    assert rows[1] is None and rows[0][0] == "project"
+    with pytest.raises(ccsync.RecordRefused):
+        ccsync.parse_sealed(rows[1])

@@ -350,8 +350,8 @@ def test_a_forged_batch_is_refused_by_devices_and_stops_nothing(tmp_path, server
     meta, blob, _proof = other.seal_records([{"t": "project", "id": "forged", "dev": "a.b",
                                               "c": {"name": 1}, "p": {"v": {"name": "x"}}}])
     proof = ccsync.batch_proof(vault.proof, blob)
-    assert server.push(meta, device="lap", sealed=(blob, proof))["results"][0]["status"] \
-        == "accepted"
+    assert server.push(ccsync.unpack_sealed(meta), device="lap",
+                       sealed=(blob, proof))["results"][0]["status"] == "accepted"
     lap[0].execute("INSERT INTO project (name) VALUES ('after')")
     ccsync.sync_once(lap[1], lap[2])
     result = ccsync.sync_once(desk[1], desk[2])
@@ -417,7 +417,7 @@ def test_a_batch_larger_than_its_records_may_be_is_refused(tmp_path, vault):
                                             "c": {"name": 1},
                                             "p": {"v": {"name": ccsync.base64.b64encode(
                                                 secrets.token_bytes(3000)).decode()}}}])
-    answer = server.push(meta, device="lap", sealed=(blob, proof))
+    answer = server.push(ccsync.unpack_sealed(meta), device="lap", sealed=(blob, proof))
     assert answer["results"][0]["status"] == "refused"
     assert "larger than 1000 bytes" in answer["results"][0]["reason"]
     server.conn.close()
