@@ -2335,10 +2335,11 @@ class LocalRows(SyncState):
             "VALUES (?, ?, ?, ?, NULL)", [(table, rid, c, hlc) for c, hlc in cells.items()])
 
     @staticmethod
-    def _child_refs(table: str) -> Iterator[tuple[TableSpec, str]]:
-        """(child spec, column) for every single-id reference to ``table``."""
+    def _child_refs(table: str, lists: bool = False) -> Iterator[tuple[TableSpec, str]]:
+        """(child spec, column) for every single-id reference to ``table``
+        (``lists``: for every id list of its rows instead)."""
         for spec in SPEC:
-            for col, parent in spec.refs.items():
+            for col, parent in (spec.list_refs if lists else spec.refs).items():
                 if parent == table:
                     yield spec, col
 
@@ -2365,14 +2366,12 @@ class LocalRows(SyncState):
                     "INSERT OR IGNORE INTO _ccsync_pending (tbl, sid) SELECT tbl, sid "
                     "FROM _ccsync_shadow WHERE tbl = ? AND json_extract(vals, ?) = ?",
                     (spec.name, f'$."{col}"', sid))
-        for spec in SPEC:
-            for col in (c for c, parent in spec.list_refs.items() if parent == table):
-                if spec.name in self.tables():
-                    self.conn.execute(
-                        "INSERT OR IGNORE INTO _ccsync_pending (tbl, sid) SELECT tbl, sid "
-                        "FROM _ccsync_shadow WHERE tbl = ? AND EXISTS (SELECT 1 FROM "
-                        "json_each(vals, ?) WHERE value = ?)",
-                        (spec.name, f'$."{col}".ids', sid))
+        for spec, col in self._child_refs(table, lists=True):
+            if spec.name in self.tables():
+                self.conn.execute(
+                    "INSERT OR IGNORE INTO _ccsync_pending (tbl, sid) SELECT tbl, sid "
+                    "FROM _ccsync_shadow WHERE tbl = ? AND EXISTS (SELECT 1 FROM "
+                    "json_each(vals, ?) WHERE value = ?)", (spec.name, f'$."{col}".ids', sid))
 
     def _relink_if_back(self, table: str, sid: str, rid: int, was: int | None = None) -> None:
         """A row deleted here is back at ``rid`` (cc created it again: same key,
@@ -2591,16 +2590,14 @@ class Identity(LocalRows):
                     f"INSERT OR REPLACE INTO _ccsync_dirty (tbl, rid, col, hlc, sid) "
                     f"SELECT ?, rowid, ?, ?, NULL FROM {_q(spec.name)} WHERE {_q(col)} = ?",
                     (spec.name, col, hlc, rid))
-        for spec in SPEC:
+        for spec, col in self._child_refs(info.name, lists=True):
             child = self.tables().get(spec.name)
-            for col, target in spec.list_refs.items():
-                if child is None or target != info.name or col not in child.columns:
-                    continue
-                for r, text in self.conn.execute(
-                        f"SELECT rowid, {_q(col)} FROM {_q(spec.name)} "
-                        f"WHERE {_q(col)} IS NOT NULL").fetchall():
-                    if rid in (parse_id_list(text) or ([], ""))[0]:
-                        self._mark_dirty(spec.name, r, {col: hlc})
+            if child is None or col not in child.columns:
+                continue
+            for r, text in self.conn.execute(f"SELECT rowid, {_q(col)} FROM {_q(spec.name)} "
+                                             f"WHERE {_q(col)} IS NOT NULL").fetchall():
+                if rid in (parse_id_list(text) or ([], ""))[0]:
+                    self._mark_dirty(spec.name, r, {col: hlc})
 
 
 class Resume(Identity):
@@ -4272,14 +4269,11 @@ class Sending(Incoming):
             for part in ("v", "k"):
                 yield ("SELECT json_extract(record, ?) AS ref, NULL AS clocks FROM _ccsync_held "
                        "WHERE tbl = ?", (f'$.p.{part}."{col}"', spec.name))
-        for spec in SPEC:
-            for col, target in spec.list_refs.items():
-                if target == table:
-                    yield ("SELECT j.value AS ref, s.clocks AS clocks FROM _ccsync_shadow s, "
-                           "json_each(s.vals, ?) j WHERE s.tbl = ?", (f'$."{col}".ids', spec.name))
-                    yield ("SELECT j.value AS ref, NULL AS clocks FROM _ccsync_held h, "
-                           "json_each(h.record, ?) j WHERE h.tbl = ?",
-                           (f'$.p.v."{col}".ids', spec.name))
+        for spec, col in self._child_refs(table, lists=True):
+            yield ("SELECT j.value AS ref, s.clocks AS clocks FROM _ccsync_shadow s, "
+                   "json_each(s.vals, ?) j WHERE s.tbl = ?", (f'$."{col}".ids', spec.name))
+            yield ("SELECT j.value AS ref, NULL AS clocks FROM _ccsync_held h, "
+                   "json_each(h.record, ?) j WHERE h.tbl = ?", (f'$.p.v."{col}".ids', spec.name))
 
     def _names_of(self, table: str) -> set[str]:
         """Every id of a ``table`` row this device has or names anywhere."""

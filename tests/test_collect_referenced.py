@@ -372,11 +372,9 @@ def test_an_answer_to_an_earlier_ask_is_ignored_after_an_empty_one(tmp_path):
     assert stored(server, "version") >= 2              # 16.0 (b holds it) and 17.0
 
 
-def test_a_newcomer_takes_a_project_whose_list_names_a_deleted_environment(tmp_path):
-    """cc deletes an environment and leaves its id in the project's
-    environment_ids.  A device joining later learns the environment only as
-    deleted: the project must arrive (its list without that id, as on a
-    device where the id no longer resolves), not wait for it for good."""
+def staging_deleted_then_newcomer(tmp_path):
+    """acme listing environments main and staging on a and b; b deletes
+    staging (cc leaves its id in the list); then a device joins."""
     server, a, b = acme_on_two(tmp_path, "UPDATE project SET environment_ids = '[1]'")
     a.sql("INSERT INTO environment (name, project_id, version_id, database_id, "
           "project_path) VALUES ('staging', 1, 1, 1, '/y')")
@@ -385,6 +383,15 @@ def test_a_newcomer_takes_a_project_whose_list_names_a_deleted_environment(tmp_p
     b.sql("DELETE FROM environment WHERE name = 'staging'")
     settle(server, a, b)
     late = newcomer(tmp_path, server)
+    return server, a, b, late
+
+
+def test_a_newcomer_takes_a_project_whose_list_names_a_deleted_environment(tmp_path):
+    """cc deletes an environment and leaves its id in the project's
+    environment_ids.  A device joining later learns the environment only as
+    deleted: the project must arrive (its list without that id, as on a
+    device where the id no longer resolves), not wait for it for good."""
+    server, a, b, late = staging_deleted_then_newcomer(tmp_path)
     assert late.cc.execute("SELECT name FROM project").fetchall() == [("acme",)]
     ids = late.cc.execute("SELECT environment_ids FROM project").fetchone()[0]
     main = late.cc.execute("SELECT id FROM environment WHERE name = 'main'").fetchone()[0]
@@ -395,14 +402,7 @@ def test_an_environment_back_from_the_dead_returns_to_the_list(tmp_path):
     """The newcomer left the deleted environment out of the project's list;
     cc on a creates it again (same project, same name: the same row): the
     list on the newcomer names it again, without an edit of the project."""
-    server, a, b = acme_on_two(tmp_path, "UPDATE project SET environment_ids = '[1]'")
-    a.sql("INSERT INTO environment (name, project_id, version_id, database_id, "
-          "project_path) VALUES ('staging', 1, 1, 1, '/y')")
-    a.sql("UPDATE project SET environment_ids = '[1,2]'")
-    sync_all(a, b)
-    b.sql("DELETE FROM environment WHERE name = 'staging'")
-    settle(server, a, b)
-    late = newcomer(tmp_path, server)
+    server, a, b, late = staging_deleted_then_newcomer(tmp_path)
     a.sql("INSERT INTO environment (name, project_id, version_id, database_id, "
           "project_path) VALUES ('staging', 1, 1, 1, '/y')")
     sync_all(a, b, late)
