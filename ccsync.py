@@ -49,18 +49,18 @@ __all__ = [
     "Resolver", "link_project", "load_config", "main",
 ]
 
+# What every command needs; the rest (threading, base64, crypto, http, ssl,
+# hashing...) is imported in the function that uses it: start-up is most of a
+# small command's time.
 import argparse
-import base64
 import contextlib
 import functools
-import importlib
 import itertools
 import json
 import os
 import re
 import sqlite3
 import sys
-import threading
 import time
 from collections import Counter, defaultdict, namedtuple
 TYPE_CHECKING = False                   # typing is for the checkers: not imported to run
@@ -360,6 +360,7 @@ def split_names(text: str | None) -> tuple[str, ...]:
 def encode_value(value: Any) -> Any:
     """A SQLite value as JSON: blobs become ``{"$b64": ...}``."""
     if isinstance(value, (bytes, bytearray, memoryview)):
+        import base64
         return {"$b64": base64.b64encode(bytes(value)).decode("ascii")}
     return value
 
@@ -377,6 +378,7 @@ def decode_value(value: Any) -> Any:
     if isinstance(value, float):
         return value
     if isinstance(value, dict) and set(value) == {"$b64"} and isinstance(value["$b64"], str):
+        import base64
         return base64.b64decode(value["$b64"], validate=True)
     raise ValueError("not a SQLite scalar")
 
@@ -521,6 +523,7 @@ def _is_wire_scalar(value: Any) -> bool:
     if isinstance(value, float):
         return value == value and value not in (float("inf"), float("-inf"))
     if isinstance(value, dict) and set(value) == {"$b64"} and isinstance(value["$b64"], str):
+        import base64
         try:
             base64.b64decode(value["$b64"], validate=True)
         except (ValueError, TypeError):
@@ -878,6 +881,7 @@ class DeviceKeys(namedtuple("DeviceKeys", "key_id mac enc")):
 
 def new_api_key() -> str:
     """A fresh 256-bit API key."""
+    import base64
     import secrets
     return API_KEY_PREFIX + base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
 
@@ -1176,6 +1180,7 @@ class Vault(namedtuple("Vault", "key salt n r p", defaults=(SCRYPT_N, SCRYPT_R, 
     def opening(cls, passphrase: str, params: Any, server: str) -> "Vault":
         """The vault a passphrase gives under a store's published ``params``;
         WrongPassphrase when its check value differs."""
+        import base64
         import hmac
         if not isinstance(params, dict):
             raise WireError("the server's end-to-end parameters are malformed")
@@ -1194,6 +1199,7 @@ class Vault(namedtuple("Vault", "key salt n r p", defaults=(SCRYPT_N, SCRYPT_R, 
     @classmethod
     def parse(cls, text: str) -> "Vault":
         """The vault of a :meth:`text` line (as the device's .env holds it)."""
+        import base64
         try:
             n, r, p, salt, key = text.removeprefix(VAULT_PREFIX).split(":")
             vault = cls(base64.b64decode(key, validate=True), base64.b64decode(salt, validate=True),
@@ -1208,6 +1214,7 @@ class Vault(namedtuple("Vault", "key salt n r p", defaults=(SCRYPT_N, SCRYPT_R, 
 
     def text(self) -> str:
         """One line that :meth:`parse` reads back (a secret: mode 600 only)."""
+        import base64
         b64 = lambda raw: base64.b64encode(raw).decode()   # noqa: E731
         return f"{VAULT_PREFIX}{self.n}:{self.r}:{self.p}:{b64(self.salt)}:{b64(self.key)}"
 
@@ -1229,6 +1236,7 @@ class Vault(namedtuple("Vault", "key salt n r p", defaults=(SCRYPT_N, SCRYPT_R, 
     def params(self, *, private: bool = False) -> dict:
         """What a server store keeps so that other devices derive the same key
         (with ``private``, the proof key too, for the server alone)."""
+        import base64
         out = {"kdf": "scrypt", "salt": base64.b64encode(self.salt).decode(), "n": self.n,
                "r": self.r, "p": self.p, "check": self.check}
         return {**out, "proof": self.proof.hex()} if private else out
@@ -5814,6 +5822,7 @@ class _Door:
 
     def __init__(self) -> None:
         import selectors
+        import threading
         self._selector = selectors.DefaultSelector()
         self._waiting: dict[socket.socket, dict] = {}
         self._per_address: Counter = Counter()
@@ -5958,6 +5967,7 @@ class SyncServer:
                  idle_timeout: float = IDLE_TIMEOUT_S, quota: Quota = Quota(),
                  forget_after: float = FORGET_AFTER_S, collect_every: float = COLLECT_EVERY_S):
         import queue
+        import threading
         ServerStore.open(data_path, clock=clock).conn.close()     # create schema once
         self.data_path, self.max_body, self.request_timeout = data_path, max_body, request_timeout
         self.max_value, self.max_record, self.quota = max_value, max_record, quota
@@ -5992,6 +6002,7 @@ class SyncServer:
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Serve a connection on a thread of its own, at the door, or not at all."""
+        import threading
         if self._take_slot():
             try:
                 threading.Thread(target=self._serve_connection, name="ccsync-conn",
@@ -6114,6 +6125,7 @@ class SyncServer:
 
     def start(self) -> "SyncServer":
         """Serve on a daemon thread; returns self."""
+        import threading
         self._thread = threading.Thread(target=self.serve_forever, args=(SERVER_POLL_S,),
                                         name="ccsync-server", daemon=True)
         self._thread.start()
@@ -6271,8 +6283,9 @@ class Client:
     def __init__(self, url: str, api_key: str, *, timeout: float = 60.0,
                  ca_file: str | None = None, clock: Callable[[], float] = time.time,
                  max_response: int = 4 * DEFAULT_MAX_BODY, vault: "Vault | None" = None):
-        import urllib.parse
         import ssl
+        import threading
+        import urllib.parse
         if not re.match(r"^https?://[^/\s]+", url or ""):
             bare = re.match(r"^[\w.\[\]:-]+$", url or "") and "://" not in (url or "")
             raise ConfigError(f"server URL {url!r} is not http(s)://host[:port]",
@@ -6611,6 +6624,7 @@ class _InFlight:
     this device works on the last answer.  :meth:`result` waits for it."""
 
     def __init__(self, call: Callable[..., Any], *args: Any):
+        import threading
         self._outcome: tuple[bool, Any] = (False, None)
         # An Event, not Thread.join: a join that Ctrl-C interrupts marks a
         # live thread as stopped on Python <= 3.12 (gh-90882).
@@ -7192,6 +7206,7 @@ class SyncLock:
 
     def acquire(self, timeout: float = 0.0) -> bool:
         """Take the lock, waiting up to ``timeout`` seconds; False if still held."""
+        import threading
         deadline = time.monotonic() + timeout
         fh = open(self.path, "a+b")
         waiter = threading.Event()
@@ -7289,6 +7304,7 @@ class AutoSync:
                  api_key: str | None = None, interval: float = 300.0, *,
                  environ: dict | None = None, clock: Callable[[], float] = time.time,
                  rand: Callable[[], float] = uniform, lock_wait: float = 0.0):
+        import threading
         self.interval = float(interval)
         self.last_result: SyncResult | None = None
         self.last_error: str | None = None
@@ -7326,6 +7342,7 @@ class AutoSync:
 
     def start(self) -> bool:
         """Start the loop on a daemon thread; False (a no-op) when not configured."""
+        import threading
         if self.running:
             return True
         if not self.configured:
@@ -7338,6 +7355,7 @@ class AutoSync:
 
     def stop(self, timeout: float = 1.0) -> bool:
         """Ask the loop to end and wait up to ``timeout``; True if it has ended."""
+        import threading
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
@@ -7921,6 +7939,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     stopping: list[int] = []
 
     def _stop(signum: int, _frame: Any) -> None:
+        import threading
         if not stopping:
             stopping.append(signum)
             _log_line(f"stopping ({signal.Signals(signum).name})")
@@ -8217,6 +8236,7 @@ def cmd_enable(args: argparse.Namespace) -> int:
         raise CcsyncError(f"pip could not install pycryptodomex: {last}",
                           hint="are you offline? `pip download pycryptodomex` elsewhere and "
                                "install the wheel")
+    import importlib
     importlib.invalidate_caches()
     _aes.cache_clear()
     if not crypto_available():

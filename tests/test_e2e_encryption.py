@@ -10,6 +10,7 @@ server takes and hands out: keyed row ids, forged batches, proofs.
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 import sqlite3
@@ -415,7 +416,7 @@ def test_a_batch_larger_than_its_records_may_be_is_refused(tmp_path, vault):
     ccsync.sync_once(store, transport)                   # sets the store's parameters
     meta, blob, proof = vault.seal_records([{"t": "project", "id": "big", "dev": "a.b",
                                             "c": {"name": 1},
-                                            "p": {"v": {"name": ccsync.base64.b64encode(
+                                            "p": {"v": {"name": base64.b64encode(
                                                 secrets.token_bytes(3000)).decode()}}}])
     answer = server.push(ccsync.unpack_sealed(meta), device="lap", sealed=(blob, proof))
     assert answer["results"][0]["status"] == "refused"

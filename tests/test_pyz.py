@@ -123,10 +123,27 @@ def test_small_commands_import_only_what_they_use(tmp_path):
     import sqlite3
     sqlite3.connect(db).executescript((REPO / "tests" / "cc-schema.sql").read_text())
     never = {"http.server", "socketserver", "email", "ssl", "http.client", "textwrap",
-             "shutil", "Cryptodome", "hashlib", "logging", "subprocess"}
+             "shutil", "Cryptodome", "hashlib", "logging", "subprocess", "threading",
+             "base64", "zlib"}
     for args in (["--help"], ["status", "--help"], ["--db", str(db), "status"]):
         loaded = _imported(output, *args, env=env)
         assert "ccsync" in loaded and not loaded & never, (args, loaded & never)
+
+
+def test_the_collector_stays_on_after_start_up(tmp_path):
+    # The entry switches the collector off while the module loads and freezes
+    # what it loaded; a daemon or server running for weeks must still collect.
+    output = tmp_path / "ccsync.pyz"
+    build(copy_source(tmp_path), output)
+    code = ("import gc, runpy, sys\n"
+            "sys.argv = [sys.argv[1], '--version']\n"
+            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "except SystemExit as exc:\n    assert exc.code in (0, None), exc.code\n"
+            "print(gc.isenabled(), gc.get_freeze_count() > 1000)\n")
+    result = subprocess.run([sys.executable, "-c", code, str(output)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-2:] == ["True", "True"], result.stdout
 
 
 def test_bytecode_keeps_line_numbers(tmp_path):
