@@ -66,6 +66,7 @@ from collections import Counter, defaultdict, namedtuple
 TYPE_CHECKING = False                   # typing is for the checkers: not imported to run
 if TYPE_CHECKING:
     from typing import Any, Callable, Iterable, Iterator
+    Progress = Callable[[str, int, "int | None"], None]    # (leg, records done, of about)
 
 
 ##### Constants and the sync spec ############################################
@@ -2902,18 +2903,23 @@ class Install(Resume):
                         part[new] = part.pop(old)
                 self._put_shadow(info.name, sid, rid, vals, clocks)
 
-    def stamp_rows(self) -> int:
+    def stamp_rows(self, progress: Progress | None = None) -> int:
         """Give every row without a sync_id one: a uuid5 of its natural key.
 
         A row whose natural key is empty gets a uuid5 of its content, so a
         database copied onto another machine stamps the same ids there; an id
         already taken falls back to a random one.  Parents are stamped before
-        children, whose natural keys name them.
+        children, whose natural keys name them.  ``progress`` hears the rows
+        stamped so far (counted only once there is one to stamp).
         """
-        total = 0
+        total, of = 0, None
         for info in self.tables().values():
             while self.conn.execute(f"SELECT 1 FROM {_q(info.name)} WHERE sync_id IS NULL "
                                     f"LIMIT 1").fetchone():
+                if progress is not None and of is None:
+                    of = sum(self.conn.execute(f"SELECT count(*) FROM {_q(t)} WHERE sync_id "
+                                               f"IS NULL").fetchone()[0] for t in self.tables())
+                    progress("stamp", 0, of)
                 with self._write():
                     rows = self.conn.execute(
                         f"SELECT rowid AS _rid, * FROM {_q(info.name)} WHERE sync_id IS NULL "
@@ -2924,6 +2930,8 @@ class Install(Resume):
                         if sid in known:
                             self._relink_if_back(info.name, sid, rid)
                 total += len(rows)
+                if progress is not None:
+                    progress("stamp", total, max(of or 0, total))
         return total
 
     def _stamp(self, info: TableInfo, rows: list, values: list[dict]) -> list[tuple[str, int]]:
@@ -2975,12 +2983,13 @@ class Capture(Install):
     """A sync's capture (:meth:`prepare`): find what changed while capture was
     off, and take capture out again (:meth:`remove`)."""
 
-    def prepare(self) -> int:
+    def prepare(self, progress: Progress | None = None) -> int:
         """Install capture (idempotent), diff what happened without it, stamp rows.
 
         Returns how many rows were given a sync_id.  Safe to run at every sync.
         The first time it changes this database it keeps a backup of it first
-        (``backup_path``).
+        (``backup_path``).  ``progress`` hears the rows stamped and scanned
+        (legs "stamp" and "scan": a first sync spends seconds on each).
         """
         self._device_id = None
         self.backup_path = None
@@ -2988,27 +2997,35 @@ class Capture(Install):
             self._install()
             self._up_to_date()          # notes the schema it left
         self._settle_identity()
-        stamped = self.stamp_rows()
+        stamped = self.stamp_rows(progress)
         # A diff marker survives a crash, so an interrupted diff runs again.
-        for (key,) in self.conn.execute("SELECT key FROM _ccsync_meta "
-                                        "WHERE key LIKE 'diff:%'").fetchall():
-            if key[5:] in self.tables():
-                self._full_diff(key[5:])
+        due = [key[5:] for (key,) in self.conn.execute(
+            "SELECT key FROM _ccsync_meta WHERE key LIKE 'diff:%'").fetchall()
+            if key[5:] in self.tables()]
+        scanned, of = 0, None
+        if progress is not None and due:
+            of = sum(self.conn.execute(f"SELECT count(*) FROM {_q(t)}").fetchone()[0] for t in due)
+            progress("scan", 0, of)
+        for table in due:
+            scanned = self._full_diff(table, progress, scanned, of)
         self._find_vanished()
         self._name_gone_rows()
         self._keep_deleted_edits()
         self._settle_identity()       # keys changed while capture was off
         return stamped
 
-    def _full_diff(self, table: str) -> None:
-        """Record as dirty what changed while capture triggers were missing.
+    def _full_diff(self, table: str, progress: Progress | None = None, scanned: int = 0,
+                   of: int | None = None) -> int:
+        """Record as dirty what changed while capture triggers were missing;
+        returns ``scanned`` plus the rows read (``progress`` hears that count,
+        of about ``of``).
 
         Edits found here are timed when they are found (clock 0 on the first
         install: rows that predate ccsync).
         """
         mode = self.meta(f"diff:{table}")
         if mode is None:
-            return
+            return scanned
         info = self.tables()[table]
         parsed = None if mode in ("first", "all", "again") else json.loads(mode)  # again: v1
         only = parsed if isinstance(parsed, list) else None
@@ -3028,11 +3045,15 @@ class Capture(Install):
             self._sliced(later, lambda cell: self.conn.execute(
                 "INSERT INTO _ccsync_dirty (tbl, rid, col, hlc) VALUES (?, ?, ?, ?) ON CONFLICT "
                 "(tbl, rid, col) DO UPDATE SET hlc = max(hlc, excluded.hlc)", cell))
+            scanned += len(rows)
+            if progress is not None:
+                progress("scan", scanned, max(of or 0, scanned))
         gone = [] if only is not None else self._vanished(info)
         with self._write():
             self._record_gone(info, gone, hlc)
             self.conn.execute("DELETE FROM _ccsync_base WHERE tbl = ?", (table,))
             self.set_meta(f"diff:{table}", None)
+        return scanned
 
     def _row_pages(self, table: str) -> Iterator[list[sqlite3.Row]]:
         """Every row of ``table`` (with ``_rid``), in pages.
@@ -4694,12 +4715,21 @@ class ServerCollection(ServerRegistry):
         may be gone: a device that merged less must rejoin (see :meth:`stale`)."""
         return self._meta_int("collected")
 
-    def stale(self, cursor: Any, through: int | None = None) -> bool:
+    def stale(self, cursor: Any, through: int | None = None, began: Any = None) -> bool:
         """True when a device that merged up to ``cursor`` may have missed a
         delete (collected since, up to ``through``): it must rejoin.  Cursor 0
-        starts afresh."""
+        starts afresh, and so does a pull that started there when the store
+        had been swept ``began`` times (:meth:`sweeps`), while none has
+        removed rows since: what it lacks below the mark went before it
+        began, so it never held it (a rejoin drops what it still holds)."""
         through = self.collected_through() if through is None else through
-        return isinstance(cursor, int) and 0 < cursor < through
+        return isinstance(cursor, int) and 0 < cursor < through \
+            and not (type(began) is int and began == self.sweeps())
+
+    def sweeps(self) -> int:
+        """How many times collection has removed rows (each chunk's
+        transaction counts once)."""
+        return self._meta_int("sweeps")
 
     def _uncounted(self, device: str, devs: set[str], cursor: Any, through: int) -> bool:
         """True when a push from ``devs`` (ids of ``device``'s key; none: any of
@@ -4875,6 +4905,9 @@ class ServerCollection(ServerRegistry):
                 self._drop_versions(versions, freed)
                 gone += 1
         self._add_usage(freed)
+        if gone:                    # a pull from the start that began before now is stale
+            self.conn.execute("INSERT INTO meta (key, value) VALUES ('sweeps', 1) ON CONFLICT "
+                              "(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1")
         return gone
 
 
@@ -5226,19 +5259,19 @@ class ServerStore(ServerCollection):
 
     def pull(self, cursor: int = 0, limit: int = PULL_PAGE, since: str | None = None,
              max_bytes: int = PULL_PAGE_BYTES, check: str | None = None,
-             skip: Iterable[tuple[int, int]] = ()) -> dict:
+             skip: Iterable[tuple[int, int]] = (), began: int | None = None) -> dict:
         """Records after ``cursor`` (and received after ``since``), oldest first.
 
         A page holds at most ``limit`` records and about ``max_bytes`` of
         stored text, but always at least one record, so large rows still
         travel.  Returns ``{"records": [...], "cursor": last seq, "more": bool}``.
         """
-        page = self.pull_raw(cursor, limit, since, max_bytes, check, skip)
+        page = self.pull_raw(cursor, limit, since, max_bytes, check, skip, began)
         return {**page, "records": json.loads(page["records"])} if "records" in page else page
 
     def pull_raw(self, cursor: int = 0, limit: int = PULL_PAGE, since: str | None = None,
                  max_bytes: int = PULL_PAGE_BYTES, check: str | None = None,
-                 skip: Iterable[tuple[int, int]] = ()) -> dict:
+                 skip: Iterable[tuple[int, int]] = (), began: int | None = None) -> dict:
         """:meth:`pull` with the records as :class:`RawJSON`: the stored text
         as it is, never parsed and written again.  A device that merged too
         little to catch up (see :meth:`stale`) gets ``"stale": true`` instead.
@@ -5249,7 +5282,9 @@ class ServerStore(ServerCollection):
         plaintext one) with ``{"e2e": parameters}``; a plaintext store asked
         with a check answers ``{"plaintext": true}``.  Records in the ``skip``
         ranges of sequence numbers (the asking device's own) are left out;
-        the cursor still passes them.
+        the cursor still passes them.  A page says how often the store has
+        been swept (``sweeps``); a pull that started at cursor 0 gives the
+        count its first page said as ``began`` (see :meth:`stale`).
         """
         with snapshot(self.conn):          # the collected mark and the rows of one moment
             refusal = self._mode_refusal(None, check)
@@ -5258,14 +5293,15 @@ class ServerStore(ServerCollection):
                         "more": False, "store": self.store_id}
             skip = [(int(a), int(b)) for a, b in skip]
             if check is not None:
-                return self._sealed_page(cursor, limit, since, max_bytes, skip)
-            return self._page(cursor, limit, since, max_bytes, skip)
+                return self._sealed_page(cursor, limit, since, max_bytes, skip, began)
+            return self._page(cursor, limit, since, max_bytes, skip, began)
 
     def _page_start(self, cursor: int, since: str | None, columns: str, limit: int,
-                    skip: list[tuple[int, int]]) -> tuple[dict | None, int, sqlite3.Cursor]:
+                    skip: list[tuple[int, int]], began: int | None
+                    ) -> tuple[dict | None, int, sqlite3.Cursor]:
         """(a stale answer or None, the collected mark, the rows after ``cursor``)."""
         through = self.collected_through()
-        if self.stale(cursor, through):
+        if self.stale(cursor, through, began):
             return ({"stale": True, "records": RawJSON("[]"), "cursor": int(cursor),
                      "more": False, "store": self.store_id}, through, None)
         query, args = f"SELECT {columns} FROM change WHERE seq > ?", [int(cursor)]
@@ -5284,14 +5320,15 @@ class ServerStore(ServerCollection):
         # the records it was spared.
         high = self._max_seq()
         end = last if more else max(last, through, high)
-        return {"cursor": end, "more": more, "store": self.store_id, "high": high}
+        return {"cursor": end, "more": more, "store": self.store_id, "high": high,
+                "sweeps": self.sweeps()}
 
     def _sealed_page(self, cursor: int, limit: int, since: str | None, max_bytes: int,
-                     skip: list[tuple[int, int]]) -> dict:
+                     skip: list[tuple[int, int]], began: int | None) -> dict:
         """A page of an end-to-end store: each batch once, whole; records of a
         batch already on the page go past ``limit`` (they cost no bytes more)."""
         stale, through, rows = self._page_start(cursor, since, "seq, batch, slot", 4 * limit + 1,
-                                                skip)
+                                                skip, began)
         if stale is not None:
             return stale
         refs, blobs, numbers, size, last, more = [], [], {}, 0, None, False
@@ -5312,10 +5349,10 @@ class ServerStore(ServerCollection):
         return {"refs": refs, "blobs": blobs, **self._page_end(cursor, last, more, through)}
 
     def _page(self, cursor: int, limit: int, since: str | None, max_bytes: int,
-              skip: list[tuple[int, int]]) -> dict:
+              skip: list[tuple[int, int]], began: int | None) -> dict:
         stale, through, found = self._page_start(cursor, since,
                                                  "seq, tbl, sid, dev, clocks, payload", limit + 1,
-                                                 skip)
+                                                 skip, began)
         if stale is not None:
             return stale
         rows, size, more = [], 0, False
@@ -5398,9 +5435,11 @@ def _op_pull(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
             since = since_key(since[:64])
         except (ValueError, OverflowError):
             raise HttpError(400, "bad_request", "since is not an ISO 8601 timestamp") from None
-    check, skip = payload.get("e2e"), payload.get("skip", [])
+    check, skip, began = payload.get("e2e"), payload.get("skip", []), payload.get("began")
     if not (check is None or isinstance(check, str)):
         raise HttpError(400, "bad_request", "e2e is a vault's check value")
+    if not (began is None or (type(began) is int and 0 <= began < 2 ** 63)):
+        raise HttpError(400, "bad_request", "began is the sweeps count a page gave")
     if not (isinstance(skip, list) and len(skip) <= 64 and all(
             isinstance(r, list) and len(r) == 2 and all(type(n) is int and 0 <= n < 2 ** 63
                                                         for n in r) for r in skip)):
@@ -5408,7 +5447,7 @@ def _op_pull(store: "ServerStore", device: sqlite3.Row, payload: dict) -> dict:
     ask = store.note_reader(device["name"], author_prefix(device["key_id"]),
                             payload.get("dev"), payload.get("merged"), payload.get("pins"))
     page = store.pull_raw(cursor, min(limit, MAX_PULL_PAGE), since,
-                          min(max_bytes, PULL_PAGE_BYTES), check, skip)
+                          min(max_bytes, PULL_PAGE_BYTES), check, skip, began)
     return page if ask is None else {**page, "ask": ask}
 
 
@@ -6329,19 +6368,21 @@ class Client:
         return checked_mode(answer, self.vault, self.url)
 
     def pull(self, cursor: int, limit: int = PULL_PAGE, since: str | None = None,
-             report: dict | None = None, skip: list | None = None) -> dict:
+             report: dict | None = None, skip: list | None = None,
+             began: int | None = None) -> dict:
         """One page of records after ``cursor`` (see ServerStore.pull).
 
         A smaller ``limit`` also asks for proportionally fewer bytes, so a
         device that got an answer too large can shrink its pages.  ``report``
         ({"dev", "merged"}) tells the server how far this device has merged
         (see ServerStore.note_reader); ``skip``, which of its own records it
-        need not get back (Store.own_ranges).
+        need not get back (Store.own_ranges); ``began``, the sweeps count of
+        the first page of a pull from the start (ServerStore.stale).
         """
         answer = self._request("/v1/pull", {
             "cursor": cursor, "limit": limit, "since": since, "max_bytes": page_bytes(limit),
             "e2e": self.vault.check if self.vault else None, **(report or {}),
-            **({"skip": skip} if skip else {})})
+            **({"skip": skip} if skip else {}), **({"began": began} if began is not None else {})})
         return opened_page(self.vault, checked_mode(answer, self.vault, self.url),
                            self.max_response)
 
@@ -6553,14 +6594,15 @@ class LocalTransport:
             self.vault, "the server")
 
     def pull(self, cursor: int, limit: int = PULL_PAGE, since: str | None = None,
-             report: dict | None = None, skip: list | None = None) -> dict:
+             report: dict | None = None, skip: list | None = None,
+             began: int | None = None) -> dict:
         """One page of records from the in-process server store."""
         ask = self.server.note_reader(self.device, self.author, report["dev"],
                                       report["merged"], report.get("pins")) \
             if report and self.author else None
         page = self.server.pull(cursor, limit, since, page_bytes(limit),
                                 check=self.vault.check if self.vault else None,
-                                skip=skip or ())
+                                skip=skip or (), began=began)
         if ask is not None:
             page["ask"] = ask
         blobs = page.pop("blobs", [])
@@ -6671,10 +6713,6 @@ def _halved(exc: RemoteError, size: int) -> int:
     if exc.kind != "too_large" or size <= 1:
         raise exc
     return size // 2
-
-
-if TYPE_CHECKING:
-    Progress = Callable[[str, int, "int | None"], None]    # (leg, records done, of about)
 
 
 def push_changes(store: Store, transport: Any, result: SyncResult,
@@ -6796,10 +6834,13 @@ def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: in
             if (report or cursor == 0) and not since else []
         # Its own records need not come back, unless it rejoins (it counts what it sees).
         skip = store.own_ranges() if not since and not store.rejoining() else []
-        call = functools.partial(transport.pull, skip=skip) if skip else transport.pull
+        extra = {**({"skip": skip} if skip else {}),
+                 **({"began": began} if cursor and began is not None else {})}
+        call = functools.partial(transport.pull, **extra) if extra else transport.pull
         return _InFlight(call, cursor, page_size, since, *told)
 
     cursor = 0 if since else store.cursor
+    began: int | None = None            # the sweeps count when this pull was at cursor 0
     reported = cursor
     restarted: list[str] = []           # new stores met (each re-seeded once)
     stales = 0
@@ -6837,9 +6878,11 @@ def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: in
                     raise RemoteError("the server kept saying this device is stale",
                                       hint="sync again later").with_kind("stale")
                 _start_rejoin(store)
-                cursor = 0
+                cursor, began = 0, None
                 fetching = fetch(cursor)
                 continue
+            if cursor == 0:             # from the start: its later pages say so (stale())
+                began = page.get("sweeps") if type(page.get("sweeps")) is int else None
             records, cursor = page.get("records", []), int(page.get("cursor", cursor))
             fetching = fetch(cursor) if page.get("more") else None
             result.pulled.add(store.apply_page(records, None if since else cursor))
@@ -6999,7 +7042,7 @@ def sync_once(store: Store, transport: Any, *, push: bool = True, pull: bool = T
     most every ``digest_every`` seconds.  ``progress`` hears each leg's
     records done (see push_changes).
     """
-    result = SyncResult(stamped=store.prepare(), backup=store.backup_path)
+    result = SyncResult(stamped=store.prepare(progress), backup=store.backup_path)
     if getattr(transport, "author", None):
         store.take_author(transport.author)
     try:
@@ -7624,6 +7667,20 @@ class ProgressLine:
         self.leg, self.width = None, 0
 
 
+@contextlib.contextmanager
+def progress_line(args: argparse.Namespace) -> Iterator[ProgressLine | None]:
+    """A :class:`ProgressLine` on stderr when it is a terminal and neither
+    ``--json`` nor ``--quiet`` was given (None otherwise: cron and pipes
+    stay quiet), its last line finished however the command ends."""
+    line = ProgressLine(sys.stderr) if sys.stderr.isatty() and not args.json \
+        and not getattr(args, "quiet", False) else None
+    try:
+        yield line
+    finally:
+        if line is not None:
+            line.end()
+
+
 def _log_line(line: str) -> None:
     import datetime as _dt
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
@@ -7684,7 +7741,8 @@ def cmd_stamp(args: argparse.Namespace) -> int:
             f"removed {count} capture trigger(s); `ccsync stamp` (or the next sync) puts them "
             "back and records what changed meanwhile"])
         return EXIT_OK
-    stamped = store.prepare()
+    with progress_line(args) as line:
+        stamped = store.prepare(line)
     _emit(args, {"stamped": stamped, "backup": store.backup_path},
           backup_lines(store.backup_path) + [f"stamped {stamped} row(s)"])
     return EXIT_OK
@@ -7701,13 +7759,8 @@ def _cmd_sync(args: argparse.Namespace, *, push: bool, pull: bool) -> int:
                                                      "--since 2026-11-30T09:00:00+01:00") from None
     store = _store_from_args(args)
     client = client_for(load_config(os.environ))
-    line = ProgressLine(sys.stderr) if sys.stderr.isatty() and not args.json \
-        and not args.quiet else None
-    try:
+    with progress_line(args) as line:
         result = run_sync(store, client, push=push, pull=pull, since=since, progress=line)
-    finally:
-        if line is not None:
-            line.end()
     if not pull and not result.sent:    # a wrong URL or key shows now, not at the next edit
         client.hello()
         client.close()

@@ -24,8 +24,8 @@ HONEST_PUSH = ccsync.ServerStore.push
 @pytest.mark.parametrize("refs", [5, None, 7.5])
 def test_refs_not_a_list(tmp_path, monkeypatch, refs):
     with hostile_world(tmp_path) as (srv, dev):
-        def pull_raw(self, cursor=0, limit=2000, since=None, max_bytes=0, check=None, skip=()):
-            page = HONEST_PULL(self, cursor, limit, since, max_bytes, check)
+        def pull_raw(self, cursor=0, limit=2000, since=None, max_bytes=0, check=None, *rest):
+            page = HONEST_PULL(self, cursor, limit, since, max_bytes, check, *rest)
             if check is not None and "refs" in page:
                 page["refs"] = refs
             return page
@@ -34,18 +34,21 @@ def test_refs_not_a_list(tmp_path, monkeypatch, refs):
         proc = dev.cli("sync")
         assert "Traceback" not in proc.stderr, proc.stderr
         assert proc.stderr.startswith("ccsync: error:"), proc.stderr
+        assert "answered 500" not in proc.stderr, proc.stderr     # the hostile answer, met
 
 
 def test_a_store_that_stays_plaintext(tmp_path, monkeypatch):
     with hostile_world(tmp_path) as (srv, dev):
-        def pull_raw(self, cursor=0, limit=2000, since=None, max_bytes=0, check=None, skip=()):
+        def pull_raw(self, cursor=0, limit=2000, since=None, max_bytes=0, check=None,
+                     skip=(), began=None):
             if check is not None:
                 return {"plaintext": True, "records": ccsync.RawJSON("[]"), "cursor": cursor,
                         "more": False, "store": self.store_id}
             with ccsync.snapshot(self.conn):               # a plaintext page, as before
-                return self._page(cursor, limit, since, max_bytes)
+                return self._page(cursor, limit, since, max_bytes, list(skip), began)
 
         monkeypatch.setattr(ccsync.ServerStore, "pull_raw", pull_raw)
         proc = dev.cli("sync")
         assert "Traceback" not in proc.stderr, proc.stderr
         assert proc.stderr.startswith("ccsync: error:"), proc.stderr
+        assert "answered 500" not in proc.stderr, proc.stderr     # the hostile answer, met

@@ -54,8 +54,9 @@ def test_a_page_without_refs_is_merged_by_an_e2e_device(tmp_path, monkeypatch):
         # The server turns hostile: an end-to-end pull is answered in plaintext.
         honest = ccsync.ServerStore.pull_raw
 
-        def hostile(self, cursor=0, limit=2000, since=None, max_bytes=0, check=None, skip=()):
-            page = honest(self, cursor, limit, since, max_bytes, check)
+        def hostile(self, cursor=0, limit=2000, since=None, max_bytes=0, check=None, skip=(),
+                    began=None):
+            page = honest(self, cursor, limit, since, max_bytes, check, skip, began)
             if check is None or page.get("e2e"):
                 return page
             page.pop("refs", None), page.pop("blobs", None)

@@ -293,8 +293,8 @@ def test_large_rows_travel_in_pages_bounded_by_bytes(tmp_path, http_server):
     pages = []
     real_pull = clients["b"].pull
 
-    def counting(cursor, limit=ccsync.PULL_PAGE, since=None, report=None):
-        page = real_pull(cursor, limit, since, report)
+    def counting(cursor, limit=ccsync.PULL_PAGE, since=None, report=None, **kw):
+        page = real_pull(cursor, limit, since, report, **kw)
         pages.append(len(page["records"]))
         return page
 

@@ -390,12 +390,22 @@ def test_a_long_sync_shows_one_progress_line_per_leg_on_a_terminal_only(tmp_path
     push = [part for part in shown.split("\r") if part.startswith("push: ") and "/s" in part]
     assert push and "of 2,000 records" in push[-1], shown
     assert "push: sent 2000" in shown                               # then the summary
+    # Before the push, a first sync gives rows their ids and finds what to
+    # send: seconds at 100,000 rows, so they show too, each its own line.
+    parts = [p.strip() for p in shown.replace("\n", "\r").split("\r") if " records, " in p]
+    legs = [p.split(":")[0] for p in parts]
+    assert sorted(set(legs), key=legs.index) == ["stamp", "scan", "push"], shown
+    assert any(p.startswith(f"{leg}: 2,000 of 2,000 records") for p in parts
+               for leg in ("stamp", "scan")), shown
     quiet = subprocess.run([*COMMAND, "sync"], env=clean_env(desk.home), capture_output=True,
                            text=True, timeout=60)                  # not a terminal: silent
     assert quiet.returncode == 0 and " records, " not in quiet.stderr + quiet.stdout
     assert "pull: received 2000" in quiet.stdout
     desk.conn.execute("DELETE FROM project")
-    assert_ok(desk.cli("stamp"))
+    desk.conn.executemany("INSERT INTO version (name, path) VALUES (?, ?)",
+                          [(f"v{i}", f"/v{i}") for i in range(1500)])
+    shown = _on_a_terminal([*COMMAND, "stamp"], clean_env(desk.home))   # stamp shows it too
+    assert "stamp: 1,500 of 1,500 records" in shown and "stamped 1500 row(s)" in shown, shown
     shown = _on_a_terminal([*COMMAND, "sync", "--json"], clean_env(desk.home))
     assert " records, " not in shown and json.loads(shown)["sent"] >= 0   # --json: no line
     lap.close()
