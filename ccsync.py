@@ -1040,6 +1040,7 @@ def pack_records(records: list[dict]) -> dict:
     for record in records:
         payload = record["p"]
         key, local = payload.get("k", {}), payload.get("l", {})
+        given = payload.get("v", {})        # a delete may come without (as parse_record takes it)
         if (record["t"], tuple(key), tuple(local)) != shape:
             shape, where = (record["t"], tuple(key), tuple(local)), {}
             groups.append({"t": record["t"], "cols": [], "key": list(key), "local": list(local),
@@ -1053,7 +1054,7 @@ def pack_records(records: list[dict]) -> dict:
             if at >= len(clocks):
                 clocks += [None] * (at + 1 - len(clocks))
                 values += [None] * (at + 1 - len(values))
-            clocks[at], values[at] = hlc, payload["v"].get(col)
+            clocks[at], values[at] = hlc, given.get(col)
         group["rows"].append([record["id"], record["dev"], clocks, values, list(key.values()),
                               list(local.values())])
     return {"format": BATCH_FORMAT, "groups": groups}
@@ -1369,8 +1370,18 @@ def connect(path: str, *, timeout: float = 5.0, must_exist: bool = True) -> sqli
         conn.execute("PRAGMA busy_timeout = %d" % int(timeout * 1000))
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
     except sqlite3.Error as exc:
-        raise StoreError(f"cannot open {path}: {exc}") from None
+        raise StoreError(f"cannot open {path}: {exc}", hint=_open_hint(str(exc))) from None
     return conn
+
+
+def _open_hint(error: str) -> str | None:
+    """What to do about SQLite's reason for not opening a database."""
+    if "not a database" in error:
+        return "that file is not a SQLite database: is --db (or $CC_DB) cc's database, " \
+               "~/.cc-cli/cc_cli.db?"
+    if "locked" in error or "busy" in error:
+        return "another program holds the database's lock: run it again once that is done"
+    return None
 
 
 _SAVEPOINTS = itertools.count()           # names unique in this process
@@ -3118,7 +3129,20 @@ class Capture(Install):
             return [INSERTED]
         return [c for c in info.tracked if (only is None or c in only)
                 and values.get(c) != old.get(c)
-                and not (values.get(c) is None and self._lost_parent(info, c, row, old))]
+                and not (values.get(c) is None and self._lost_parent(info, c, row, old))
+                and not self._lost_list_ids(info, c, values.get(c), old.get(c))]
+
+    def _lost_list_ids(self, info: TableInfo, col: str, value: Any, synced: Any) -> bool:
+        """True when an id list differs from its synced value only by ids of
+        rows not here (a delete merged from elsewhere leaves cc's list
+        without them, or naming a rowid that is gone): not an edit."""
+        parent = info.spec.list_refs.get(col)
+        if parent is None or not (isinstance(value, dict) and isinstance(synced, dict)
+                                  and isinstance(synced.get("ids"), list)):
+            return False
+        here = self._rids_for_sids(parent, synced["ids"])
+        return value.get("fmt") == synced.get("fmt") and \
+            value.get("ids") == [s for s in synced["ids"] if s in here]
 
     def _lost_parent(self, info: TableInfo, col: str, row: Any, synced: dict) -> bool:
         """True when a reference that reads NULL does so only because its parent is not here
@@ -6806,6 +6830,13 @@ def _answer_after_pull(store: Store, transport: Any, cursor: int) -> None:
             store.keep_ask(page["ask"])
 
 
+def _left(cursor: int, high: int, spared: list[list[int]]) -> int:
+    """About how many records a pull past ``cursor`` has left, up to ``high``:
+    the sequence numbers between, less the ``spared`` ranges (not sent)."""
+    own = sum(max(0, min(last, high) - max(first - 1, cursor)) for first, last in spared)
+    return max(0, high - cursor - own)
+
+
 def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: int = PULL_PAGE,
                  since: str | None = None, max_pages: int = 10 ** 6,
                  stop: threading.Event | None = None, report: bool = False,
@@ -6828,12 +6859,15 @@ def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: in
         pins = _pins(store, transport) if cursor else None
         return {"pins": pins} if pins else {}
 
+    def spared() -> list[list[int]]:
+        # Its own records need not come back, unless it rejoins (it counts what it sees).
+        return store.own_ranges() if not since and not store.rejoining() else []
+
     def fetch(cursor: int, report: bool = False) -> _InFlight:
         # Starting afresh (cursor 0) is always worth saying: it holds nothing collected.
         told = [{"dev": store.device_id, "merged": cursor, **pinned(cursor)}] \
             if (report or cursor == 0) and not since else []
-        # Its own records need not come back, unless it rejoins (it counts what it sees).
-        skip = store.own_ranges() if not since and not store.rejoining() else []
+        skip = spared()
         extra = {**({"skip": skip} if skip else {}),
                  **({"began": began} if cursor and began is not None else {})}
         call = functools.partial(transport.pull, **extra) if extra else transport.pull
@@ -6846,6 +6880,7 @@ def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: in
     stales = 0
     if progress:
         progress("pull", 0, None)
+        before = result.pulled.received     # a sync's second pull counts from 0 again
     fetching = fetch(cursor, report)
     try:
         for _ in range(max_pages):
@@ -6888,8 +6923,8 @@ def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: in
             result.pulled.add(store.apply_page(records, None if since else cursor))
             if progress:                # records left: about the sequence numbers left
                 high = page.get("high")
-                done = result.pulled.received
-                progress("pull", done, done + max(0, high - cursor) if isinstance(
+                done = result.pulled.received - before
+                progress("pull", done, done + _left(cursor, high, spared()) if isinstance(
                     high, int) and page.get("more") else done)
             if fetching is None:
                 if store.rejoining() and not since:
@@ -6915,7 +6950,7 @@ def _push_rejoining(store: Store, transport: Any, result: SyncResult, batch_size
             return
         except StaleDevice:
             _start_rejoin(store)
-            pull_changes(store, transport, result, page_size, stop=stop)
+            pull_changes(store, transport, result, page_size, stop=stop, progress=progress)
     raise RemoteError("the server kept collecting while this device caught up",
                       hint="sync again; nothing was lost").with_kind("stale")
 
@@ -7184,12 +7219,15 @@ def load_config(environ: dict) -> Config:
     and CCSYNC_E2E_KEY: from the environment, else from ~/.cc-cli/.env."""
     path = env_file_path()
     from_file = read_env_file(path)
+    places = (("environment", environ), (path, from_file))
+    # ccsync's own names, set anywhere, outrank cc's: the server and its key
+    # come from one set of names, never cc's server with ccsync's key.
+    own = any(found.get(name) for _where, found in places for name in CC_SERVER_NAMES)
     values, sources = {}, {}
     for name in (ENV_SERVER, ENV_API_KEY, ENV_CA_FILE, ENV_E2E_KEY):
-        for where, found in (("environment", environ), (path, from_file)):
-            given = next((n for n in (name, CC_SERVER_NAMES.get(name)) if n and found.get(n)),
-                         None)
-            if given:
+        given = name if own else CC_SERVER_NAMES.get(name, name)
+        for where, found in places:
+            if found.get(given):
                 values[name], sources[name] = found[given], where
                 break
     cc_sync = next((where for where, found in (("the environment", environ), (path, from_file))
@@ -7228,6 +7266,22 @@ def mask_key(key: str | None) -> str:
 # database across processes.  Never raises into the host.
 
 MAX_BACKOFF = 3600.0
+MIN_INTERVAL_S, MAX_INTERVAL_S = 10.0, 86400.0     # between syncs; cc's own is 300
+
+
+def loop_interval(value: Any) -> float:
+    """``value`` as seconds between syncs, within MIN_INTERVAL_S..MAX_INTERVAL_S
+    (a host's 0 would hammer the server: it gets the floor, with a warning;
+    what is not a number, 300)."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    bounded = 300.0 if seconds != seconds else min(max(seconds, MIN_INTERVAL_S), MAX_INTERVAL_S)
+    if bounded != seconds:
+        _log().warning("auto-sync interval %r is not %g to %g s: using %g s", value,
+                       MIN_INTERVAL_S, MAX_INTERVAL_S, bounded)
+    return bounded
 
 
 def next_delay(interval: float, failures: int, rand: Callable[[], float] = uniform) -> float:
@@ -7348,7 +7402,7 @@ class AutoSync:
                  environ: dict | None = None, clock: Callable[[], float] = time.time,
                  rand: Callable[[], float] = uniform, lock_wait: float = 0.0):
         import threading
-        self.interval = float(interval)
+        self.interval = loop_interval(interval)
         self.last_result: SyncResult | None = None
         self.last_error: str | None = None
         self.last_sync_at: float | None = None
@@ -7661,10 +7715,25 @@ class ProgressLine:
 
     def end(self) -> None:
         """Finish the current leg's line."""
+        self.break_line()
+        self.leg = None
+
+    def break_line(self) -> None:
+        """Move off the line (a message is printed under it); the leg's next
+        update draws it again below."""
         if self.width:
             self.stream.write("\n")
             self.stream.flush()
-        self.leg, self.width = None, 0
+        self.width = 0
+
+    def write(self, text: str) -> None:
+        """Print ``text`` (a log line) under the progress line, not over it."""
+        self.break_line()
+        self.stream.write(text)
+        self.stream.flush()
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 @contextlib.contextmanager
@@ -7672,13 +7741,21 @@ def progress_line(args: argparse.Namespace) -> Iterator[ProgressLine | None]:
     """A :class:`ProgressLine` on stderr when it is a terminal and neither
     ``--json`` nor ``--quiet`` was given (None otherwise: cron and pipes
     stay quiet), its last line finished however the command ends."""
-    line = ProgressLine(sys.stderr) if sys.stderr.isatty() and not args.json \
-        and not getattr(args, "quiet", False) else None
+    if not (sys.stderr.isatty() and not args.json and not getattr(args, "quiet", False)):
+        yield None
+        return
+    import logging
+    line = ProgressLine(sys.stderr)
+    # What the sync says meanwhile (a rejoin, a new store) goes under the
+    # line, as Python's last-resort handler would print it.
+    handler = logging.StreamHandler(line)
+    handler.setLevel(logging.WARNING)
+    _log().addHandler(handler)
     try:
         yield line
     finally:
-        if line is not None:
-            line.end()
+        _log().removeHandler(handler)
+        line.end()
 
 
 def _log_line(line: str) -> None:
@@ -8110,8 +8187,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
     lines.append(f"saved to {config.env_path} as {ENV_SERVER}, {ENV_API_KEY} and "
                  f"{ENV_E2E_KEY} (mode 600; the key is derived from the passphrase, which is "
                  f"not stored)")
-    shadowed = [n for n in (ENV_SERVER, ENV_API_KEY, ENV_E2E_KEY, *CC_SERVER_NAMES.values())
-                if os.environ.get(n)]
+    shadowed = [n for n in (ENV_SERVER, ENV_API_KEY, ENV_E2E_KEY) if os.environ.get(n)]
     if shadowed:
         lines.append(f"note: {' and '.join(shadowed)} set in the environment take precedence")
     _emit(args, {"server": server, "device": info.get("device"), "saved": config.env_path,
@@ -8320,7 +8396,10 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         auto.request_stop()
 
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    log.info("auto-sync every %g s on %s", auto.interval, resolve_db_path(args.db, os.environ))
+    db = resolve_db_path(args.db, os.environ)
+    log.info("auto-sync every %g s on %s", auto.interval, db)
+    if args.json:                       # as the server: one object started, one stopped
+        print(json.dumps({"started": True, "interval": auto.interval, "db": db}), flush=True)
     try:
         auto.run()
         log.info("stopped")
@@ -8328,7 +8407,10 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         for sig, old in previous.items():
             signal.signal(sig, old)
         log.removeHandler(handler)
-    return exit_for_signal(stopped_by[0] if stopped_by else None)
+    code = exit_for_signal(stopped_by[0] if stopped_by else None)
+    if args.json:
+        print(json.dumps({"stopped": True, "exit_code": code}), flush=True)
+    return code
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
@@ -8573,7 +8655,6 @@ def _seconds_between(low: float, high: float) -> Callable[[str], float]:
 
 
 _seconds = _seconds_between(0.1, 3600)
-MIN_INTERVAL_S, MAX_INTERVAL_S = 10.0, 86400.0     # the daemon's; cc's own is 300
 
 
 def _whole(low: int, high: int, what: str) -> Callable[[str], int]:
@@ -8799,9 +8880,8 @@ def main(argv: list[str] | None = None) -> int:
     debug, as_json = "--debug" in argv, "--json" in argv
     try:
         args = parser.parse_args(argv)
-        if not getattr(args, "func", None):
-            parser.print_help(sys.stderr)
-            return EXIT_USAGE
+        if not getattr(args, "func", None):         # options alone (`ccsync --json`): the status
+            args = build_parser("status").parse_args([*argv, "status"])
         return args.func(args)
     except CcsyncError as exc:
         return _fail(str(exc), exc.hint, exc.exit_code, debug, as_json)

@@ -85,8 +85,8 @@ perf = time.perf_counter
 
 SYNCED_TABLES = ("version", "setting", "database", "project", "environment", "switch_log",
                  "backup", "repository", "skill_tag", "knowledge_index")
-SCRUBBED_ENV = ("CC_SERVER", "CC_API_KEY", "CC_DB", "CC_CA_FILE", "CCSYNC_LOCAL_SETTINGS",
-                "CCSYNC_E2E_KEY", "CCSYNC_PASSPHRASE")
+SCRUBBED_ENV = ("CC_SERVER", "CC_API_KEY", "CCSYNC_SERVER", "CCSYNC_API_KEY", "CC_DB",
+                "CC_CA_FILE", "CCSYNC_LOCAL_SETTINGS", "CCSYNC_E2E_KEY", "CCSYNC_PASSPHRASE")
 BENCH_PASSPHRASE = "the benchmark's sync passphrase"   # every device's, given to setup
 LISTENING = re.compile(r"server listening on http://127\.0\.0\.1:(\d+) ")
 WRITER_SOURCE = "bench-writer"          # switch_log.source of the writer's rows

@@ -39,6 +39,13 @@ CC_ENV_VARS = ("CC_SERVER", "CC_API_KEY", "CC_CA_FILE", "CC_DB", "CCSYNC_LOCAL_S
 
 ##### helpers ##################################################################
 
+@pytest.fixture(autouse=True)
+def fast_loops(monkeypatch):
+    """The loops here run at fractions of a second on purpose; the floor a
+    host's interval gets (10 s) is tested in test_newcomer."""
+    monkeypatch.setattr(ccsync, "MIN_INTERVAL_S", 0.01)
+
+
 def wait_for(cond, timeout: float = 10.0, step: float = 0.05) -> bool:
     """Poll ``cond`` every ``step`` seconds for up to ``timeout``; its last truth value."""
     deadline = time.monotonic() + timeout

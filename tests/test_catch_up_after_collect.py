@@ -48,18 +48,27 @@ def test_a_newcomer_joins_a_store_collected_past_its_first_page(tmp_path):
     assert names(late) == names(a) and len(names(late)) == 280
 
 
-def test_a_device_behind_the_mark_rejoins_over_many_pages(tmp_path):
+def behind_the_mark(tmp_path, rows: int, deleted: int):
+    """Devices a and b with ``rows`` settings; b's cursor set back, then a
+    deletes ``deleted`` of them and the server collects them while b is
+    away (not counted): b is stale."""
     server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
     a, b = devices(tmp_path, server, "a", "b")
-    settings(a, *(f"s{i}" for i in range(300)))
+    settings(a, *(f"s{i}" for i in range(rows)))
     sync_all(a, b)
     b.store.conn.execute("UPDATE _ccsync_meta SET value = '5' WHERE key = 'cursor'")
-    a.sql("DELETE FROM setting WHERE name IN ('s1', 's2', 's3')")
+    a.sql(f"DELETE FROM setting WHERE name IN ({','.join('?' * deleted)})",
+          *(f"s{i}" for i in range(1, deleted + 1)))
     a.sync()
     server.conn.execute("DELETE FROM reader WHERE device = 'b'")   # b away for weeks
     server.conn.commit()
-    assert server.collect() == 3
+    assert server.collect() == deleted
     assert server.stale(b.store.cursor)
+    return server, a, b
+
+
+def test_a_device_behind_the_mark_rejoins_over_many_pages(tmp_path):
+    server, a, b = behind_the_mark(tmp_path, 300, 3)
     b.sync(page_size=PAGE)                          # rejoins: everything from the start
     assert not b.store.rejoining()
     assert names(b) == names(a) and len(names(b)) == 297
@@ -96,3 +105,48 @@ def test_rows_collected_while_a_newcomer_pages_make_it_start_again(tmp_path, whe
     late.sync(page_size=PAGE)
     assert swept == [2]
     assert names(late) == names(a) and len(names(late)) == 298
+
+
+def legs(calls: list[tuple]) -> list[list[tuple]]:
+    """Progress calls, one list per leg in the order the legs ran."""
+    out: list[list[tuple]] = []
+    for leg, done, total in calls:
+        if not out or out[-1][0][0] != leg:
+            out.append([])
+        out[-1].append((leg, done, total))
+    return out
+
+
+def test_a_pull_counts_its_own_records_and_only_the_others_left(tmp_path):
+    """The pull leg's total leaves out the records this device pushed (the
+    server does not send them back), and a sync's second pull (after a
+    rejoin and the push) counts from 0 again: its rate and time left hold."""
+    server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
+    a, b = devices(tmp_path, server, "a", "b")
+    settings(b, *(f"b{i}" for i in range(120)))
+    b.push()
+    settings(a, *(f"a{i}" for i in range(200)))
+    calls: list[tuple] = []
+    a.sync(page_size=PAGE, progress=lambda *call: calls.append(call))
+    (pull,) = [leg for leg in legs(calls) if leg[0][0] == "pull"]
+    assert pull[-1][1:] == (120, 120), pull
+    assert all(total is None or total <= 120 for _leg, _done, total in pull), pull
+
+
+def test_a_second_pull_in_one_sync_counts_from_zero(tmp_path):
+    server, a, b = behind_the_mark(tmp_path, 200, 2)
+    settings(b, "new on b")                 # so that the push leg shows between
+    calls: list[tuple] = []
+    b.sync(page_size=PAGE, progress=lambda *call: calls.append(call))
+    pulls = [leg for leg in legs(calls) if leg[0][0] == "pull"]
+    # The push finds b stale: it rejoins (a pull of everything), pushes, pulls.
+    assert [leg[0][0] for leg in legs(calls)] == ["stamp", "push", "pull", "push", "pull"], calls
+    assert pulls[0][-1][1] >= 198                       # the rejoin: everything
+    assert all(done <= 1 for _leg, done, _total in pulls[1]), pulls[1]
+
+
+def test_what_a_pull_has_left_leaves_out_the_spared_ranges():
+    assert ccsync._left(100, 200, []) == 100
+    assert ccsync._left(100, 200, [[90, 120], [150, 160], [190, 250]]) == 100 - 20 - 11 - 11
+    assert ccsync._left(100, 200, [[1, 100]]) == 100
+    assert ccsync._left(100, 200, [[101, 200]]) == 0

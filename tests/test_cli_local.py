@@ -280,6 +280,44 @@ def test_no_command_shows_the_status(capsys, tmp_path, monkeypatch):
     assert "pending" in out and "server: not configured" in out
 
 
+@pytest.mark.parametrize("options", [["--json"], ["--debug"], ["--db", "{db}"], ["--json",
+                                                                         "--db", "{db}"]])
+def test_global_options_alone_show_the_status_too(capsys, tmp_path, monkeypatch, options):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("CC_DB", "CC_SERVER", "CC_API_KEY", "CCSYNC_SERVER", "CCSYNC_API_KEY",
+                 "CCSYNC_E2E_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / ".cc-cli").mkdir()
+    cc_db(tmp_path / ".cc-cli" / "cc_cli.db")
+    other = cc_db(tmp_path / "other.db", projects=("only",))
+    code, out, err = run_main(capsys, *(o.format(db=other) for o in options))
+    assert code == 0, err
+    if "--json" in options:
+        shown = json.loads(out)
+        assert shown["pending"]["project"]["insert"] == (1 if "--db" in options else 2)
+    else:
+        assert "pending" in out and "server: not configured" in out
+
+
+def test_ccsyncs_own_names_outrank_ccs_wherever_each_is_set(tmp_path, monkeypatch):
+    # setup writes CCSYNC_ names to ~/.cc-cli/.env; cc's CC_ names, inherited
+    # from cc's environment, must not take the server (and pair it with ccsync's key).
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".cc-cli").mkdir()
+    env_file = tmp_path / ".cc-cli" / ".env"
+    env_file.write_text("CCSYNC_SERVER=http://ours:9100\nCCSYNC_API_KEY=ours-key\n")
+    config = ccsync.load_config({"CC_SERVER": "http://cc:8000", "CC_API_KEY": "cc-key"})
+    assert (config.server, config.api_key) == ("http://ours:9100", "ours-key")
+    assert config.cc_sync == "the environment"          # and status says cc's is set
+    config = ccsync.load_config({"CCSYNC_SERVER": "http://elsewhere:9100"})
+    assert (config.server, config.api_key) == ("http://elsewhere:9100", "ours-key")
+    env_file.write_text("CC_SERVER=http://cc-docs:9100\nCC_API_KEY=docs-key\n")
+    config = ccsync.load_config({})                     # cc's names where they are all there is
+    assert (config.server, config.api_key) == ("http://cc-docs:9100", "docs-key")
+    config = ccsync.load_config({"CCSYNC_API_KEY": "ours-key"})
+    assert (config.server, config.api_key) == (None, "ours-key")   # never cc's server with it
+
+
 ALL_COMMANDS = ("server", "register", "reset-store", "devices", "revoke", "setup", "push",
                 "pull", "sync", "status", "stamp", "daemon", "resolve", "link", "install",
                 "enable", "demo")

@@ -411,3 +411,37 @@ def test_an_environment_back_from_the_dead_returns_to_the_list(tmp_path):
     envs = dict(late.cc.execute("SELECT name, id FROM environment").fetchall())
     ids = late.cc.execute("SELECT environment_ids FROM project").fetchone()[0]
     assert sorted(ccsync.json.loads(ids)) == sorted([envs["main"], envs["staging"]])
+
+
+@pytest.mark.parametrize("who, delete", [("late", True), ("a", True), ("late", False)])
+def test_a_full_diff_leaves_a_list_that_lost_only_deleted_ids_as_it_was(tmp_path, who, delete):
+    """Capture went off on a device (a cc migration rebuilt project): the
+    diff finds its environment_ids without the deleted environment's id
+    (merged from elsewhere, or never known) while the synced state still
+    names it.  That is no edit: timing it now would beat a real, earlier
+    edit of the list made on another device."""
+    server, a, b = acme_on_two(tmp_path, "UPDATE project SET environment_ids = '[1]'")
+    a.sql("INSERT INTO environment (name, project_id, version_id, database_id, "
+          "project_path) VALUES ('staging', 1, 1, 1, '/y')")
+    a.sql("UPDATE project SET environment_ids = '[1,2]'")
+    sync_all(a, b)
+    if delete:
+        b.sql("DELETE FROM environment WHERE name = 'staging'")
+    settle(server, a, b)
+    late = newcomer(tmp_path, server)
+    b.sql("INSERT INTO environment (name, project_id, version_id, database_id, "
+          "project_path) VALUES ('prod', 1, 1, 1, '/p')")
+    prod = b.sql("SELECT id FROM environment WHERE name = 'prod'")[0][0]
+    b.sql(f"UPDATE project SET environment_ids = '[1,{prod}]'")     # a real edit, on b
+    b.sync()
+    dev = {"a": a, "late": late}[who]
+    for (trigger,) in dev.sql("SELECT name FROM sqlite_master WHERE type = 'trigger' "
+                              "AND tbl_name = 'project'"):
+        dev.sql(f'DROP TRIGGER "{trigger}"')
+    dev.store = ccsync.open_store(str(dev.path))
+    dev.sync()                                          # the diff, then the sync
+    sync_all(a, b, late)
+    for device in (a, b, late):
+        listed = device.sql("SELECT e.name FROM project p, json_each(p.environment_ids) j "
+                            "JOIN environment e ON e.id = j.value")
+        assert ("prod",) in listed, (device.path.name, listed)

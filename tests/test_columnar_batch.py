@@ -187,3 +187,34 @@ def test_metadata_out_of_shape_is_refused_and_a_bad_row_is_one_refusal():
     assert rows[1] is None and rows[0][0] == "project"
     with pytest.raises(ccsync.RecordRefused):
         ccsync.parse_sealed(rows[1])
+
+
+def test_a_delete_that_came_without_values_seals_again(tmp_path):
+    """parse_record takes a delete whose payload has no "v" (an older
+    device's, or one a plaintext server handed on).  A device that keeps it
+    aside (its cc lacks the table) hands it back when a new server store is
+    re-seeded: sealing it must not fail, or no sync with that store ever
+    succeeds."""
+    delete = {"t": "knowledge_index", "id": "ab" * 16, "dev": "x.y",
+              "c": {ccsync.TOMBSTONE: 10 ** 15}, "p": {}}
+    ccsync.parse_record(delete)
+    vault = _vault()
+    meta, blob, proof = vault.seal_records([delete])
+    (opened,) = vault.open_batch(blob, 10 ** 6)
+    assert ccsync.TOMBSTONE in ccsync.parse_record(opened).clocks
+    server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
+    desk = _device(tmp_path, server, "desk", vault)
+    lap = _device(tmp_path, server, "lap", vault)
+    lap[0].execute("DROP TABLE knowledge_index")        # an older cc: kept aside there
+    ccsync.sync_once(desk[1], desk[2])
+    meta, blob, proof = _sealed_as_protocol_5(vault, [dict(delete, dev=desk[1].device_id)])
+    server.push(meta, device="desk", author=desk[2].author, sealed=(blob, proof))
+    ccsync.sync_once(lap[1], lap[2])
+    assert lap[1].held()["aside"]
+    rebuilt = ccsync.ServerStore.open(str(tmp_path / "rebuilt.db"))     # the server's data lost
+    moved = ccsync.LocalTransport(rebuilt, "lap", author=key_author(rebuilt.register("lap")),
+                                  vault=vault)
+    ccsync.sync_once(lap[1], moved)
+    assert ccsync.sync_once(lap[1], moved).pulled.refused == {}
+    assert rebuilt.conn.execute("SELECT count(*) FROM change WHERE tbl = 'knowledge_index'"
+                                ).fetchone()[0] == 1

@@ -341,13 +341,15 @@ def test_setup_usage_errors_save_nothing(device):
 def test_environment_wins_over_the_env_file(server, connected, device):
     dev = connected("laptop")
     dev.sql("INSERT INTO version (name, path) VALUES ('17.0', '/odoo/17')")
-    bad_key = {"CC_API_KEY": "ccs1_not_registered_anywhere"}
+    bad_key = {"CCSYNC_API_KEY": "ccs1_not_registered_anywhere"}
     assert_error(dev.cli("push", env=bad_key), 1, "rejected")
     assert unhealthy_status(dev, env=bad_key)["server"]["state"] == "key rejected"
-    dead = {"CC_SERVER": f"http://127.0.0.1:{dead_port()}"}
+    dead = {"CCSYNC_SERVER": f"http://127.0.0.1:{dead_port()}"}
     assert_error(dev.cli("push", env=dead), 1, "unreachable")
     assert unhealthy_status(dev, env=dead)["server"]["state"] == "unreachable"
-    assert dev.json("push")["accepted"] == 1           # the file itself is fine
+    # cc's names (cc's environment passes them on) never outrank ccsync's in the file.
+    ccs = {"CC_SERVER": f"http://127.0.0.1:{dead_port()}", "CC_API_KEY": "ccs1_cc_own"}
+    assert dev.json("push", env=ccs)["accepted"] == 1  # the file itself is fine
 
     fresh = device("desktop")                          # environment only, no .env at all
     key = server.register("desktop")
@@ -357,8 +359,11 @@ def test_environment_wins_over_the_env_file(server, connected, device):
     assert not fresh.env_file.exists()
 
     out = dev.ok("setup", "--server", server.url, "--api-key", dev.key,
-                 env={"CC_API_KEY": "ccs1_shadow"}).stdout
-    assert "precedence" in out
+                 env={"CCSYNC_API_KEY": "ccs1_shadow"}).stdout
+    assert "CCSYNC_API_KEY set in the environment take precedence" in out
+    out = dev.ok("setup", "--server", server.url, "--api-key", dev.key,
+                 env={"CC_API_KEY": "ccs1_cc_own"}).stdout
+    assert "precedence" not in out                     # cc's name shadows nothing setup wrote
 
 
 def test_sync_without_configuration_or_database(device, tmp_path):
@@ -373,7 +378,7 @@ def test_sync_without_configuration_or_database(device, tmp_path):
     (nodb / ".cc-cli").mkdir()
     (nodb / ".cc-cli" / "cc_cli.db").write_bytes(b"not a database " * 20)
     for command in ("push", "status"):
-        assert_error(run_cli(nodb, command, env=env), 1, "not a database")
+        assert_error(run_cli(nodb, command, env=env), 1, "not a database", "hint: ", "--db")
 
 
 ##### convergence ################################################################
@@ -603,7 +608,7 @@ def test_status_pending_last_sync_and_server_states(server, connected):
     assert status["pending"]["project"] == {"insert": 0, "update": 0, "delete": 1}
 
     # a failed sync is noted, a later successful one clears it
-    bad_key = {"CC_API_KEY": "ccs1_wrong"}
+    bad_key = {"CCSYNC_API_KEY": "ccs1_wrong"}
     assert_error(dev.cli("sync", env=bad_key), 1, "rejected")
     status = dev.json("status")
     assert "rejected" in status["last_error"] and status["last_sync"] == first_sync
@@ -619,7 +624,7 @@ def test_status_pending_last_sync_and_server_states(server, connected):
     assert "nothing pending" in out and f"last sync: {status['last_sync']}" in out
     assert "server: connected as 'laptop'" in out and "last error" not in out
 
-    dead = {"CC_SERVER": f"http://127.0.0.1:{dead_port()}"}
+    dead = {"CCSYNC_SERVER": f"http://127.0.0.1:{dead_port()}"}
     assert unhealthy_status(dev, env=dead)["server"]["state"] == "unreachable"
 
     # the server goes away

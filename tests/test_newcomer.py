@@ -55,6 +55,20 @@ def test_the_daemon_refuses_an_interval_that_would_hammer_the_server(tmp_path, i
                  "10 to 86400")
 
 
+@pytest.mark.parametrize("given, used, said", [
+    (0, 10.0, True), (-5, 10.0, True), (0.05, 10.0, True), (float("nan"), 300.0, True),
+    ("soon", 300.0, True), (None, 300.0, True), (10 ** 9, 86400.0, True), (60, 60.0, False),
+    ("120", 120.0, False)])
+def test_an_embedded_loop_gets_an_interval_that_cannot_hammer_the_server(given, used, said,
+                                                                          caplog):
+    # cc's daemon builds AutoSync itself: a bad interval is bounded, said, never raised.
+    import ccsync
+    with caplog.at_level("WARNING", logger="ccsync"):
+        auto = ccsync.AutoSync(db_path="/nonexistent/cc.db", interval=given, environ={})
+    assert auto.interval == used
+    assert ("is not 10 to 86400 s" in caplog.text) is said, caplog.text
+
+
 def test_register_does_not_create_a_server_store_by_accident(tmp_path):
     home = tmp_path / "laptop"
     err = assert_error(run_cli(home, "register", "--name", "laptop"), 1, "no server store",
@@ -156,6 +170,19 @@ def test_the_daemon_exits_130_on_ctrl_c_and_0_on_sigterm(tmp_path, server, sig, 
     assert "stopped" in err and "Traceback" not in err
 
 
+def test_the_daemon_speaks_json_when_asked(tmp_path, server):
+    dev = Device(tmp_path, "laptop")
+    dev.env_file.write_text(hand_env(server.url, server.register("laptop")))
+    try:
+        first, last, code, err = _json_until(signal.SIGINT, [*COMMAND, "--json", "daemon",
+                                                             "--interval", "10"],
+                                             clean_env(dev.home))
+    finally:
+        dev.close()
+    assert first == {"started": True, "interval": 10, "db": str(dev.db)}, err
+    assert last == {"stopped": True, "exit_code": 130} and code == 130, err
+
+
 def test_global_options_go_before_or_after_the_command(tmp_path):
     dev, other = Device(tmp_path, "laptop"), Device(tmp_path, "other")
     dev.sql("INSERT INTO project (name) VALUES ('here')")
@@ -190,21 +217,28 @@ def test_errors_come_as_json_under_json_and_debug_keeps_the_exit_code(tmp_path):
         assert "ccsync: error: no database at" in proc.stderr
 
 
-def test_the_server_speaks_json_when_asked(tmp_path):
-    proc = subprocess.Popen([*COMMAND, "server", "--host", "127.0.0.1", "--port", "0",
-                             "--data", str(tmp_path / "s.db"), "--json"], env=clean_env(tmp_path),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+def _json_until(sig: int, argv: list, env: dict) -> tuple[dict, dict, int, str]:
+    """Start a loop with --json, read its first object, send ``sig``: (that
+    object, the last one, the exit code, stderr)."""
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         first = json.loads(proc.stdout.readline())
-        assert first["listening"].startswith("http://127.0.0.1:") and first["data"].endswith("s.db")
-        proc.send_signal(signal.SIGTERM)
-        out, _err = proc.communicate(timeout=10)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=20)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate(timeout=5)
-    assert json.loads(out) == {"stopped": True, "exit_code": 0} and proc.returncode == 0
+    return first, json.loads(out), proc.returncode, err
+
+
+def test_the_server_speaks_json_when_asked(tmp_path):
+    first, last, code, err = _json_until(
+        signal.SIGTERM, [*COMMAND, "server", "--host", "127.0.0.1", "--port", "0", "--data",
+                         str(tmp_path / "s.db"), "--json"], clean_env(tmp_path))
+    assert first["listening"].startswith("http://127.0.0.1:") and first["data"].endswith("s.db")
+    assert last == {"stopped": True, "exit_code": 0} and code == 0, err
 
 
 def test_a_read_only_database_is_named_with_a_hint(tmp_path, monkeypatch, capsys):
