@@ -65,6 +65,9 @@ EXAMPLES = int(os.environ.get("CCSYNC_COLLECT_EXAMPLES", "25"))
 NAMES = ("a", "b", "c")
 JUMP_MS = 31 * DAY_MS                    # past the server's forget_after (30 days)
 STEP_MS = 1000                           # every step moves the clocks on a second
+# Pull pages of a few records: catching up (a newcomer, a rejoin) spans many
+# pages, below and past what collection has marked.
+PAGE = 3
 SETTLE_ROUNDS = 8
 
 PROJECTS = ["acme", "globex", "initech"]
@@ -170,7 +173,7 @@ def run_step(net: Net, model: Model, i: int, step: tuple) -> None:
 def sync(net: Net, model: Model, d: int, mode: str) -> ccsync.SyncResult:
     """Sync, push or pull device d; the model's clocks follow what went where."""
     dev = net.devices[d]
-    result = {"sync": dev.sync, "push": dev.push, "pull": dev.pull}[mode]()
+    result = dev.sync(push=mode != "pull", pull=mode != "push", page_size=PAGE)
     if mode in ("sync", "push"):
         model.push(dev.name)
     if mode in ("sync", "pull"):
@@ -223,7 +226,7 @@ def run_program(steps: list) -> list[str]:
             complaints = settle(net, model) + collect_unheld(net, model)
             newcomer = net.newcomer()
             try:
-                newcomer.sync()
+                newcomer.sync(page_size=PAGE)
                 complaints += oracle(net, model, newcomer)
             finally:
                 newcomer.store.conn.close()
