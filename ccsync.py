@@ -456,6 +456,28 @@ def select_in(conn: sqlite3.Connection, sql: str, values: Iterable[Any],
         yield from conn.execute(sql.format(marks=",".join("?" * len(chunk))), (*args, *chunk))
 
 
+class Leg:
+    """One leg of a sync told to a Progress (None: to nobody): records done,
+    of about ``total`` (a count that grows past it raises it)."""
+
+    __slots__ = ("progress", "name", "total", "done")
+
+    def __init__(self, progress: Progress | None, name: str, total: int | None = None):
+        self.progress, self.name, self.total, self.done = progress, name, total, 0
+        if progress is not None:
+            progress(name, 0, total)        # the leg's clock starts
+
+    def at(self, done: int) -> None:
+        """``done`` records so far."""
+        self.done = done
+        if self.progress is not None:
+            self.progress(self.name, done, max(self.total or 0, done))
+
+    def add(self, count: int) -> None:
+        """``count`` records more."""
+        self.at(self.done + count)
+
+
 ##### Records #################################################################
 # The one parser of a wire record, shared by device and server: what a record
 # may hold depends only on the record and SPEC, so every device refuses the
@@ -2923,14 +2945,14 @@ class Install(Resume):
         children, whose natural keys name them.  ``progress`` hears the rows
         stamped so far (counted only once there is one to stamp).
         """
-        total, of = 0, None
+        leg = None
         for info in self.tables().values():
             while self.conn.execute(f"SELECT 1 FROM {_q(info.name)} WHERE sync_id IS NULL "
                                     f"LIMIT 1").fetchone():
-                if progress is not None and of is None:
-                    of = sum(self.conn.execute(f"SELECT count(*) FROM {_q(t)} WHERE sync_id "
-                                               f"IS NULL").fetchone()[0] for t in self.tables())
-                    progress("stamp", 0, of)
+                if leg is None:
+                    leg = Leg(progress, "stamp", sum(self.conn.execute(
+                        f"SELECT count(*) FROM {_q(t)} WHERE sync_id IS NULL").fetchone()[0]
+                        for t in self.tables()) if progress else None)
                 with self._write():
                     rows = self.conn.execute(
                         f"SELECT rowid AS _rid, * FROM {_q(info.name)} WHERE sync_id IS NULL "
@@ -2940,10 +2962,8 @@ class Install(Resume):
                     for sid, rid in stamped:
                         if sid in known:
                             self._relink_if_back(info.name, sid, rid)
-                total += len(rows)
-                if progress is not None:
-                    progress("stamp", total, max(of or 0, total))
-        return total
+                leg.add(len(rows))
+        return leg.done if leg is not None else 0
 
     def _stamp(self, info: TableInfo, rows: list, values: list[dict]) -> list[tuple[str, int]]:
         """Give rows their sync_ids (see stamp_rows); returns (sync_id, rowid) pairs."""
@@ -3013,30 +3033,26 @@ class Capture(Install):
         due = [key[5:] for (key,) in self.conn.execute(
             "SELECT key FROM _ccsync_meta WHERE key LIKE 'diff:%'").fetchall()
             if key[5:] in self.tables()]
-        scanned, of = 0, None
-        if progress is not None and due:
-            of = sum(self.conn.execute(f"SELECT count(*) FROM {_q(t)}").fetchone()[0] for t in due)
-            progress("scan", 0, of)
+        scan = Leg(progress if due else None, "scan", sum(self.conn.execute(
+            f"SELECT count(*) FROM {_q(t)}").fetchone()[0] for t in due) if progress else None)
         for table in due:
-            scanned = self._full_diff(table, progress, scanned, of)
+            self._full_diff(table, scan)
         self._find_vanished()
         self._name_gone_rows()
         self._keep_deleted_edits()
         self._settle_identity()       # keys changed while capture was off
         return stamped
 
-    def _full_diff(self, table: str, progress: Progress | None = None, scanned: int = 0,
-                   of: int | None = None) -> int:
-        """Record as dirty what changed while capture triggers were missing;
-        returns ``scanned`` plus the rows read (``progress`` hears that count,
-        of about ``of``).
+    def _full_diff(self, table: str, scan: Leg) -> None:
+        """Record as dirty what changed while capture triggers were missing
+        (``scan`` counts the rows read).
 
         Edits found here are timed when they are found (clock 0 on the first
         install: rows that predate ccsync).
         """
         mode = self.meta(f"diff:{table}")
         if mode is None:
-            return scanned
+            return
         info = self.tables()[table]
         parsed = None if mode in ("first", "all", "again") else json.loads(mode)  # again: v1
         only = parsed if isinstance(parsed, list) else None
@@ -3056,15 +3072,12 @@ class Capture(Install):
             self._sliced(later, lambda cell: self.conn.execute(
                 "INSERT INTO _ccsync_dirty (tbl, rid, col, hlc) VALUES (?, ?, ?, ?) ON CONFLICT "
                 "(tbl, rid, col) DO UPDATE SET hlc = max(hlc, excluded.hlc)", cell))
-            scanned += len(rows)
-            if progress is not None:
-                progress("scan", scanned, max(of or 0, scanned))
+            scan.add(len(rows))
         gone = [] if only is not None else self._vanished(info)
         with self._write():
             self._record_gone(info, gone, hlc)
             self.conn.execute("DELETE FROM _ccsync_base WHERE tbl = ?", (table,))
             self.set_meta(f"diff:{table}", None)
-        return scanned
 
     def _row_pages(self, table: str) -> Iterator[list[sqlite3.Row]]:
         """Every row of ``table`` (with ``_rid``), in pages.
@@ -6749,9 +6762,7 @@ def push_changes(store: Store, transport: Any, result: SyncResult,
     writes; deletes and kept edits (which may) are read after it.
     ``progress`` hears how many records went, of about how many.
     """
-    total = store.unsent_rows() if progress else None
-    if progress:
-        progress("push", 0, total)      # the leg's clock starts
+    leg = Leg(progress, "push", store.unsent_rows() if progress else None)
     position, batch, sending, following = None, None, None, None
     try:
         while True:
@@ -6789,8 +6800,7 @@ def push_changes(store: Store, transport: Any, result: SyncResult,
             result.accepted += counts.get("accepted", 0)
             result.superseded += counts.get("superseded", 0)
             result.refused.update(reasons)
-            if progress:
-                progress("push", result.sent, max(total or 0, result.sent))
+            leg.at(result.sent)
             position = batch.next_pos
     finally:
         if sending is not None:         # never leave a request in flight behind (one cut

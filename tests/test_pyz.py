@@ -130,35 +130,38 @@ def test_small_commands_import_only_what_they_use(tmp_path):
         assert "ccsync" in loaded and not loaded & never, (args, loaded & never)
 
 
+def _run_with_pyz(tmp_path, code: str) -> str:
+    """``code`` run by this Python with a freshly built pyz as ``sys.argv[1]``;
+    its stdout (it must succeed)."""
+    output = tmp_path / "ccsync.pyz"
+    build(copy_source(tmp_path), output)
+    result = subprocess.run([sys.executable, "-c", code, str(output)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def test_the_collector_stays_on_after_start_up(tmp_path):
     # The entry switches the collector off while the module loads and freezes
     # what it loaded; a daemon or server running for weeks must still collect.
-    output = tmp_path / "ccsync.pyz"
-    build(copy_source(tmp_path), output)
     code = ("import gc, runpy, sys\n"
             "sys.argv = [sys.argv[1], '--version']\n"
             "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
             "except SystemExit as exc:\n    assert exc.code in (0, None), exc.code\n"
             "print(gc.isenabled(), gc.get_freeze_count() > 1000)\n")
-    result = subprocess.run([sys.executable, "-c", code, str(output)], capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split()[-2:] == ["True", "True"], result.stdout
+    out = _run_with_pyz(tmp_path, code)
+    assert out.split()[-2:] == ["True", "True"], out
 
 
 def test_bytecode_keeps_line_numbers(tmp_path):
     # The pyc leaves out column ranges (smaller, read faster); a traceback
     # still names the line.
-    output = tmp_path / "ccsync.pyz"
-    build(copy_source(tmp_path), output)
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import ccsync, traceback\n"
             "class Bad:\n    def __str__(self): raise ValueError('no')\n"
             "try:\n    ccsync.version_digits(Bad())\nexcept ValueError as exc:\n"
             "    frame = [f for f in traceback.extract_tb(exc.__traceback__)\n"
             "             if f.filename.endswith('ccsync.py')][0]\n"
             "    print(frame.lineno, frame.line)\n")
-    result = subprocess.run([sys.executable, "-c", code, str(output)], capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    line = (REPO / "ccsync.py").read_text().splitlines()[int(result.stdout.split()[0]) - 1]
-    assert "str(name" in line and result.stdout.split(None, 1)[1].strip() == line.strip()
+    out = _run_with_pyz(tmp_path, code)
+    line = (REPO / "ccsync.py").read_text().splitlines()[int(out.split()[0]) - 1]
+    assert "str(name" in line and out.split(None, 1)[1].strip() == line.strip()
