@@ -2030,9 +2030,15 @@ class SyncState:
         and collected there while this device was away, or before this copy
         of the database was made).  Survives a crash: the pull resumes."""
         with self._write():
-            self.conn.execute("DELETE FROM _ccsync_seen")
-            self.set_meta("rejoin", iso_utc(self.clock))
-            self._set_cursor(0)
+            self._rejoin_from_start()
+
+    def _rejoin_from_start(self, kept: Iterable[tuple[str, str]] = ()) -> None:
+        # ``kept`` count as seen: rows the server would not take, not rows it let go.
+        self.conn.execute("DELETE FROM _ccsync_seen")
+        self.conn.executemany("INSERT OR IGNORE INTO _ccsync_seen (tbl, sid) VALUES (?, ?)",
+                              kept)
+        self.set_meta("rejoin", iso_utc(self.clock))
+        self._set_cursor(0)
 
     def note_push_refused(self, reason: str | None) -> None:
         """Remember why the server refused a push, with the time (None: it took one)."""
@@ -2074,11 +2080,18 @@ class SyncState:
         with self._write(quiet=True):
             self.set_meta("digest_reported", json.dumps([cursor, self.clock()]))
 
-    def adopt_server(self, store_id: str) -> None:
-        """Start over with a new server store: cursor 0, remember its id."""
+    def adopt_server(self, store_id: str, refused: Iterable[tuple[str, str]] = ()) -> None:
+        """Start over with a new server store this device has re-seeded:
+        remember its id and rejoin it (see :meth:`start_rejoin`).  The new
+        store may have collected a delete of a row held here before the
+        re-seed reached it; the rejoin lets such a row go here too.  Rows
+        the store ``refused`` at the re-seed, (table, sync_id), stay."""
         with self._write():
             self.set_meta("server_store", store_id)
-            self._set_cursor(0)
+            if self.conn.execute("SELECT 1 FROM _ccsync_shadow LIMIT 1").fetchone():
+                self._rejoin_from_start(refused)
+            else:
+                self._set_cursor(0)
 
 
 class LocalRows(SyncState):
@@ -3147,15 +3160,29 @@ class Capture(Install):
 
     def _lost_list_ids(self, info: TableInfo, col: str, value: Any, synced: Any) -> bool:
         """True when an id list differs from its synced value only by ids of
-        rows not here (a delete merged from elsewhere leaves cc's list
-        without them, or naming a rowid that is gone): not an edit."""
+        rows not here that were not deleted here (a delete merged from
+        elsewhere leaves cc's list without them, or naming a rowid that is
+        gone): not an edit.  A row deleted here may come back (its delete
+        can lose), and the list cc wrote without it is an edit like any."""
         parent = info.spec.list_refs.get(col)
         if parent is None or not (isinstance(value, dict) and isinstance(synced, dict)
                                   and isinstance(synced.get("ids"), list)):
             return False
         here = self._rids_for_sids(parent, synced["ids"])
+        went = self._deleted_here(parent, [s for s in synced["ids"] if s not in here])
         return value.get("fmt") == synced.get("fmt") and \
-            value.get("ids") == [s for s in synced["ids"] if s in here]
+            value.get("ids") == [s for s in synced["ids"] if s in here or s in went]
+
+    def _deleted_here(self, table: str, sids: list[Any]) -> set[str]:
+        """Those of ``sids`` (rows not here) deleted on this device: the synced
+        state still has them here (a delete merged from elsewhere clears
+        that), whether their delete was captured or a diff finds it."""
+        sids = [s for s in sids if isinstance(s, str)]
+        if not sids:
+            return set()
+        return {sid for (sid,) in self._select_in(
+            "SELECT sid FROM _ccsync_shadow WHERE tbl = ? AND rid IS NOT NULL AND sid IN "
+            "({marks})", sids, table)}
 
     def _lost_parent(self, info: TableInfo, col: str, row: Any, synced: dict) -> bool:
         """True when a reference that reads NULL does so only because its parent is not here
@@ -5131,7 +5158,8 @@ class ServerStore(ServerCollection):
 
         Results are ``{"status": "accepted", "seq": n}``, ``{"status":
         "superseded"}`` (the server already has newer values for every
-        column) or ``{"status": "refused", "reason": ...}``.  When the
+        column) or ``{"status": "refused", "reason": ...}`` (with ``"held":
+        true`` when the store holds the row all the same).  When the
         device had seen everything before this batch, the answer carries a
         ``cursor`` past the batch so it is not pulled back.
 
@@ -5157,9 +5185,11 @@ class ServerStore(ServerCollection):
                     return {**refusal, "results": [], "store": self.store_id}
                 others = self._other_authors(device) if author is not None else {}
                 parsed: list[Record | RecordRefused] = []
+                rows: list[tuple[str, str] | None] = []     # each slot's row, once parsed
                 oversized = sealed is not None and len(sealed[0]) > self.max_record * max(
                     1, len(records))
                 for raw in records:
+                    record = None
                     try:
                         _refuse_unless(not oversized, f"its batch is larger than "
                                                       f"{self.max_record} bytes a record")
@@ -5169,6 +5199,7 @@ class ServerStore(ServerCollection):
                         parsed.append(record)
                     except RecordRefused as exc:
                         parsed.append(exc)
+                    rows.append(None if record is None else (record.table, record.sid))
                 own = {r.dev for r in parsed if isinstance(r, Record) and author is not None
                        and author_of(r.dev) == author}
                 through = self.collected_through()
@@ -5176,7 +5207,7 @@ class ServerStore(ServerCollection):
                         device, own, cursor, through)):
                     return {"stale": True, "results": [], "store": self.store_id}
                 before = self._max_seq()
-                stored = self._versions((r.table, r.sid) for r in parsed if isinstance(r, Record))
+                stored = self._versions(row for row in rows if row is not None)
                 usage: dict[str, list[int]] = defaultdict(lambda: [0, 0])
                 batch = _StoredBatch(self.conn, sealed[0], len(records)) if sealed else None
                 empty = {row for row, versions in stored.items() if not versions}
@@ -5184,8 +5215,10 @@ class ServerStore(ServerCollection):
                     if isinstance(item, Record) and self._fills_gap(item, others) \
                             and (item.table, item.sid) not in empty:
                         item = RecordRefused(self._authored_by(item, others))
-                    if isinstance(item, RecordRefused):
-                        results.append({"status": "refused", "reason": str(item)})
+                    if isinstance(item, RecordRefused):     # held: a re-seed keeps it no more
+                        held = rows[slot] is not None and bool(stored[rows[slot]])
+                        results.append({"status": "refused", "reason": str(item),
+                                        **({"held": True} if held else {})})
                     else:
                         results.append(self._store_record(item, device, received, stored,
                                                           usage, batch, slot))
@@ -6967,9 +7000,10 @@ def _push_rejoining(store: Store, transport: Any, result: SyncResult, batch_size
 
 def reseed_server(store: Store, transport: Any, result: SyncResult, store_id: str,
                   stop: threading.Event | None = None) -> None:
-    """Hand this device's synced state to a new (or rebuilt) server store."""
+    """Hand this device's synced state to a new (or rebuilt) server store,
+    then rejoin it (Store.adopt_server)."""
     _log().warning("the server's change store is new: sending this device's synced state again")
-    position, size = None, PUSH_BATCH
+    position, size, refused = None, PUSH_BATCH, set()
     while True:
         _check_stop(stop)
         records, following = store.reseed_records(position, size)
@@ -6984,6 +7018,7 @@ def reseed_server(store: Store, transport: Any, result: SyncResult, store_id: st
                                   f"synced state: {str(answer['quota'])[:300]}",
                                   hint="its operator sets the limits (`ccsync server "
                                        "--help`); the next sync tries again").with_kind("quota")
+            refused.update(_refused_rows(records, answer.get("results")))
             result.reseeded += len(records)
         position = following
         if position is None:
@@ -6995,7 +7030,20 @@ def reseed_server(store: Store, transport: Any, result: SyncResult, store_id: st
         if records:
             transport.push(records, None)
             result.reseeded += len(records)
-    store.adopt_server(store_id)
+    if refused:
+        _log().warning("the new server store refused %d rows of this device's synced state; "
+                       "they stay here", len(refused))
+    store.adopt_server(store_id, refused)
+
+
+def _refused_rows(records: list[dict], results: Any) -> set[tuple[str, str]]:
+    """The (table, sync_id) of the pushed ``records`` the server refused and
+    does not hold (an older server never says it holds one)."""
+    if not isinstance(results, list):
+        return set()
+    return {(record["t"], record["id"]) for record, answer in zip(records, results)
+            if isinstance(answer, dict) and answer.get("status") == "refused"
+            and answer.get("held") is not True}
 
 
 @contextlib.contextmanager

@@ -445,3 +445,39 @@ def test_a_full_diff_leaves_a_list_that_lost_only_deleted_ids_as_it_was(tmp_path
         listed = device.sql("SELECT e.name FROM project p, json_each(p.environment_ids) j "
                             "JOIN environment e ON e.id = j.value")
         assert ("prod",) in listed, (device.path.name, listed)
+
+
+def listed(device) -> list[str]:
+    return sorted(n for (n,) in device.sql(
+        "SELECT e.name FROM project p, json_each(p.environment_ids) j "
+        "JOIN environment e ON e.id = j.value"))
+
+
+@pytest.mark.parametrize("off", ["'project', 'environment'", "'project'"],
+                         ids=["delete-found-by-the-diff", "delete-captured"])
+def test_a_full_diff_keeps_a_list_edit_that_left_out_an_environment_deleted_here(tmp_path, off):
+    """With capture off (a cc migration), cc on a deletes 'staging' and
+    writes the project's list without it; b meanwhile logs time on staging,
+    so the delete loses and staging comes back.  The list a wrote is an
+    edit all the same: it was once taken for a list that only lost ids of
+    rows deleted elsewhere, and went nowhere (a and b listed differently)."""
+    server, a, b = acme_on_two(tmp_path, "UPDATE project SET environment_ids = '[1]'")
+    a.sql("INSERT INTO environment (name, project_id, version_id, database_id, "
+          "project_path) VALUES ('staging', 1, 1, 1, '/y')")
+    a.sql("UPDATE project SET environment_ids = '[1,2]'")
+    sync_all(a, b)
+    for (trigger,) in a.sql("SELECT name FROM sqlite_master WHERE type = 'trigger' "
+                            f"AND tbl_name IN ({off})"):
+        a.sql(f'DROP TRIGGER "{trigger}"')
+    a.sql("DELETE FROM environment WHERE name = 'staging'")
+    a.sql("UPDATE project SET environment_ids = '[1]'")
+    b.sql("INSERT INTO switch_log (environment_id, switched_at, flagged, source) VALUES "
+          "((SELECT id FROM environment WHERE name = 'staging'), '2026-12-01T10:00:00', 0, "
+          "'cli')")
+    b.sync()
+    a.store = ccsync.open_store(str(a.path))
+    settle(server, a, b)
+    assert [n for (n,) in a.sql("SELECT name FROM environment ORDER BY name")] == \
+        ["main", "staging"]
+    assert listed(a) == listed(b) == ["main"]
+    assert content(a.cc) == content(b.cc)
