@@ -8919,12 +8919,19 @@ def command_named(argv: list[str]) -> str | None:
     return None
 
 
+def show_version(args: argparse.Namespace) -> int:
+    """--version: ``ccsync VERSION``, or ``{"version": VERSION}`` with --json."""
+    _emit(args, {"version": __version__}, [f"ccsync {__version__}"])
+    return EXIT_OK
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The ccsync command line; with ``command``, only that subcommand's
     parser is made (when it is one)."""
     parser = _Parser(prog="ccsync", description="Keep cc's data the same on every machine "
                      "through a sync server you run.")
-    parser.add_argument("--version", action="version", version=f"ccsync {__version__}")
+    parser.add_argument("--version", action="store_true",
+                        help="show ccsync's version and exit (with --json, as JSON)")
     _flags(parser, data=True, defaults=True)
     sub = _OnlyCommand(parser.add_subparsers(dest="command", metavar="COMMAND",
                                              parser_class=_Parser), command)
@@ -8945,6 +8952,8 @@ def main(argv: list[str] | None = None) -> int:
     debug, as_json = "--debug" in argv, "--json" in argv
     try:
         args = parser.parse_args(argv)
+        if args.version:
+            return show_version(args)
         if not getattr(args, "func", None):         # options alone (`ccsync --json`): the status
             args = build_parser("status").parse_args([*argv, "status"])
         return args.func(args)

@@ -349,3 +349,13 @@ def test_a_global_option_whose_value_is_a_command_name(tmp_path, capsys, monkeyp
     code, out, err = run_main(capsys, *argv, "status", "--json")
     assert code == 0, err
     assert json.loads(out)["installed"] is False
+
+
+@pytest.mark.parametrize("argv", [["--version", "--json"], ["--json", "--version"]])
+def test_version_under_json_is_a_json_object(capsys, argv):
+    code, out, err = run_main(capsys, *argv)
+    assert code == 0 and json.loads(out) == {"version": ccsync.__version__} and err == ""
+
+
+def test_version_alone_is_one_line(capsys):
+    assert run_main(capsys, "--version") == (0, f"ccsync {ccsync.__version__}\n", "")
