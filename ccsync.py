@@ -1601,12 +1601,14 @@ CREATE TABLE IF NOT EXISTS _ccsync_held (
     record TEXT NOT NULL, version TEXT NOT NULL, at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS _ccsync_seen (
     tbl TEXT NOT NULL, sid TEXT NOT NULL, PRIMARY KEY (tbl, sid)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS _ccsync_kept (
+    tbl TEXT NOT NULL, sid TEXT NOT NULL, PRIMARY KEY (tbl, sid)) WITHOUT ROWID;
 """
-BOOKKEEPING_VERSION = "6"            # _ccsync_meta 'bookkeeping': the layout below
+BOOKKEEPING_VERSION = "7"            # _ccsync_meta 'bookkeeping': the layout below
 BOOKKEEPING_TABLES = ("_ccsync_meta", "_ccsync_clock", "_ccsync_dirty", "_ccsync_shadow",
                       "_ccsync_pending", "_ccsync_refused", "_ccsync_link",
                       "_ccsync_gone", "_ccsync_held", "_ccsync_base", "_ccsync_outbox",
-                      "_ccsync_named", "_ccsync_seen")
+                      "_ccsync_named", "_ccsync_seen", "_ccsync_kept")
 RETIRED_TABLES = ("_ccsync_alias",)     # bookkeeping of older versions
 
 _SQL_NOW_HLC = f"(CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER) * {HLC_PER_MS})"
@@ -2039,11 +2041,10 @@ class SyncState:
         with self._write():
             self._rejoin_from_start()
 
-    def _rejoin_from_start(self, kept: Iterable[tuple[str, str]] = ()) -> None:
-        # ``kept`` count as seen: rows the server would not take, not rows it let go.
+    def _rejoin_from_start(self) -> None:
+        # The rows only this device holds count as seen: the store never had them.
         self.conn.execute("DELETE FROM _ccsync_seen")
-        self.conn.executemany("INSERT OR IGNORE INTO _ccsync_seen (tbl, sid) VALUES (?, ?)",
-                              kept)
+        self.conn.execute("INSERT INTO _ccsync_seen (tbl, sid) SELECT tbl, sid FROM _ccsync_kept")
         self.set_meta("rejoin", iso_utc(self.clock))
         self._set_cursor(0)
 
@@ -2091,14 +2092,41 @@ class SyncState:
         """Start over with a new server store this device has re-seeded:
         remember its id and rejoin it (see :meth:`start_rejoin`).  The new
         store may have collected a delete of a row held here before the
-        re-seed reached it; the rejoin lets such a row go here too.  Rows
-        the store ``refused`` at the re-seed, (table, sync_id), stay."""
+        re-seed reached it; the rejoin lets such a row go here too.
+
+        What the re-seed did not give the store stays, in this rejoin and
+        every later one, until a pull hands it out (:meth:`kept_here`): the
+        rows and records it ``refused``, (table, sync_id), the settings that
+        stay on this device, and the records kept here as refused."""
         with self._write():
             self.set_meta("server_store", store_id)
+            self.conn.execute("DELETE FROM _ccsync_kept")
+            self.conn.executemany("INSERT OR IGNORE INTO _ccsync_kept (tbl, sid) VALUES (?, ?)",
+                                  [*refused, *self._settings_staying()])
+            self.conn.execute("INSERT OR IGNORE INTO _ccsync_kept (tbl, sid) SELECT tbl, sid "
+                              "FROM _ccsync_held WHERE kind = 'refused' AND tbl IS NOT NULL "
+                              "AND sid IS NOT NULL")
             if self.conn.execute("SELECT 1 FROM _ccsync_shadow LIMIT 1").fetchone():
-                self._rejoin_from_start(refused)
+                self._rejoin_from_start()
             else:
                 self._set_cursor(0)
+
+    def _settings_staying(self) -> list[tuple[str, str]]:
+        # Synced settings named local (or secret) since: a re-seed leaves them out.
+        info = self.tables().get("setting")
+        if info is None:
+            return []
+        skip = self._row_skipper()
+        return [("setting", sid) for sid, vals in self.conn.execute(
+            "SELECT sid, vals FROM _ccsync_shadow WHERE tbl = 'setting'")
+            if skip(info, json.loads(vals))]
+
+    def kept_here(self) -> int:
+        """How many rows (and records) this device alone holds, as far as it
+        knows: the server's new store refused them at the re-seed."""
+        if not self.installed():
+            return 0
+        return self.conn.execute("SELECT count(*) FROM _ccsync_kept").fetchone()[0]
 
 
 class LocalRows(SyncState):
@@ -2830,10 +2858,11 @@ class Install(Resume):
         # Version 4 keeps the shadow in a rowid table (_rebuild_shadow).
         # Version 5 keeps a deleted row's unsent cells (_ccsync_gone.unsent).
         # Version 6 notes the rows a rejoin has pulled (_ccsync_seen).
+        # Version 7 notes the rows only this device holds (_ccsync_kept).
         version = self.meta("bookkeeping")
         if version == BOOKKEEPING_VERSION:
             return
-        if version not in ("3", "4"):
+        if version in (None, "1", "2"):
             self._migrate_to_3()
         self._rebuild_shadow()
         if "unsent" not in {r[1] for r in self.conn.execute("PRAGMA table_info(_ccsync_gone)")}:
@@ -3669,13 +3698,17 @@ class Incoming(RowWriter):
                         key=lambda pair: pair[0])
         chunks = [chunk for _rank, group in itertools.groupby(ranked, key=lambda pair: pair[0])
                   for chunk in _chunks([arrival for _r, arrival in group], self.FRESH_CHUNK)]
+        rejoining, kept = self.rejoining(), self.kept_here() > 0
         seen = [(raw["t"], raw["id"]) for raw in records if isinstance(raw, dict)
                 and isinstance(raw.get("t"), str) and isinstance(raw.get("id"), str)] \
-            if self.rejoining() else []
+            if rejoining or kept else []
 
         def last() -> None:
-            self.conn.executemany("INSERT OR IGNORE INTO _ccsync_seen (tbl, sid) VALUES (?, ?)",
-                                  seen)
+            if rejoining:
+                self.conn.executemany("INSERT OR IGNORE INTO _ccsync_seen (tbl, sid) "
+                                      "VALUES (?, ?)", seen)
+            if kept:                    # the store has them now: the usual rules again
+                self.conn.executemany("DELETE FROM _ccsync_kept WHERE tbl = ? AND sid = ?", seen)
             if cursor is not None:
                 self._set_cursor(cursor)
 
@@ -7008,39 +7041,45 @@ def _push_rejoining(store: Store, transport: Any, result: SyncResult, batch_size
 def reseed_server(store: Store, transport: Any, result: SyncResult, store_id: str,
                   stop: threading.Event | None = None) -> None:
     """Hand this device's synced state to a new (or rebuilt) server store,
-    then rejoin it (Store.adopt_server)."""
+    and what it keeps aside for tables it lacks, then rejoin the store
+    (Store.adopt_server): what the store refused stays here."""
     _log().warning("the server's change store is new: sending this device's synced state again")
-    position, size, refused = None, PUSH_BATCH, set()
+    refused: set[tuple[str, str]] = set()
+    _reseed_from(store.reseed_records, None, transport, result, refused, stop)
+    _reseed_from(store.aside_records, "", transport, result, refused, stop)
+    if refused:
+        _log().warning("the new server store refused %d rows of this device's synced state; "
+                       "they stay here", len(refused))
+    store.adopt_server(store_id, refused)
+
+
+def _reseed_from(read: Callable[[Any, int], tuple[list[dict], Any]], start: Any,
+                 transport: Any, result: SyncResult, refused: set[tuple[str, str]],
+                 stop: threading.Event | None) -> None:
+    """Push every batch ``read(position, size)`` gives, from ``start`` until
+    it gives no next position; ``refused`` gets the rows the store refused
+    and does not hold.  A quota answer stops the re-seed (not adopted: it
+    is tried again whole next time)."""
+    position, size = start, PUSH_BATCH
     while True:
         _check_stop(stop)
-        records, following = store.reseed_records(position, size)
+        records, following = read(position, size)
         if records:
             try:
                 answer = transport.push(records, None)
             except RemoteError as exc:
                 size = _halved(exc, size)               # the same position, a smaller batch
                 continue
-            if "quota" in answer:       # not adopted: the whole re-seed is tried again later
+            if "quota" in answer:
                 raise RemoteError(f"the new server store took no more of this device's "
                                   f"synced state: {str(answer['quota'])[:300]}",
                                   hint="its operator sets the limits (`ccsync server "
                                        "--help`); the next sync tries again").with_kind("quota")
             refused.update(_refused_rows(records, answer.get("results")))
             result.reseeded += len(records)
+        if following is None:
+            return
         position = following
-        if position is None:
-            break
-    after: str | None = ""
-    while after is not None:            # and what it keeps aside for a table it lacks
-        _check_stop(stop)
-        records, after = store.aside_records(after)
-        if records:
-            transport.push(records, None)
-            result.reseeded += len(records)
-    if refused:
-        _log().warning("the new server store refused %d rows of this device's synced state; "
-                       "they stay here", len(refused))
-    store.adopt_server(store_id, refused)
 
 
 def _refused_rows(records: list[dict], results: Any) -> set[tuple[str, str]]:
@@ -7048,9 +7087,10 @@ def _refused_rows(records: list[dict], results: Any) -> set[tuple[str, str]]:
     does not hold (an older server never says it holds one)."""
     if not isinstance(results, list):
         return set()
-    return {(record["t"], record["id"]) for record, answer in zip(records, results)
+    return {(record.get("t"), record.get("id")) for record, answer in zip(records, results)
             if isinstance(answer, dict) and answer.get("status") == "refused"
-            and answer.get("held") is not True}
+            and answer.get("held") is not True
+            and isinstance(record.get("t"), str) and isinstance(record.get("id"), str)}
 
 
 @contextlib.contextmanager
@@ -7983,7 +8023,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     held = store.held()
     data = {"pending": store.pending(), "refused": store.refused(), "installed": installed,
             "rejected": held["refused"], "kept_aside": held["aside"],
-            "waiting_for_parent": store.pending_references(),
+            "only_here": store.kept_here(), "waiting_for_parent": store.pending_references(),
             "last_sync": store.meta("last_sync") if installed else None,
             "last_error": store.meta("last_error") if installed else None,
             "push_refused": store.meta("push_refused") if installed else None,
@@ -8077,6 +8117,9 @@ def status_lines(data: dict) -> list[str]:
               for reason, n in data["rejected"].items()]
     lines += [f"kept aside until this database has their table: {reason} ({n})"
               for reason, n in data["kept_aside"].items()]
+    if data["only_here"]:
+        lines.append(f"{data['only_here']} row(s) only this device holds: the server's new "
+                     f"store refused them when this device re-seeded it (they stay here)")
     if data["waiting_for_parent"]:
         lines.append(f"{data['waiting_for_parent']} row(s) wait for a parent not yet pulled")
     lines.append(f"last sync: {data['last_sync'] or 'never'}")
