@@ -8433,12 +8433,15 @@ def cmd_install(args: argparse.Namespace) -> int:
         fh.write(text)
     os.chmod(tmp, 0o755)
     os.replace(tmp, path)
-    on_path = folder in os.environ.get("PATH", "").split(os.pathsep)
+    on_path, crypto = folder in os.environ.get("PATH", "").split(os.pathsep), crypto_available()
     _emit(args, {"installed": path, "runs": target, "python": sys.executable,
-                 "on_path": on_path},
+                 "on_path": on_path, "crypto": crypto},
           [f"installed {path} (runs {target} with {sys.executable})",
            *([] if on_path else [f"note: {folder} is not on your PATH; add it (e.g. "
-                                 f"export PATH=\"{folder}:$PATH\" in ~/.profile)"])])
+                                 f"export PATH=\"{folder}:$PATH\" in ~/.profile)"]),
+           *([] if crypto else [f"note: {sys.executable} has no pycryptodomex, which setup, "
+                                f"sync and the server need: run `ccsync enable` (or install "
+                                f"with a Python that has it)"])])
     return EXIT_OK
 
 

@@ -359,3 +359,15 @@ def test_version_under_json_is_a_json_object(capsys, argv):
 
 def test_version_alone_is_one_line(capsys):
     assert run_main(capsys, "--version") == (0, f"ccsync {ccsync.__version__}\n", "")
+
+
+def test_install_with_a_python_without_the_crypto_library_says_so(tmp_path, capsys, monkeypatch):
+    has_it = ccsync.crypto_available
+    monkeypatch.setattr(ccsync, "crypto_available", lambda: False)
+    code, out, _ = run_main(capsys, "install", "--dir", str(tmp_path / "bin"))
+    assert code == 0 and "has no pycryptodomex" in out and "ccsync enable" in out
+    code, out, _ = run_main(capsys, "install", "--dir", str(tmp_path / "bin"), "--json")
+    assert code == 0 and json.loads(out)["crypto"] is False
+    monkeypatch.setattr(ccsync, "crypto_available", has_it)
+    code, out, _ = run_main(capsys, "install", "--dir", str(tmp_path / "bin"))
+    assert code == 0 and "pycryptodomex" not in out
