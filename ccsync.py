@@ -3953,7 +3953,10 @@ class Incoming(RowWriter):
         local_cells = self._dirty_cells(info.name, rid, sid)
         self._hlc_observe(max(record.clocks.values()))
         stamps = cell_clocks(record.clocks, record.dev)
+        deleted = old is not None and is_deleted(clocks)
         synced = merge_cells(vals, clocks, record.values, stamps)
+        if deleted and rid is None and not any(record.clocks.values()) and is_deleted(clocks):
+            self._resend_delete(info.name, sid, clocks[TOMBSTONE][0])
         won = [c for c in synced if newer(stamps[c], local_cells.get(c))]
         with_starting_points(vals, record, info.local)
         if not won and old is not None:
@@ -4000,6 +4003,18 @@ class Incoming(RowWriter):
                 refusal = RecordRefused(f"{policy} setting")
                 refusal.keep = False
                 raise refusal
+
+    def _resend_delete(self, table: str, sid: str, hlc: int) -> None:
+        """A row that predates ccsync (its clocks are 0) came in, and this
+        device holds it deleted: a copy of the database made before ccsync
+        ran joined, and the server, having collected the delete, took the
+        row from it and hands it out alive to every device but this one.
+        The delete goes out again, at its own time, under this device's id
+        (a server that still holds it keeps one of the two)."""
+        self.conn.execute(
+            "INSERT INTO _ccsync_gone (tbl, rid, sid, key, hlc) SELECT ?, NULL, ?, NULL, ? "
+            "WHERE NOT EXISTS (SELECT 1 FROM _ccsync_gone WHERE tbl = ? AND sid = ?)",
+            (table, sid, hlc, table, sid))
 
     def _settle_local_delete(self, table: str, sid: str, tomb: list | None,
                              stamps: list[list]) -> list[int]:

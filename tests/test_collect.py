@@ -15,8 +15,10 @@ import shutil
 import sqlite3
 import time
 
+import pytest
+
 import ccsync
-from conftest import Device, keyed
+from conftest import Device, keyed, make_cc_db
 from test_transport import register, start_server  # noqa: F401  (fixture)
 
 DAY = 86400.0
@@ -192,6 +194,44 @@ def test_a_copy_of_a_database_made_before_a_collection_loses_the_collected_rows(
     assert moved.snapshot() == a.snapshot() == b.snapshot()
     assert moved.store.device_id != a.store.device_id
     moved.store.conn.close()
+
+
+@pytest.mark.parametrize("deleter", ["a", "b"])
+def test_a_copy_made_before_ccsync_ran_joins_without_the_rows_collected_meanwhile(tmp_path,
+                                                                                deleter):
+    """A cc database copied onto a new machine before ccsync ever ran there
+    or here joins later, once the rows deleted here meanwhile were collected.
+    Its rows predate ccsync (clock 0), and the server, holding no delete of
+    them any more, took them alive: every device but the ones that merged
+    the delete had them back.  A device that holds them deleted sends the
+    delete again, so they go everywhere."""
+    server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
+    cc = make_cc_db(tmp_path / "a.db")
+    cc.execute("INSERT INTO setting (name, value) VALUES ('x', 'v')")
+    cc.execute("INSERT INTO project (name, main_branch) VALUES ('gone', 'main')")
+    cc.execute("INSERT INTO setting (name, value) VALUES ('y', 'v')")
+    cc.close()
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(tmp_path / "a.db", tmp_path / "elsewhere" / "c.db")
+    a, b = devices(tmp_path, server, "a", "b")
+    sync_all(a, b)
+    by = {"a": a, "b": b}[deleter]
+    by.sql("DELETE FROM setting WHERE name = 'x'")
+    by.sql("DELETE FROM project WHERE name = 'gone'")
+    for _ in range(3):
+        sync_all(a, b)
+        server.collect()
+    assert not server.conn.execute("SELECT 1 FROM change WHERE tbl IN ('setting', 'project') "
+                                   "AND payload LIKE '%gone%'").fetchone()
+
+    (c,) = devices(tmp_path / "elsewhere", server, "c")
+    sync_all(c, a, b, c)
+
+    for device in (a, b, c):
+        assert names(device) == {"y"} and not device.sql("SELECT name FROM project")
+    (late,) = devices(tmp_path, server, "late")
+    late.sync()
+    assert late.snapshot() == a.snapshot() == b.snapshot() == c.snapshot()
 
 
 def test_a_device_cannot_report_for_another_devices_id(tmp_path):
