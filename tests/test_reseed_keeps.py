@@ -268,16 +268,23 @@ def test_records_kept_as_refused_here_are_dropped_by_the_reseed_rejoin(tmp_path)
     assert b.store.held()["refused"], "the record only b kept went"
 
 
-# -- 6. things that held (green expected) --------------------------------------------
+# -- 6. more paths through a re-seed that lose nothing --------------------------------
+
+
+def synced_pair(tmp_path, vault, rows: int):
+    """A server and devices a and b (``vault``: end to end), with ``rows``
+    settings made on a and synced to b."""
+    server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
+    a, b = devices(tmp_path, server, "a", "b")
+    a.transport.vault = b.transport.vault = vault
+    settings(a, *(f"s{i}" for i in range(rows)))
+    sync_all(a, b)
+    return server, a, b
 
 
 @pytest.mark.parametrize("vault", [None, E2E_VAULT], ids=["plaintext", "e2e"])
 def test_a_pull_since_that_meets_a_new_store_finishes_the_rejoin_next_sync(tmp_path, vault):
-    server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
-    a, b = devices(tmp_path, server, "a", "b")
-    a.transport.vault = b.transport.vault = vault
-    settings(a, *(f"s{i}" for i in range(10)))
-    sync_all(a, b)
+    server, a, b = synced_pair(tmp_path, vault, 10)
     server.reset()
     a.sync()
     a.sql("DELETE FROM setting WHERE name = 's0'")
@@ -293,10 +300,7 @@ def test_a_pull_since_that_meets_a_new_store_finishes_the_rejoin_next_sync(tmp_p
 
 @pytest.mark.parametrize("vault", [None, E2E_VAULT], ids=["plaintext", "e2e"])
 def test_a_second_reset_during_the_rejoin_pull_loses_nothing(tmp_path, vault):
-    server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
-    a, b = devices(tmp_path, server, "a", "b")
-    a.transport.vault = b.transport.vault = vault
-    settings(a, *(f"s{i}" for i in range(20)))
+    server, a, b = synced_pair(tmp_path, vault, 20)
     settings(b, "b1")
     sync_all(a, b)
     server.reset()
@@ -315,18 +319,13 @@ def test_a_second_reset_during_the_rejoin_pull_loses_nothing(tmp_path, vault):
     b.transport.pull = pull
     b.sync()
     assert not b.store.rejoining()
-    b.transport.pull = pull
     sync_all(a, b)
     assert names(a) == names(b) == {f"s{i}" for i in range(20)} | {"b1"}
 
 
 @pytest.mark.parametrize("vault", [None, E2E_VAULT], ids=["plaintext", "e2e"])
 def test_a_reseed_cut_short_then_resumed_loses_nothing(tmp_path, vault):
-    server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
-    a, b = devices(tmp_path, server, "a", "b")
-    a.transport.vault = b.transport.vault = vault
-    settings(a, *(f"s{i}" for i in range(40)))
-    sync_all(a, b)
+    server, a, b = synced_pair(tmp_path, vault, 40)
     server.reset()
     push, calls = b.transport.push, []
 
