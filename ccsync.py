@@ -500,6 +500,11 @@ class RecordRefused(Exception):
     keep = True
 
 
+class BatchRefused(RecordRefused):
+    """A record the server refused for the batch it came in (too large as a
+    whole): in a smaller batch it may go."""
+
+
 MAX_VALUE_BYTES = 4 * 1024 * 1024          # one value, as the server measures it
 MAX_RECORD_BYTES = 16 * 1024 * 1024        # one record's payload
 MAX_RECORD_COLUMNS = 256
@@ -2095,14 +2100,18 @@ class SyncState:
         re-seed reached it; the rejoin lets such a row go here too.
 
         What the re-seed did not give the store stays, in this rejoin and
-        every later one, until a pull hands it out (:meth:`kept_here`): the
-        rows and records it ``refused``, (table, sync_id), the settings that
-        stay on this device, and the records kept here as refused."""
+        every later one, until the store has it (:meth:`kept_here`): the
+        rows and records it ``refused``, (table, sync_id), and the records
+        kept here as refused.  What this device noted of the old store (its
+        own records' sequence numbers, the last ask, the last digest) goes:
+        another server numbers its records afresh."""
         with self._write():
             self.set_meta("server_store", store_id)
+            for key in ("own_seqs", "pin_ask", "digest_reported"):
+                self.set_meta(key, None)
             self.conn.execute("DELETE FROM _ccsync_kept")
             self.conn.executemany("INSERT OR IGNORE INTO _ccsync_kept (tbl, sid) VALUES (?, ?)",
-                                  [*refused, *self._settings_staying()])
+                                  refused)
             self.conn.execute("INSERT OR IGNORE INTO _ccsync_kept (tbl, sid) SELECT tbl, sid "
                               "FROM _ccsync_held WHERE kind = 'refused' AND tbl IS NOT NULL "
                               "AND sid IS NOT NULL")
@@ -2111,20 +2120,10 @@ class SyncState:
             else:
                 self._set_cursor(0)
 
-    def _settings_staying(self) -> list[tuple[str, str]]:
-        # Synced settings named local (or secret) since: a re-seed leaves them out.
-        info = self.tables().get("setting")
-        if info is None:
-            return []
-        skip = self._row_skipper()
-        return [("setting", sid) for sid, vals in self.conn.execute(
-            "SELECT sid, vals FROM _ccsync_shadow WHERE tbl = 'setting'")
-            if skip(info, json.loads(vals))]
-
     def kept_here(self) -> int:
         """How many rows (and records) this device alone holds, as far as it
         knows: the server's new store refused them at the re-seed."""
-        if not self.installed():
+        if not self.has_table("_ccsync_kept"):     # not set up, or by an older ccsync
             return 0
         return self.conn.execute("SELECT count(*) FROM _ccsync_kept").fetchone()[0]
 
@@ -3719,14 +3718,18 @@ class Incoming(RowWriter):
     def finish_rejoin(self) -> int:
         """End a rejoin whose pull is done: rows of the synced state the server
         did not hand out go here too, unless edited here since or needed by a
-        live row (those go out again as new rows).  Returns how many went."""
-        gone = []
+        live row (those go out again as new rows), and settings that stay on
+        this device (named local since they synced: no pull touches them, so
+        neither does this).  Returns how many went."""
+        gone, skip = [], self._row_skipper()
         for info in reversed(list(self.tables().values())):     # children first
             rows = self.conn.execute(
-                "SELECT s.sid, s.rid FROM _ccsync_shadow s WHERE s.tbl = ? AND NOT EXISTS "
-                "(SELECT 1 FROM _ccsync_seen n WHERE n.tbl = s.tbl AND n.sid = s.sid)",
+                "SELECT s.sid, s.rid, s.vals FROM _ccsync_shadow s WHERE s.tbl = ? AND NOT "
+                "EXISTS (SELECT 1 FROM _ccsync_seen n WHERE n.tbl = s.tbl AND n.sid = s.sid)",
                 (info.name,)).fetchall()
-            self._sliced(rows, lambda row, info=info: gone.append(self._vanish(info, *row)),
+            if info.name == "setting":
+                rows = [row for row in rows if not skip(info, json.loads(row[2]))]
+            self._sliced(rows, lambda row, info=info: gone.append(self._vanish(info, *row[:2])),
                          quiet=True)
         with self._write():
             # Records kept for later (a table cc lacks here) the server no longer has go too.
@@ -4324,8 +4327,9 @@ class Sending(Incoming):
                 refused.append((token.table, record["id"], reason or "refused", stamp))
         self._clear_outgoing(cleared + [token for _record, token, _status, _rid in sent])
         self._settle_shadows([(record, rid) for record, _token, _status, rid in sent])
-        self.conn.executemany("DELETE FROM _ccsync_refused WHERE tbl = ? AND sid = ?",
-                              [(token.table, record["id"]) for record, token, *_ in sent])
+        for name in ("_ccsync_refused", "_ccsync_kept"):        # the store has them now
+            self.conn.executemany(f"DELETE FROM {name} WHERE tbl = ? AND sid = ?",
+                                  [(token.table, record["id"]) for record, token, *_ in sent])
         edits = [token for record, token, *_ in sent
                  if TOMBSTONE not in record["c"] and token.rid is not None]
         for table, group in itertools.groupby(edits, key=lambda token: token.table):
@@ -5214,7 +5218,8 @@ class ServerStore(ServerCollection):
         Results are ``{"status": "accepted", "seq": n}``, ``{"status":
         "superseded"}`` (the server already has newer values for every
         column) or ``{"status": "refused", "reason": ...}`` (with ``"held":
-        true`` when the store holds the row all the same).  When the
+        true`` when the store holds the row all the same, ``"batch": true``
+        when the batch, not the record, was too large).  When the
         device had seen everything before this batch, the answer carries a
         ``cursor`` past the batch so it is not pulled back.
 
@@ -5246,8 +5251,9 @@ class ServerStore(ServerCollection):
                 for raw in records:
                     record = None
                     try:
-                        _refuse_unless(not oversized, f"its batch is larger than "
-                                                      f"{self.max_record} bytes a record")
+                        if oversized:
+                            raise BatchRefused(f"its batch is larger than {self.max_record} "
+                                               f"bytes a record")
                         record = self._parse(raw, sealed is not None)
                         if sealed is None or not self._fills_gap(record, others):
                             self._check_author(record, others)
@@ -5273,7 +5279,9 @@ class ServerStore(ServerCollection):
                     if isinstance(item, RecordRefused):     # held: a re-seed keeps it no more
                         held = rows[slot] is not None and bool(stored[rows[slot]])
                         results.append({"status": "refused", "reason": str(item),
-                                        **({"held": True} if held else {})})
+                                        **({"held": True} if held else {}),
+                                        **({"batch": True} if isinstance(item, BatchRefused)
+                                           else {})})
                     else:
                         results.append(self._store_record(item, device, received, stored,
                                                           usage, batch, slot))
@@ -6840,6 +6848,11 @@ def _halved(exc: RemoteError, size: int) -> int:
     return size // 2
 
 
+def _batch_refused(results: list) -> bool:
+    """True when the server refused records of a push for its batch's size."""
+    return any(isinstance(r, dict) and r.get("batch") is True for r in results)
+
+
 def push_changes(store: Store, transport: Any, result: SyncResult,
                  batch_size: int = PUSH_BATCH, stop: threading.Event | None = None,
                  progress: Progress | None = None) -> None:
@@ -6877,6 +6890,9 @@ def push_changes(store: Store, transport: Any, result: SyncResult,
                 result.quota = str(answer["quota"])[:300]
                 store.note_push_refused(result.quota)
                 return
+            if len(records) > 1 and _batch_refused(answer.get("results", [])):
+                batch_size, following = max(1, len(records) // 2), None
+                continue                    # the same position: alone each record may go
             # A fast-forward cursor from a store this device does not know is not
             # ours; the pull that follows notices the new store and re-seeds it.
             trusted = not store.server_changed(answer.get("store"))
@@ -7090,18 +7106,23 @@ def _reseed_from(read: Callable[[Any, int], tuple[list[dict], Any]], start: Any,
                                   f"synced state: {str(answer['quota'])[:300]}",
                                   hint="its operator sets the limits (`ccsync server "
                                        "--help`); the next sync tries again").with_kind("quota")
-            refused.update(_refused_rows(records, answer.get("results")))
+            results = answer.get("results")
+            if not (isinstance(results, list) and len(results) == len(records)):
+                raise RemoteError("server answered a re-seed push with the wrong number of "
+                                  "results").with_kind("bad_response")
+            if size > 1 and _batch_refused(results):
+                size //= 2                  # the same position: alone each row may go
+                continue
+            refused.update(_refused_rows(records, results))
             result.reseeded += len(records)
         if following is None:
             return
         position = following
 
 
-def _refused_rows(records: list[dict], results: Any) -> set[tuple[str, str]]:
+def _refused_rows(records: list[dict], results: list) -> set[tuple[str, str]]:
     """The (table, sync_id) of the pushed ``records`` the server refused and
     does not hold (an older server never says it holds one)."""
-    if not isinstance(results, list):
-        return set()
     return {(record.get("t"), record.get("id")) for record, answer in zip(records, results)
             if isinstance(answer, dict) and answer.get("status") == "refused"
             and answer.get("held") is not True
