@@ -2364,8 +2364,10 @@ class LocalRows(SyncState):
         settings), with this database's list of local settings read once: make
         it before a loop over rows, not inside."""
         local_names = self._local_setting_names()
-        return lambda info, row: info.name == "setting" and \
-            setting_policy(row["name"], local_names) is not None
+        # A synced state may lack the name (a row that arrived as an edit of
+        # other columns): it came from the server, so it is no secret.
+        return lambda info, row: info.name == "setting" and setting_policy(
+            row.get("name") if isinstance(row, dict) else row["name"], local_names) is not None
 
     def _local_setting_names(self) -> tuple[str, ...]:
         names = self.extra_local

@@ -84,6 +84,7 @@ import random
 import shutil
 import sqlite3
 import traceback
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
@@ -162,8 +163,13 @@ class Program:
     features: set = field(default_factory=set)
 
 
-def generate(seed: int, renames: bool | None = None, removes: bool | None = None) -> Program:
-    """The program of ``seed`` (renames/removes: None = as the seed draws it)."""
+def generate(seed: int, renames: bool | None = None, removes: bool | None = None,
+             resets: bool | None = None) -> Program:
+    """The program of ``seed`` (renames/removes/resets: None = as the seed
+    draws it).  A reset (the server's reset-store: every device re-seeds
+    the new store from what it holds) is drawn apart, from a generator of
+    its own, so the programs of every seed are otherwise the ones they were
+    before resets were added (the found seeds replay as they were found)."""
     rng = random.Random(seed)
     n = rng.choice([3, 3, 4])
     skews = [rng.choice(SKEWS) for _ in range(n)]
@@ -277,6 +283,10 @@ def generate(seed: int, renames: bool | None = None, removes: bool | None = None
             how = "remove" if removes and rng.random() < 0.5 else "remove_triggers"
             features.add("store.remove" if how == "remove" else "remove_triggers")
             steps.append(("capture_off", d, how))
+    apart = random.Random(f"reset {seed}")
+    if resets if resets is not None else apart.random() < 0.2:
+        steps.insert(apart.randint(len(steps) // 3, len(steps)), ("reset",))
+        features.add("reset")
     return Program(seed, n, skews, old, steps, features)
 
 
@@ -321,6 +331,13 @@ class Model:
     # no trigger names them yet, so edits of them are found by diff, like the above.
     uncovered: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)      # what happened, for --verbose
+    # Devices that have not re-seeded the store since the server's reset: what
+    # their synced state holds reaches it with their next sync or pull (a push
+    # alone sends only their new edits, which a vector clock cannot tell
+    # apart: nothing).  ``synced``: device -> what its synced state holds (its
+    # own edits up to its last push, and what it pulled), which a re-seed sends.
+    reseed_due: set = field(default_factory=set)
+    synced: dict = field(default_factory=dict)
 
     def tick(self, dev: str) -> dict:
         clock = self.vc.setdefault(dev, {})
@@ -369,10 +386,24 @@ class Model:
             self.deferred.setdefault(new, []).append((key, twin))
 
     def push(self, dev: str) -> None:
-        self.server_vc = merge(self.server_vc, self.vc.setdefault(dev, {}))
+        self.synced[dev] = merge(self.synced.get(dev, {}), self.vc.setdefault(dev, {}))
+        if dev not in self.reseed_due:
+            self.server_vc = merge(self.server_vc, self.vc[dev])
+
+    def reset(self, devs: Iterable[str]) -> None:
+        """The server's store starts empty; every device re-seeds it later."""
+        self.server_vc = {}
+        self.reseed_due = set(devs)
+
+    def reseed(self, dev: str) -> None:
+        """``dev`` meets the new store (a sync or pull): its synced state goes there."""
+        if dev in self.reseed_due:
+            self.reseed_due.discard(dev)
+            self.server_vc = merge(self.server_vc, self.synced.get(dev, {}))
 
     def pull(self, dev: str) -> None:
         self.vc[dev] = merge(self.vc.setdefault(dev, {}), self.server_vc)
+        self.synced[dev] = merge(self.synced.get(dev, {}), self.server_vc)
 
     def is_tainted(self, key) -> bool:
         if key in self.tainted:
@@ -796,6 +827,8 @@ def run(program: Program, verbose: bool = False, log=print) -> Outcome:
                     view = logical_view(sim.devices[d].cc)
                     sim.sync(d, mode)
                     model.found(name, view)              # prepare re-installs capture
+                    if mode in ("sync", "pull"):
+                        model.reseed(name)
                     if mode in ("sync", "push"):
                         model.push(name)
                     if mode in ("sync", "pull"):
@@ -809,11 +842,17 @@ def run(program: Program, verbose: bool = False, log=print) -> Outcome:
                         model.capture_off.add(new.name)   # the copy has no triggers either
                     if src in model.uncovered:
                         model.uncovered[new.name] = set(model.uncovered[src])
+                    model.synced[new.name] = dict(model.synced.get(src, {}))
+                    if src in model.reseed_due:
+                        model.reseed_due.add(new.name)
                     model.copy_deferred(src, new.name)
                     model.cc_dangling |= {(new.name, t, rid) for who, t, rid in
                                           model.cc_dangling if who == sim.devices[d].name}
                     if verbose:
                         log(f"      -> device {new.name} (copy of {sim.devices[d].name})")
+                elif kind == "reset":
+                    sim.server.reset()              # devices re-seed it as they sync
+                    model.reset(d.name for d in sim.devices)
                 elif kind == "migrate":
                     name = sim.devices[step[1]].name
                     model.uncovered.setdefault(name, set()).update(migrate(sim, step[1]))
@@ -1046,5 +1085,6 @@ def failures(complaints: list) -> list:
     return [(k, m) for k, m in complaints if not k.startswith("note")]
 
 
-def run_seed(seed: int, verbose: bool = False, renames=None, removes=None, log=print) -> Outcome:
-    return run(generate(seed, renames, removes), verbose, log)
+def run_seed(seed: int, verbose: bool = False, renames=None, removes=None, resets=None,
+             log=print) -> Outcome:
+    return run(generate(seed, renames, removes, resets), verbose, log)

@@ -617,3 +617,25 @@ def test_a_push_refused_for_its_batch_size_goes_again_in_smaller_batches(tmp_pat
     late.transport.vault = E2E_VAULT
     late.sync()
     assert names(late) == {"small", "other"}
+
+
+def test_a_setting_deleted_before_it_ever_synced_is_reseeded(tmp_path):
+    """Its delete went out by id alone (the name may be a secret's), so its
+    synced state has no name: the re-seed (and a rejoin) read that as a
+    setting to leave out, and failed on the missing name (KeyError), every
+    sync.  Found by the model hunt once it reset the server."""
+    server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
+    a, b = devices(tmp_path, server, "a", "b")
+    settings(a, "kept")
+    sync_all(a, b)
+    a.sql("INSERT INTO setting (name, value) VALUES ('brief', 'v')")
+    a.sql("DELETE FROM setting WHERE name = 'brief'")
+    sync_all(a, b)
+    assert a.store.conn.execute("SELECT 1 FROM _ccsync_shadow WHERE tbl = 'setting' "
+                                "AND vals = '{}'").fetchone()
+    server.reset()
+
+    result = a.sync()
+    sync_all(a, b)
+
+    assert result.reseeded > 0 and names(a) == names(b) == {"kept"}
