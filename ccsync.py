@@ -1846,6 +1846,11 @@ class SyncState:
         self._tables: dict[str, TableInfo] | None = None
         self._device_id: str | None = None      # read once; set_meta() forgets it
         self._schema_seen: int | None = None    # schema_version capture was checked at
+        # This pull's deletes to send again, and the rows it brought a delete of
+        # (see Incoming.queue_resends); ``resends_queued``: how many it queued.
+        self._resends: dict[tuple[str, str], int] = {}
+        self._tombstoned: set[tuple[str, str]] = set()
+        self.resends_queued = 0
 
     @contextlib.contextmanager
     def _write(self, *, quiet: bool = False) -> Iterator[sqlite3.Connection]:
@@ -2078,9 +2083,11 @@ class SyncState:
                                  "_ccsync_dirty)").fetchone()[0]
 
     def unsent(self) -> bool:
-        """True when an edit made here has not reached the server yet."""
-        return not self.installed() or self.conn.execute(
-            "SELECT 1 FROM _ccsync_dirty LIMIT 1").fetchone() is not None
+        """True when an edit made here has not reached the server yet (a cell,
+        a delete, a kept edit)."""
+        return not self.installed() or any(self.conn.execute(
+            f"SELECT 1 FROM {name} LIMIT 1").fetchone() is not None
+            for name in ("_ccsync_dirty", "_ccsync_gone", "_ccsync_outbox"))
 
     def note_e2e_seen(self) -> None:
         """Remember that this device synced end to end: a plaintext store with
@@ -3960,8 +3967,10 @@ class Incoming(RowWriter):
         stamps = cell_clocks(record.clocks, record.dev)
         deleted = old is not None and is_deleted(clocks)
         synced = merge_cells(vals, clocks, record.values, stamps)
-        if deleted and rid is None and not any(record.clocks.values()) and is_deleted(clocks):
-            self._resend_delete(info.name, sid, clocks[TOMBSTONE][0])
+        if TOMBSTONE in record.clocks:
+            self._tombstoned.add((info.name, sid))
+        elif deleted and rid is None and not any(record.clocks.values()) and is_deleted(clocks):
+            self._resends[(info.name, sid)] = clocks[TOMBSTONE][0]
         won = [c for c in synced if newer(stamps[c], local_cells.get(c))]
         with_starting_points(vals, record, info.local)
         if not won and old is not None:
@@ -4009,17 +4018,29 @@ class Incoming(RowWriter):
                 refusal.keep = False
                 raise refusal
 
-    def _resend_delete(self, table: str, sid: str, hlc: int) -> None:
-        """A row that predates ccsync (its clocks are 0) came in, and this
-        device holds it deleted: a copy of the database made before ccsync
-        ran joined, and the server, having collected the delete, took the
-        row from it and hands it out alive to every device but this one.
-        The delete goes out again, at its own time, under this device's id
-        (a server that still holds it keeps one of the two)."""
-        self.conn.execute(
-            "INSERT INTO _ccsync_gone (tbl, rid, sid, key, hlc) SELECT ?, NULL, ?, NULL, ? "
-            "WHERE NOT EXISTS (SELECT 1 FROM _ccsync_gone WHERE tbl = ? AND sid = ?)",
-            (table, sid, hlc, table, sid))
+    def watch_resends(self) -> None:
+        """Start a pull: note afresh the deletes it may have to send again."""
+        self._resends, self._tombstoned, self.resends_queued = {}, set(), 0
+
+    def queue_resends(self) -> int:
+        """End a pull: queue again the deletes of rows that predate ccsync
+        (their clocks are 0) which came in while this device holds them
+        deleted, unless the pull also brought their delete.  A copy of the
+        database made before ccsync ran has joined, and the server, having
+        collected the delete, took the row from it and hands it out alive to
+        every device but this one.  The delete goes out again, at its own
+        time, under this device's id.  Returns how many were queued."""
+        todo = [(table, sid, hlc, table, sid) for (table, sid), hlc in self._resends.items()
+                if (table, sid) not in self._tombstoned]
+        self._resends, self._tombstoned = {}, set()
+        if todo:
+            with self._write():
+                self.conn.executemany(
+                    "INSERT INTO _ccsync_gone (tbl, rid, sid, key, hlc) SELECT ?, NULL, ?, "
+                    "NULL, ? WHERE NOT EXISTS (SELECT 1 FROM _ccsync_gone WHERE tbl = ? "
+                    "AND sid = ?)", todo)
+        self.resends_queued += len(todo)
+        return len(todo)
 
     def _settle_local_delete(self, table: str, sid: str, tomb: list | None,
                              stamps: list[list]) -> list[int]:
@@ -6892,9 +6913,9 @@ def push_changes(store: Store, transport: Any, result: SyncResult,
                 result.quota = str(answer["quota"])[:300]
                 store.note_push_refused(result.quota)
                 return
-            if len(records) > 1 and _batch_refused(answer.get("results", [])):
-                batch_size, following = max(1, len(records) // 2), None
-                continue                    # the same position: alone each record may go
+            if batch_size > 1 and _batch_refused(answer.get("results", [])):
+                batch_size, following = batch_size // 2, None
+                continue                    # the same position: alone each row may go
             # A fast-forward cursor from a store this device does not know is not
             # ours; the pull that follows notices the new store and re-seeds it.
             trusted = not store.server_changed(answer.get("store"))
@@ -6991,6 +7012,7 @@ def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: in
 
     cursor = 0 if since else store.cursor
     began: int | None = None            # the sweeps count when this pull was at cursor 0
+    store.watch_resends()
     reported = cursor
     restarted: list[str] = []           # new stores met (each re-seeded once)
     stales = 0
@@ -7043,6 +7065,7 @@ def pull_changes(store: Store, transport: Any, result: SyncResult, page_size: in
                 progress("pull", done, done + _left(cursor, high, spared()) if isinstance(
                     high, int) and page.get("more") else done)
             if fetching is None:
+                store.queue_resends()
                 if store.rejoining() and not since:
                     result.rejoined += store.finish_rejoin()
                 result.waiting = store.resolve_pending()
@@ -7261,6 +7284,8 @@ def _sync_legs(store: Store, transport: Any, result: SyncResult, push: bool, pul
         every_edit_sent = push and result.quota is None and not result.refused
         pull_changes(store, transport, result, page_size, since, stop=stop,
                      report=every_edit_sent, progress=progress)
+        if push and store.resends_queued:   # deletes the pull found the server lacks
+            _push_rejoining(store, transport, result, batch_size, page_size, stop, progress)
 
 
 ##### Configuration ###########################################################

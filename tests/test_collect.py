@@ -234,6 +234,67 @@ def test_a_copy_made_before_ccsync_ran_joins_without_the_rows_collected_meanwhil
     assert late.snapshot() == a.snapshot() == b.snapshot() == c.snapshot()
 
 
+def _copy_before_ccsync(tmp_path):
+    server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
+    cc = make_cc_db(tmp_path / "a.db")
+    cc.execute("INSERT INTO setting (name, value) VALUES ('x', 'v')")
+    cc.execute("INSERT INTO setting (name, value) VALUES ('y', 'v')")
+    cc.close()
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(tmp_path / "a.db", tmp_path / "elsewhere" / "c.db")
+    return server
+
+
+def test_a_delete_a_pull_finds_the_server_lacks_goes_in_the_same_sync(tmp_path):
+    """The delete found to send again comes from the pull, after the push
+    leg: it goes in the same sync (a sync that reported success once left it
+    pending, the row back on every other device until the next sync, and
+    unsent() said nothing waited)."""
+    server = _copy_before_ccsync(tmp_path)
+    a, b = devices(tmp_path, server, "a", "b")
+    sync_all(a, b)
+    a.sql("DELETE FROM setting WHERE name = 'x'")
+    for _ in range(3):
+        sync_all(a, b)
+        server.collect()
+    (c,) = devices(tmp_path / "elsewhere", server, "c")
+    c.sync()
+
+    result = a.sync()                     # merges c's clock-0 'x': sends the delete again
+
+    assert result.quota is None and not result.refused
+    assert not a.store.unsent()
+    pending = a.store.pending()["setting"]["delete"]
+    assert pending == 0, f"a sync that reported success left {pending} delete(s) pending"
+    c.sync()
+    assert names(c) == names(a) == {"y"}
+
+
+def test_a_rejoin_sends_no_delete_the_server_still_holds(tmp_path):
+    """A rejoin pulls the store from the start, including the clock-0 first
+    versions of pre-ccsync rows whose delete the store still holds: the pull
+    brings that delete too, so none is sent again (each would be a new
+    record, and the row's collection would wait again)."""
+    server = _copy_before_ccsync(tmp_path)
+    a, b = devices(tmp_path, server, "a", "b")
+    sync_all(a, b)
+    b.sql("DELETE FROM setting WHERE name = 'x'")
+    sync_all(a, b)
+    before = server.conn.execute("SELECT count(*) FROM change").fetchone()[0]
+
+    a.store.start_rejoin()
+    sent = [a.sync().sent, a.sync().sent]
+    sync_all(a, b)
+
+    assert names(a) == names(b) == {"y"}
+    tombstones = server.conn.execute(
+        "SELECT count(*) FROM change WHERE dev = ? AND clocks LIKE '%\"~\"%'",
+        (a.store.device_id,)).fetchone()[0]
+    after = server.conn.execute("SELECT count(*) FROM change").fetchone()[0]
+    assert sent == [0, 0] and (tombstones, after) == (0, before), \
+        f"the rejoin re-sent a delete the store held: {tombstones} new tombstone(s) of a"
+
+
 def test_a_device_cannot_report_for_another_devices_id(tmp_path):
     server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
     a, b = devices(tmp_path, server, "a", "b")

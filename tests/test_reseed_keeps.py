@@ -639,3 +639,49 @@ def test_a_setting_deleted_before_it_ever_synced_is_reseeded(tmp_path):
     sync_all(a, b)
 
     assert result.reseeded > 0 and names(a) == names(b) == {"kept"}
+
+
+class BatchHostile:
+    """A transport whose push refuses every batch of more than one record for
+    its size (``"batch": true``), as a hostile (or e2e, max_record-bound) server may."""
+
+    def __init__(self, inner, limit=60):
+        self.inner, self.pushes, self.limit = inner, 0, limit
+        self.author = getattr(inner, "author", None)
+
+    def push(self, records, cursor=None):
+        self.pushes += 1
+        if self.pushes > self.limit:
+            raise RuntimeError(f"push_changes looped: {self.pushes} pushes of "
+                               f"{len(records)} records at one position")
+        if len(records) > 1:
+            return {"results": [{"status": "refused", "reason": "too large", "batch": True}
+                                for _ in records]}
+        return self.inner.push(records, cursor)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_batch_refused_whole_at_size_one_does_not_loop(tmp_path):
+    """A batch the server refuses for its size goes again in halves of rows,
+    down to one row; one outbox row (edits kept from a row a delete removed)
+    is one record per own device id, so at one row the refusal stands (it
+    once halved by records and sent the same two forever)."""
+    server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
+    a, b = devices(tmp_path, server, "a", "b")
+    a.sql("INSERT INTO project (name, main_branch) VALUES ('acme', 'main')")
+    sync_all(a, b)
+    a.transport, _ = keyed(server, "a", server.register("a", rotate=True))
+    a.sql("UPDATE project SET main_branch = 'dev' WHERE name = 'acme'")
+    b.sql("DELETE FROM project WHERE name = 'acme'")
+    b.sync()
+    a.pull()                                  # the delete removes a's unsent edit: outbox
+    assert len(a.store.conn.execute("SELECT * FROM _ccsync_outbox").fetchall()) == 1
+    first = a.store.capture(None, 1)
+    assert len([r for r in first.records if r is not None]) == 2   # one row, two records
+
+    hostile = BatchHostile(a.transport)
+    result = ccsync.SyncResult()
+    ccsync.push_changes(a.store, hostile, result, batch_size=1)
+    assert hostile.pushes < 10
