@@ -285,8 +285,11 @@ def generate(seed: int, renames: bool | None = None, removes: bool | None = None
             steps.append(("capture_off", d, how))
     apart = random.Random(f"reset {seed}")
     if resets if resets is not None else apart.random() < 0.2:
-        steps.insert(apart.randint(len(steps) // 3, len(steps)), ("reset",))
-        features.add("reset")
+        # Half of them move every device to another server (a new file, which
+        # numbers its records afresh) instead.
+        kind = "move" if random.Random(f"move {seed}").random() < 0.5 else "reset"
+        steps.insert(apart.randint(len(steps) // 3, len(steps)), (kind,))
+        features.add(kind)
     return Program(seed, n, skews, old, steps, features)
 
 
@@ -523,6 +526,15 @@ class ModelSim(Sim):
         if result.refused or result.pulled.refused:
             self.refusals.append((dev.name, mode, result.as_dict()))
         return result
+
+    def move_server(self, step: int) -> None:
+        """Every device syncs with another server from now on (a new, empty file)."""
+        old, self.server = self.server, ccsync.ServerStore.open(
+            str(Path(self.tmp.name) / f"server-{step}.db"))
+        old.conn.close()
+        for dev in self.devices:
+            dev.transport = ccsync.LocalTransport(self.server, dev.name)
+            dev.transport.vault = self.vault
 
     def copy_device(self, i: int, skew: int) -> Device:
         """A new device whose database starts as a byte copy of device i's file.
@@ -852,6 +864,9 @@ def run(program: Program, verbose: bool = False, log=print) -> Outcome:
                         log(f"      -> device {new.name} (copy of {sim.devices[d].name})")
                 elif kind == "reset":
                     sim.server.reset()              # devices re-seed it as they sync
+                    model.reset(d.name for d in sim.devices)
+                elif kind == "move":
+                    sim.move_server(i)
                     model.reset(d.name for d in sim.devices)
                 elif kind == "migrate":
                     name = sim.devices[step[1]].name
