@@ -442,12 +442,9 @@ def test_a_kept_row_edited_here_then_deleted_elsewhere_and_collected_goes_here_t
     assert "a1" not in names(b), "b keeps a row deleted everywhere else (its kept entry)"
 
 
-def test_e2e_a_reseed_batch_refused_as_a_whole_keeps_its_other_rows_off_the_new_store(tmp_path):
-    """An end-to-end store refuses a sealed batch larger than max_record a
-    record on average, every record of it ('its batch is larger than ...',
-    not held).  _reseed_from notes them all as kept and never tries them in
-    smaller batches: 'small' (fine alone) stays on a only, for good; a
-    device joining the new store never gets it."""
+def moved_with_a_large_setting(tmp_path):
+    """Device a, end to end, with settings 'small' and 'large' synced, then
+    moved to a new server whose --max-record is below 'large' alone: (a, new)."""
     old = ccsync.ServerStore.open(str(tmp_path / "old.db"))
     a = Device(tmp_path / "a.db", old, "a")
     a.transport.vault = E2E_VAULT
@@ -456,6 +453,15 @@ def test_e2e_a_reseed_batch_refused_as_a_whole_keeps_its_other_rows_off_the_new_
     a.sync()
     new = ccsync.ServerStore.open(str(tmp_path / "new.db"), max_record=3000)
     a.transport = ccsync.LocalTransport(new, "a", vault=E2E_VAULT)
+    return a, new
+
+
+def test_e2e_a_reseed_batch_refused_as_a_whole_goes_again_in_halves(tmp_path):
+    """An end-to-end store refuses a sealed batch larger than max_record a
+    record on average, every record of it ('its batch is larger than ...',
+    not held).  The re-seed tries such a batch again in halves: 'small'
+    (fine alone) reaches the store; it once stayed on a only, for good."""
+    a, new = moved_with_a_large_setting(tmp_path)
 
     result = a.sync()
     a.sync()
@@ -542,14 +548,7 @@ def test_an_end_to_end_kept_row_another_device_hands_out_later_leaves_the_set(tm
     """The batch refusal above leaves 'large' kept here; another device then
     makes 'large' (the same key, the same id): the page's plaintext id
     matches the kept entry, which goes."""
-    old = ccsync.ServerStore.open(str(tmp_path / "old.db"))
-    a = Device(tmp_path / "a.db", old, "a")
-    a.transport.vault = E2E_VAULT
-    a.sql("INSERT INTO setting (name, value) VALUES ('small', 'v')")
-    a.sql("INSERT INTO setting (name, value) VALUES ('large', ?)", secrets.token_hex(5000))
-    a.sync()
-    new = ccsync.ServerStore.open(str(tmp_path / "new.db"), max_record=3000)
-    a.transport = ccsync.LocalTransport(new, "a", vault=E2E_VAULT)
+    a, new = moved_with_a_large_setting(tmp_path)
     a.sync()
     assert kept(a) == {("setting", sid_of(a, "large"))}
     d = Device(tmp_path / "d.db", new, "d")
