@@ -54,11 +54,11 @@ def setup_b_holds_only_copy(tmp_path):
     return server, a, b, c
 
 
-def test_a_collect_during_the_rejoin_pull_after_a_reseed_drops_rows_kept_at_it(tmp_path):
+def test_rows_kept_at_a_reseed_survive_a_collect_during_its_rejoin(tmp_path):
     """The pull after b's re-seed is several pages; the store collects c's
     deletes between two of them, so the next page says 'stale' and b starts
-    the rejoin again (_start_rejoin): that empties _ccsync_seen, rows kept
-    at the re-seed included, and finish_rejoin then deletes a1..a3 here."""
+    the rejoin again: a1..a3, which only b holds, stay (that second start
+    once forgot them, and finish_rejoin deleted them)."""
     server, a, b, c = setup_b_holds_only_copy(tmp_path)
     pull, swept = b.transport.pull, []
 
@@ -89,14 +89,14 @@ def test_the_status_says_which_rows_only_this_device_holds(tmp_path, capsys, mon
     assert b.store.kept_here() == 0 and names(b) >= {"a1", "a2", "a3"}
 
 
-def test_a_later_rejoin_drops_rows_the_new_store_refused_at_the_reseed(tmp_path):
-    """b keeps a1..a3 at its re-seed (the store refused them), but they are
-    in b's synced state as if the store held them: the next time b rejoins
-    (away longer than --forget-after: a stale push, _push_rejoining), the
-    store hands none of them out and finish_rejoin deletes them here."""
+def test_a_later_rejoin_keeps_rows_the_new_store_refused_at_the_reseed(tmp_path):
+    """b keeps a1..a3 at its re-seed (the store refused them); they stay in
+    b's synced state as if the store held them, so the next time b rejoins
+    (away longer than --forget-after: a stale push), the store hands none
+    of them out: they stay all the same (they were once deleted then)."""
     server, a, b, c = setup_b_holds_only_copy(tmp_path)
     b.sync()
-    assert names(b) >= {"a1", "a2", "a3"}   # the commit's own guarantee holds here
+    assert names(b) >= {"a1", "a2", "a3"}
     c.sql("DELETE FROM setting WHERE name IN ('c0', 'c1')")
     sync_all(c)
     assert forget_and_collect(server, 'a', 'b') > 0             # b was away longer than the server keeps deletes
@@ -140,12 +140,12 @@ def aside(device) -> int:
         "SELECT count(*) FROM _ccsync_held WHERE kind = 'aside'").fetchone()[0]
 
 
-def test_records_kept_aside_that_the_new_store_refuses_are_dropped_by_the_rejoin(tmp_path):
+def test_records_kept_aside_that_the_new_store_refuses_stay(tmp_path):
     """Like test_rows_another_devices_key_made_stay_here_when_only_this_device_reseeds,
     for a table lap's cc lacks: 'old' (not revoked, just away) wrote the
     knowledge_index row; lap's re-seed of it is refused (old's key), and
-    the rejoin deletes lap's only copy (the refused results of the aside
-    pushes are never read)."""
+    lap's only copy stays (the refused results of the aside pushes were
+    once not read, and the rejoin deleted it)."""
     server, old, lap = aside_setup(tmp_path)
     assert aside(lap) == 1
     server.reset()                          # old is away
@@ -156,10 +156,11 @@ def test_records_kept_aside_that_the_new_store_refuses_are_dropped_by_the_rejoin
     assert aside(lap) == 1, "the record only lap kept aside is gone"
 
 
-def test_records_kept_aside_are_dropped_when_their_reseed_push_is_over_quota(tmp_path):
-    """The aside push's quota answer is ignored (the shadow push raises on
-    it): the store took none, lap adopts it anyway, and the rejoin drops the
-    records kept aside.  'old' is revoked, so a copy would be taken."""
+def test_a_reseed_whose_records_kept_aside_are_over_quota_is_not_adopted(tmp_path):
+    """The aside push's quota answer stops the re-seed as the shadow's does:
+    the store is not adopted, and the records kept aside stay (the answer
+    was once ignored, the store adopted having taken none, and the rejoin
+    dropped them).  'old' is revoked, so a copy would be taken."""
     server, old, lap = aside_setup(tmp_path, revoke=True)
     server.reset()
     push = lap.transport.push
@@ -180,7 +181,7 @@ def test_records_kept_aside_are_dropped_when_their_reseed_push_is_over_quota(tmp
 # -- 3. a setting made local after it synced: the re-seed skips it, the rejoin deletes it
 
 
-def test_a_setting_made_local_after_it_synced_is_deleted_by_the_reseed_rejoin(tmp_path):
+def test_a_setting_made_local_after_it_synced_survives_the_reseed_rejoin(tmp_path):
     server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
     (a,) = devices(tmp_path, server, "a")
     a.sql("INSERT INTO setting (name, value) VALUES ('editor', 'vim')")
@@ -249,12 +250,12 @@ def test_a_full_diff_on_the_deleting_device_does_not_beat_a_real_list_edit(tmp_p
 # -- 5. records refused on apply here (kept for a later version) are not re-seeded --
 
 
-def test_records_kept_as_refused_here_are_dropped_by_the_reseed_rejoin(tmp_path):
+def test_records_kept_as_refused_here_survive_the_reseed_rejoin(tmp_path):
     """b kept one of a's records as refused (_ccsync_held kind 'refused', for
     a later ccsync; made here with Incoming._hold, as _apply_one does for any
     record that cannot apply here).  a is then gone and the store reset: b
-    re-seeds its shadow (not that record), and the rejoin deletes b's only
-    copy.  Before the change adopt_server only set cursor 0: it was kept."""
+    re-seeds its shadow (not that record), and keeps its only copy through
+    the rejoin (a first version of the rejoin deleted it)."""
     server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
     a, b = devices(tmp_path, server, "a", "b")
     settings(a, "a1")
@@ -378,10 +379,10 @@ def stale_rejoin(server, device, other):
 
 def test_a_device_moved_to_another_server_pulls_every_record_of_it(tmp_path):
     """own_seqs (sequence numbers of this device's acknowledged pushes past
-    its cursor) are the OLD store's; adopt_server sets the cursor to 0 but
-    keeps them, so once the rejoin ends, pulls ask the new server to skip
-    those numbers: b never gets a's records that land on them there.
-    (A reset-store keeps numbering past the old store's; another server
+    its cursor) are the old store's: adopting another server forgets them.
+    They were once kept, so pulls asked the new server to skip those
+    numbers, and b never got a's records that landed on them there.  (A
+    reset-store keeps numbering past the old store's; another server
     starts at 1.)"""
     server = ccsync.ServerStore.open(str(tmp_path / "server.db"))
     a, b = devices(tmp_path, server, "a", "b")
@@ -405,9 +406,8 @@ def test_a_device_moved_to_another_server_pulls_every_record_of_it(tmp_path):
 
 def test_a_kept_row_edited_or_deleted_here_no_longer_counts_as_only_here(tmp_path):
     """b edits a1 and deletes a2 (both go out, accepted): the store now has
-    both rows.  Their entries stay (a device's own records are spared from
-    its pulls, and ack() never touches _ccsync_kept): status keeps saying 3
-    rows only this device holds."""
+    both rows, and their entries go when the push is settled (a device's
+    own records are spared from its pulls, so only the ack can tell)."""
     server, a, b, c = setup_b_holds_only_copy(tmp_path)
     b.sync()
     assert b.store.kept_here() == 3
@@ -421,11 +421,10 @@ def test_a_kept_row_edited_or_deleted_here_no_longer_counts_as_only_here(tmp_pat
 
 
 def test_a_kept_row_edited_here_then_deleted_elsewhere_and_collected_goes_here_too(tmp_path):
-    """Lasting divergence: b's edit of kept a1 reaches the store and c; c
-    deletes a1; b is away longer than the server keeps deletes, so the
-    delete is collected before b pulls it.  b's rejoin counts a1 as seen
-    (its _ccsync_kept entry never left) and b keeps a1 for good, while c and
-    the store have none."""
+    """b's edit of kept a1 reaches the store and c; c deletes a1; b is away
+    longer than the server keeps deletes, so the delete is collected before
+    b pulls it.  b's rejoin lets a1 go (its kept entry once stayed, and b
+    kept a1 for good while c and the store had none)."""
     server, a, b, c = setup_b_holds_only_copy(tmp_path)
     b.sync()
     b.sql("UPDATE setting SET value = 'edited' WHERE name = 'a1'")
@@ -477,9 +476,8 @@ def test_a_stale_rejoin_keeps_a_setting_made_local_after_it_synced(tmp_path):
     """No reset-store involved.  a makes 'editor' local after it synced and
     sets its own value; b deletes 'editor'.  A normal pull leaves a's local
     setting alone (checked below), but when the delete is collected before a
-    pulls it, a's rejoin (finish_rejoin -> _vanish) deletes it: a local
-    setting lost.  _settings_staying covers only the re-seed's rejoin.
-    (Red on 8643f5f too.)"""
+    pulls it, a's rejoin must leave it too (finish_rejoin -> _vanish once
+    deleted it, before this session's changes too)."""
     def world(sub):
         server = ccsync.ServerStore.open(str(sub / "server.db"))
         a, b = devices(sub, server, "a", "b")
