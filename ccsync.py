@@ -3706,7 +3706,8 @@ class Incoming(RowWriter):
                         key=lambda pair: pair[0])
         chunks = [chunk for _rank, group in itertools.groupby(ranked, key=lambda pair: pair[0])
                   for chunk in _chunks([arrival for _r, arrival in group], self.FRESH_CHUNK)]
-        rejoining, kept = self.rejoining(), self.kept_here() > 0
+        rejoining = self.rejoining()
+        kept = self.conn.execute("SELECT 1 FROM _ccsync_kept LIMIT 1").fetchone() is not None
         seen = [(raw["t"], raw["id"]) for raw in records if isinstance(raw, dict)
                 and isinstance(raw.get("t"), str) and isinstance(raw.get("id"), str)] \
             if rejoining or kept else []
@@ -3965,11 +3966,13 @@ class Incoming(RowWriter):
         local_cells = self._dirty_cells(info.name, rid, sid)
         self._hlc_observe(max(record.clocks.values()))
         stamps = cell_clocks(record.clocks, record.dev)
-        deleted = old is not None and is_deleted(clocks)
+        # A row that predates ccsync (clocks 0) arriving for one deleted here (see queue_resends).
+        predates = rid is None and old is not None and not any(record.clocks.values()) \
+            and is_deleted(clocks)
         synced = merge_cells(vals, clocks, record.values, stamps)
         if TOMBSTONE in record.clocks:
             self._tombstoned.add((info.name, sid))
-        elif deleted and rid is None and not any(record.clocks.values()) and is_deleted(clocks):
+        elif predates and is_deleted(clocks):
             self._resends[(info.name, sid)] = clocks[TOMBSTONE][0]
         won = [c for c in synced if newer(stamps[c], local_cells.get(c))]
         with_starting_points(vals, record, info.local)
@@ -4022,14 +4025,14 @@ class Incoming(RowWriter):
         """Start a pull: note afresh the deletes it may have to send again."""
         self._resends, self._tombstoned, self.resends_queued = {}, set(), 0
 
-    def queue_resends(self) -> int:
+    def queue_resends(self) -> None:
         """End a pull: queue again the deletes of rows that predate ccsync
         (their clocks are 0) which came in while this device holds them
         deleted, unless the pull also brought their delete.  A copy of the
         database made before ccsync ran has joined, and the server, having
         collected the delete, took the row from it and hands it out alive to
         every device but this one.  The delete goes out again, at its own
-        time, under this device's id.  Returns how many were queued."""
+        time, under this device's id (``resends_queued`` counts them)."""
         todo = [(table, sid, hlc, table, sid) for (table, sid), hlc in self._resends.items()
                 if (table, sid) not in self._tombstoned]
         self._resends, self._tombstoned = {}, set()
@@ -4040,7 +4043,6 @@ class Incoming(RowWriter):
                     "NULL, ? WHERE NOT EXISTS (SELECT 1 FROM _ccsync_gone WHERE tbl = ? "
                     "AND sid = ?)", todo)
         self.resends_queued += len(todo)
-        return len(todo)
 
     def _settle_local_delete(self, table: str, sid: str, tomb: list | None,
                              stamps: list[list]) -> list[int]:
